@@ -1,0 +1,65 @@
+"""Calendar budget windows: which period an instant falls in, in a time zone.
+
+    >>> from zoneinfo import ZoneInfo
+    >>> p = period_of(Window.DAILY, 1_700_000_000.0, ZoneInfo("UTC"))
+    >>> p.end - p.start
+    86400
+
+Pure arithmetic over an epoch timestamp; the clock that supplies it is the store's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+
+class Window(StrEnum):
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"  # starts Monday 00:00 local time
+    MONTHLY = "monthly"  # calendar month
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """A half-open interval ``[start, end)`` of epoch seconds."""
+
+    start: int
+    end: int
+
+    def resets_in(self, now: float) -> int:
+        """Whole seconds until the period ends, at least 1."""
+        return max(1, math.ceil(self.end - now))
+
+
+def _local_midnight(day: datetime, tz: ZoneInfo) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=tz)
+
+
+def period_of(window: Window, now: float, tz: ZoneInfo) -> Period:
+    """The period of ``window`` that contains ``now``, aligned to local time in ``tz``."""
+    local = datetime.fromtimestamp(now, tz)
+    if window is Window.HOURLY:
+        # Local hours; with a whole-hour offset this is UTC-aligned. Across a DST
+        # change the local hour repeats, so step in absolute time from its start.
+        start = local.replace(minute=0, second=0, microsecond=0)
+        start_ts = int(start.timestamp())
+        if start_ts > now:  # ambiguous fold picked the later instant
+            start_ts -= 3600
+        return Period(start_ts, start_ts + 3600)
+    if window is Window.DAILY:
+        start = _local_midnight(local, tz)
+        end = _local_midnight(start + timedelta(days=1, hours=12), tz)
+    elif window is Window.WEEKLY:
+        monday = local - timedelta(days=local.weekday())
+        start = _local_midnight(monday, tz)
+        end = _local_midnight(start + timedelta(days=7, hours=12), tz)
+    else:
+        start = datetime(local.year, local.month, 1, tzinfo=tz)
+        nxt = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        end = datetime(nxt[0], nxt[1], 1, tzinfo=tz)
+    return Period(int(start.timestamp()), int(end.timestamp()))
