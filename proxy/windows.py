@@ -44,12 +44,9 @@ def period_of(window: Window, now: float, tz: ZoneInfo) -> Period:
     """The period of ``window`` that contains ``now``, aligned to local time in ``tz``."""
     local = datetime.fromtimestamp(now, tz)
     if window is Window.HOURLY:
-        # Local hours; with a whole-hour offset this is UTC-aligned. Across a DST
-        # change the local hour repeats, so step in absolute time from its start.
-        start = local.replace(minute=0, second=0, microsecond=0)
-        start_ts = int(start.timestamp())
-        if start_ts > now:  # ambiguous fold picked the later instant
-            start_ts -= 3600
+        # The local hour that contains ``now``, measured back from ``now`` itself so that
+        # the period always contains it, even across a 30- or 45-minute DST change.
+        start_ts = math.floor(now) - (local.minute * 60 + local.second)
         return Period(start_ts, start_ts + 3600)
     if window is Window.DAILY:
         start = _local_midnight(local, tz)

@@ -2,10 +2,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.store import RedisStore, Store
+from tests.fake_upstream import FakeUpstream
 from tests.redis_server import RedisServer
 
 
@@ -39,3 +46,36 @@ def redis_server() -> Iterator[RedisServer]:
 def key_prefix() -> str:
     """A key prefix unique to the test, so tests never touch each other's keys."""
     return f"capproxy-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> FakeUpstream:
+    """The fake OpenAI-compatible upstream, served on loopback."""
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url("/v1"))
+    return fake
+
+
+@pytest.fixture
+async def redis_store(redis_url: str, key_prefix: str) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(redis_url, prefix=key_prefix, timeout_s=0.25)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: AiohttpClient) -> MakeClient:
+    """Start the real app on loopback with the given settings (and store)."""
+
+    async def make(
+        settings: Settings, store: Store | None = None
+    ) -> TestClient[web.Request, web.Application]:
+        return await aiohttp_client(create_app(settings, store=store))
+
+    return make

@@ -1,0 +1,25 @@
+# capproxy: slim image, non-root, tokenizer encodings shipped inside the package.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip install . \
+    && useradd --system --uid 10001 --no-create-home capproxy \
+    && mkdir -p /etc/capproxy
+
+COPY config.example.yaml /etc/capproxy/caps.yaml
+
+USER capproxy
+EXPOSE 8080
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"]
+
+ENTRYPOINT ["capproxy"]
+CMD ["serve", "--config", "/etc/capproxy/caps.yaml", "--host", "0.0.0.0", "--port", "8080"]

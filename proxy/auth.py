@@ -1,0 +1,95 @@
+"""Who is calling: the tenant (from the client's key) and the agent (from a header).
+
+    auth = Authenticator(settings)
+    identity = auth.authenticate(request.headers)   # raises Unauthorized / BadRequest
+
+Keys are held only as SHA-256 digests. In ``passthrough`` mode an unknown key gets a
+stable tenant id derived by HMAC, so the raw key never reaches logs, metrics or Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.budget import DEFAULT_AGENT
+from proxy.config import Settings
+from proxy.errors import BadRequest, Unauthorized
+
+AGENT_ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+# Used when auth.tenant_hash_key is unset; set one so tenant ids can't be linked to keys
+# by anyone who guesses a key.
+_DEFAULT_HASH_KEY = b"capproxy-passthrough-tenant-v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated caller."""
+
+    tenant_id: str
+    agent_id: str
+    # The key to send upstream in passthrough mode (the client's own); None in keys mode.
+    client_key: str | None
+
+
+def bearer_key(headers: Mapping[str, str]) -> str | None:
+    """The credential from ``Authorization: Bearer`` or ``x-api-key``."""
+    value = headers.get("Authorization")
+    if value is not None:
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    key = headers.get("x-api-key")
+    return key.strip() or None if key is not None else None
+
+
+class Authenticator:
+    """Maps client keys to tenants for one config."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._passthrough = settings.auth.mode == "passthrough"
+        self._agent_header = settings.identity.agent_header
+        secret = settings.auth.tenant_hash_key
+        self._hash_key = (
+            secret.get_secret_value().encode() if secret is not None else _DEFAULT_HASH_KEY
+        )
+        self._tenants: dict[bytes, tuple[bytes, str]] = {}
+        for tenant in settings.tenants:
+            for digest in tenant.key_digests():
+                self._tenants[digest] = (digest, tenant.id)
+
+    def authenticate(self, headers: Mapping[str, str]) -> Identity:
+        key = bearer_key(headers)
+        if key is None:
+            raise Unauthorized(
+                "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'."
+            )
+        digest = hashlib.sha256(key.encode()).digest()
+        # Look the candidate up by the key's digest (which reveals nothing about stored
+        # keys), then confirm it with a constant-time comparison.
+        found = self._tenants.get(digest)
+        tenant_id = found[1] if found and hmac.compare_digest(found[0], digest) else None
+        if self._passthrough:
+            if tenant_id is None:
+                mac = hmac.new(self._hash_key, key.encode(), hashlib.sha256).hexdigest()
+                tenant_id = f"key-{mac[:24]}"
+            return Identity(tenant_id, self.agent(headers), client_key=key)
+        if tenant_id is None:
+            raise Unauthorized("Incorrect API key provided.")
+        return Identity(tenant_id, self.agent(headers), client_key=None)
+
+    def agent(self, headers: Mapping[str, str]) -> str:
+        value = headers.get(self._agent_header)
+        if value is None or value == "":
+            return DEFAULT_AGENT
+        if AGENT_ID.fullmatch(value) is None:
+            raise BadRequest(
+                f"Invalid {self._agent_header} header: use 1-128 characters of "
+                "letters, digits and . _ : @ / -",
+                param=self._agent_header,
+            )
+        return value

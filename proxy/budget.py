@@ -1,0 +1,202 @@
+"""Budget and token caps: what applies to a request, and what to say about it.
+
+Pure decisions over config and counter states; the store does the atomic part.
+
+    plan = plan_budget(settings, identity.tenant_id, identity.agent_id, amount_micros=hold)
+    result = await store.reserve(rid, plan.counters, plan.amount_micros, ...)
+    if not result.ok:
+        raise rejection(plan, result)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from proxy.config import BudgetCap, Settings, TokenCap
+from proxy.errors import BudgetExceeded, TokenCapExceeded
+from proxy.pricing import micros_to_usd, usd_to_micros
+from proxy.store import Counter, CounterState, ReserveResult
+
+DEFAULT_AGENT = "_default"
+# A hold larger than the room a quick retry could free is hopeless within this many seconds.
+RETRY_HORIZON_S = 60
+# Retry-After when only other requests' holds stand in the way: they settle within seconds.
+HELD_RETRY_AFTER_S = 2
+# Holds are clamped here so absurd token counts stay within the store's 64-bit counters
+# (any real cap is far smaller, so such a request is refused as usual).
+MAX_HOLD_MICROS = 2**53
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPlan:
+    """The counters a request must fit into, with the cap behind each, and its hold."""
+
+    counters: tuple[Counter, ...]
+    caps: tuple[BudgetCap, ...]
+    amount_micros: int
+
+
+def plan_budget(
+    settings: Settings, tenant_id: str, agent_id: str, *, amount_micros: int
+) -> BudgetPlan:
+    """Every budget window that applies: the tenant's own caps, then the (tenant, agent) caps."""
+    pairs: list[tuple[Counter, BudgetCap]] = []
+    tenant = settings.tenant(tenant_id)
+    if tenant is not None:
+        pairs.extend(
+            (Counter(tenant_id, None, cap.window, usd_to_micros(cap.hard_limit_usd)), cap)
+            for cap in tenant.budget_caps
+        )
+    if settings.cost_caps.enabled:
+        pairs.extend(
+            (Counter(tenant_id, agent_id, cap.window, usd_to_micros(cap.hard_limit_usd)), cap)
+            for cap in settings.cost_caps.budget_caps_for(agent_id)
+        )
+    return BudgetPlan(
+        counters=tuple(c for c, _ in pairs),
+        caps=tuple(cap for _, cap in pairs),
+        amount_micros=min(MAX_HOLD_MICROS, max(1, amount_micros)),
+    )
+
+
+def _scope(counter: Counter) -> str:
+    if counter.agent_id is None:
+        return f"tenant '{counter.tenant_id}'"
+    return f"agent '{counter.agent_id}' of tenant '{counter.tenant_id}'"
+
+
+def _usd4(micros: int) -> str:
+    return f"${micros_to_usd(micros):.4f}"
+
+
+def _usd2(micros: int) -> str:
+    return f"${micros_to_usd(micros):.2f}"
+
+
+def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded:
+    """The 429 for a reservation the store refused, naming every exceeded window."""
+    amount = plan.amount_micros
+    parts: list[str] = []
+    retry_after = 1
+    hopeless = False
+    for state in result.states:
+        counter = state.counter
+        if state.spent_micros + state.held_micros + amount <= counter.limit_micros:
+            continue
+        parts.append(
+            f"{counter.window} budget cap exceeded for {_scope(counter)}: "
+            f"{_usd4(state.spent_micros)} spent + {_usd4(state.held_micros)} held + "
+            f"{_usd4(amount)} this request > {_usd2(counter.limit_micros)} limit"
+        )
+        if state.spent_micros + amount <= counter.limit_micros:
+            # Only in-flight holds are in the way; they settle within seconds.
+            wait = min(HELD_RETRY_AFTER_S, state.period.resets_in(result.now))
+        else:
+            wait = state.period.resets_in(result.now)
+            hopeless = hopeless or amount > counter.limit_micros
+        retry_after = max(retry_after, wait)
+    if not parts:  # the store refused, yet every window has room: report the tightest
+        parts.append("budget cap exceeded")
+    return BudgetExceeded(
+        "; ".join(parts),
+        retry_after_s=retry_after,
+        should_retry=not hopeless and retry_after <= RETRY_HORIZON_S,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """What the budget headers report: the window with the least room, and warnings."""
+
+    window: str
+    limit_micros: int
+    remaining_micros: int
+    warnings: tuple[str, ...]
+
+
+def status(
+    plan: BudgetPlan, states: tuple[CounterState, ...], *, charged_micros: int
+) -> BudgetStatus | None:
+    """Budget after this request is charged ``charged_micros`` (its hold is replaced).
+
+    ``states`` are the counters as reserved (their ``held`` includes this request's hold).
+    Warnings use the seed's texts: a soft cap passed, else 80 % of the hard cap reached.
+    """
+    if not states:
+        return None
+    tightest: tuple[int, CounterState] | None = None
+    warnings: list[str] = []
+    for state, cap in zip(states, plan.caps, strict=True):
+        spent = state.spent_micros + charged_micros
+        others_held = max(0, state.held_micros - plan.amount_micros)
+        limit = state.counter.limit_micros
+        remaining = max(0, limit - spent - others_held)
+        if tightest is None or remaining < tightest[0]:
+            tightest = (remaining, state)
+        warning = _warning(cap, spent)
+        if warning is not None:
+            warnings.append(warning)
+    assert tightest is not None
+    remaining, state = tightest
+    return BudgetStatus(
+        window=str(state.counter.window),
+        limit_micros=state.counter.limit_micros,
+        remaining_micros=remaining,
+        warnings=tuple(warnings),
+    )
+
+
+def _warning(cap: BudgetCap, spent_micros: int) -> str | None:
+    spent = micros_to_usd(spent_micros)
+    if cap.soft_limit_usd is not None and spent >= cap.soft_limit_usd:
+        return f"{cap.window} soft cap exceeded: ${spent:.4f} / ${cap.soft_limit_usd:.2f}"
+    if spent >= cap.hard_limit_usd * Decimal("0.8"):
+        pct = spent / cap.hard_limit_usd * 100
+        return f"{cap.window} budget at {pct:.1f}%: ${spent:.4f} / ${cap.hard_limit_usd:.2f}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDecision:
+    """The output limit the request runs with, and whether the proxy had to set it."""
+
+    output_limit: int | None
+    inject: bool
+
+
+def check_tokens(cap: TokenCap | None, *, prompt: int, output: int | None) -> TokenDecision:
+    """Apply a token cap to a request's prompt estimate and requested output limit.
+
+    Raises ``TokenCapExceeded``; a request that names no output limit gets the largest
+    one the completion and total caps allow, so the cap holds.
+    """
+    if cap is None:
+        return TokenDecision(output, inject=False)
+    if cap.max_prompt_tokens is not None and prompt > cap.max_prompt_tokens:
+        _reject(f"Prompt tokens ({prompt}) exceed cap ({cap.max_prompt_tokens})")
+    if output is not None:
+        if cap.max_completion_tokens is not None and output > cap.max_completion_tokens:
+            _reject(f"Completion tokens ({output}) exceed cap ({cap.max_completion_tokens})")
+        if cap.max_total_tokens is not None and prompt + output > cap.max_total_tokens:
+            _reject(f"Total tokens ({prompt + output}) exceed cap ({cap.max_total_tokens})")
+        return TokenDecision(output, inject=False)
+    allowed: list[int] = []
+    if cap.max_completion_tokens is not None:
+        allowed.append(cap.max_completion_tokens)
+    if cap.max_total_tokens is not None:
+        room = cap.max_total_tokens - prompt
+        if room < 1:
+            _reject(
+                f"Total tokens ({prompt} prompt + at least 1 completion) "
+                f"exceed cap ({cap.max_total_tokens})"
+            )
+        allowed.append(room)
+    if not allowed:
+        return TokenDecision(None, inject=False)
+    return TokenDecision(min(allowed), inject=True)
+
+
+def _reject(reason: str) -> None:
+    # No wait makes a request smaller: retrying the same request cannot help.
+    raise TokenCapExceeded(reason, retry_after_s=1, should_retry=False)

@@ -1,0 +1,181 @@
+"""The ``capproxy`` command.
+
+    capproxy check config.yaml                       # validate; print the effective caps
+    capproxy serve --config config.yaml --port 9000  # run the proxy
+
+Exit status: 0 on success, 1 for an invalid caps file, 2 for bad arguments. Secrets are never
+printed: keys appear as a count, tokens as "set".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from proxy.config import (
+    DEFAULT_AGENT,
+    BudgetCap,
+    ConfigError,
+    Settings,
+    TokenCap,
+    load_settings,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    command: int = args.run(args)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capproxy", description="Token and USD budget caps for OpenAI-compatible APIs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, type=Path, help="caps file (YAML)")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=_port, help="listen port (overrides server.port)")
+    serve.set_defaults(run=_serve)
+    check = commands.add_parser("check", help="validate a caps file and print the effective caps")
+    check.add_argument("file", type=Path, help="caps file (YAML)")
+    check.set_defaults(run=_check)
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0-65535): {text!r}")
+    return port
+
+
+def _load(path: Path) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    overrides = {"host": args.host, "port": args.port}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    if overrides:
+        server = settings.server.model_copy(update=overrides)
+        settings = settings.model_copy(update={"server": server})
+    from proxy.app import run
+
+    run(settings, config_path=args.config)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = _load(args.file)
+    if settings is None:
+        return 1
+    print(f"{args.file}: OK")
+    print("\n".join(describe(settings)))
+    return 0
+
+
+def describe(settings: Settings) -> list[str]:
+    """The effective settings and caps, one line each, without any secret."""
+    server, store, auth, caps = settings.server, settings.store, settings.auth, settings.cost_caps
+    auth_line = f"auth: {auth.mode}, admin token {_is_set(auth.admin_token)}"
+    if auth.mode == "passthrough":
+        auth_line += f", tenant hash key {_is_set(auth.tenant_hash_key)}"
+    lines = [
+        f"server: {server.host}:{server.port} (max body {server.max_body_bytes} bytes)",
+        f"store: {_redact(store.url.get_secret_value())} "
+        f"(on_error {store.on_error}, timeout {store.timeout_ms} ms)",
+        auth_line,
+        f"time zone: {settings.time_zone}",
+        "upstreams (first match wins):",
+    ]
+    for up in settings.upstreams:
+        lines.append(
+            f"  {up.name}: {_redact(up.base_url)} models {', '.join(up.models)}; "
+            f"api key {_is_set(up.api_key)}; timeout {up.timeout_s:g} s"
+        )
+    lines.append("tenants (tenant-wide caps, all agents together):")
+    for tenant in settings.tenants:
+        keys = len(tenant.api_keys)
+        lines.append(
+            f"  {tenant.id}: {keys} api key{'s' if keys != 1 else ''}; "
+            f"{_budget(tenant.budget_caps)}"
+        )
+    if not settings.tenants:
+        lines.append("  (none)")
+    state = "" if caps.enabled else " DISABLED (cost_caps.enabled: false)"
+    lines.append(f"agent caps (per tenant and agent){state}:")
+    label = "" if DEFAULT_AGENT in caps.agent_ids else f"{DEFAULT_AGENT} and "
+    lines.append(
+        f"  {label}unlisted agents: {_caps(caps.default_budget_caps, caps.default_token_cap)}"
+    )
+    for agent in caps.agents:
+        budget, tokens = caps.budget_caps_for(agent.agent_id), caps.token_cap_for(agent.agent_id)
+        lines.append(f"  {agent.agent_id}: {_caps(budget, tokens)}")
+    lines.append("pricing overrides (USD per 1M tokens):")
+    for model, price in settings.pricing.models.items():
+        lines.append(f"  {model}: {_fields(price.model_dump(exclude_none=True))}")
+    default = settings.pricing.default
+    lines.append(
+        f"  other models: {_fields(default.model_dump(exclude_none=True))}"
+        if default
+        else "  models not priced: refused"
+    )
+    for glob, encoding in settings.tokenizer.encodings.items():
+        lines.append(f"tokenizer: {glob} -> {encoding}")
+    return lines
+
+
+def _caps(budget: Sequence[BudgetCap], tokens: TokenCap | None) -> str:
+    return f"{_budget(budget)}; {_tokens(tokens)}"
+
+
+def _budget(caps: Sequence[BudgetCap]) -> str:
+    if not caps:
+        return "no budget caps"
+    return ", ".join(
+        f"{cap.window} ${cap.hard_limit_usd}"
+        + (f" (soft ${cap.soft_limit_usd})" if cap.soft_limit_usd is not None else "")
+        for cap in caps
+    )
+
+
+def _tokens(cap: TokenCap | None) -> str:
+    limits = cap.model_dump(exclude_none=True) if cap else {}
+    return f"tokens {_fields(limits)}" if limits else "no token cap"
+
+
+def _fields(values: dict[str, object]) -> str:
+    return " ".join(f"{name}={value}" for name, value in values.items())
+
+
+def _is_set(secret: object) -> str:
+    return "set" if secret is not None else "not set"
+
+
+def _redact(url: str) -> str:
+    """``url`` without its user info and query, which may hold credentials."""
+    parts = urlsplit(url)
+    _, at, host = parts.netloc.rpartition("@")
+    return f"{parts.scheme}://{'***@' if at else ''}{host}{parts.path}" + (
+        "?***" if parts.query else ""
+    )

@@ -1,0 +1,569 @@
+"""The caps file: frozen, validated settings, loaded from YAML with line-numbered errors.
+
+    >>> s = parse_settings("upstreams: [{name: openai, base_url: 'https://api.openai.com/v1'}]")
+    >>> s.upstream_for("gpt-4o").name
+    'openai'
+    >>> s.cost_caps.budget_caps_for("any-agent")
+    ()
+
+Only this module reads files and the environment. ``${VAR}`` and ``${VAR:-default}`` are
+expanded inside YAML string values after parsing (``$${`` is a literal ``${``). Every problem
+is reported in a ``ConfigError`` whose lines read ``file:line: field.path: message``; no line
+ever contains a secret value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from decimal import Decimal, InvalidOperation
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from proxy.pricing import ModelPrice
+from proxy.windows import Window
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+"""Tenant ids and upstream names."""
+AGENT_ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
+"""Agent ids, as the agent header may carry them."""
+DEFAULT_AGENT = "_default"
+"""The agent of a request without the agent header."""
+
+_HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+_STORE_SCHEMES = ("memory", "redis", "rediss", "unix")
+_SHA256_KEY = re.compile(r"sha256:([0-9a-fA-F]{64})")
+_ERROR_TYPE = "invalid_config"
+
+
+def _invalid(message: str, *at: int | str) -> PydanticCustomError:
+    """A validation error; ``at`` locates it below the field being validated."""
+    return PydanticCustomError(_ERROR_TYPE, message, {"at": at})
+
+
+def _empty_to_none(value: object) -> object:
+    return None if value == "" else value
+
+
+def _unique_windows(caps: tuple[BudgetCap, ...]) -> tuple[BudgetCap, ...]:
+    if dup := _first_duplicate(cap.window for cap in caps):
+        first, i, window = dup
+        raise _invalid(f"duplicate window '{window}' (also item [{first}])", i, "window")
+    return caps
+
+
+def _first_duplicate(names: Iterable[str]) -> tuple[int, int, str] | None:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            return seen[name], i, name
+        seen[name] = i
+    return None
+
+
+_Usd = Annotated[Decimal, Field(gt=0, decimal_places=6, allow_inf_nan=False)]
+_Tokens = Annotated[int | None, Field(gt=0)]
+_Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_empty_to_none)]
+_Glob = Annotated[str, Field(min_length=1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+class BudgetCap(_Model):
+    """A USD limit per calendar window: past ``hard_limit_usd`` requests are refused (429);
+    ``soft_limit_usd`` is a warning threshold that refuses nothing."""
+
+    window: Window
+    hard_limit_usd: _Usd
+    soft_limit_usd: _Usd | None = None
+
+    @field_validator("soft_limit_usd")
+    @classmethod
+    def _below_hard(cls, soft: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        hard = info.data.get("hard_limit_usd")
+        if soft is not None and hard is not None and soft >= hard:
+            raise _invalid("must be below hard_limit_usd")
+        return soft
+
+
+BudgetCaps = Annotated[tuple[BudgetCap, ...], AfterValidator(_unique_windows)]
+
+
+class TokenCap(_Model):
+    """Per-request token limits; ``None`` leaves that count unlimited."""
+
+    max_prompt_tokens: _Tokens = None
+    max_completion_tokens: _Tokens = None
+    max_total_tokens: _Tokens = None
+
+
+class AgentCostCap(_Model):
+    """Caps for one agent id, in every tenant; each set field replaces the default wholesale."""
+
+    agent_id: str = Field(pattern=AGENT_ID_PATTERN)
+    budget_caps: BudgetCaps = ()
+    token_cap: TokenCap | None = None
+
+
+class CostCapConfig(_Model):
+    """Per (tenant, agent) caps: defaults, and overrides by agent id.
+
+    ``caps.budget_caps_for("premium-agent")`` / ``caps.token_cap_for(DEFAULT_AGENT)``.
+    """
+
+    enabled: bool = True
+    default_budget_caps: BudgetCaps = ()
+    default_token_cap: TokenCap | None = None
+    agents: tuple[AgentCostCap, ...] = ()
+    _by_id: dict[str, AgentCostCap] = PrivateAttr(default_factory=dict)
+
+    @field_validator("agents")
+    @classmethod
+    def _unique_agents(cls, agents: tuple[AgentCostCap, ...]) -> tuple[AgentCostCap, ...]:
+        if dup := _first_duplicate(a.agent_id for a in agents):
+            first, i, name = dup
+            raise _invalid(f"duplicate agent_id {name!r} (also agents[{first}])", i, "agent_id")
+        return agents
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._by_id = {agent.agent_id: agent for agent in self.agents}
+
+    @property
+    def agent_ids(self) -> frozenset[str]:
+        """The agents listed with their own caps."""
+        return frozenset(self._by_id)
+
+    def budget_caps_for(self, agent_id: str) -> tuple[BudgetCap, ...]:
+        agent = self._by_id.get(agent_id)
+        return agent.budget_caps if agent and agent.budget_caps else self.default_budget_caps
+
+    def token_cap_for(self, agent_id: str) -> TokenCap | None:
+        agent = self._by_id.get(agent_id)
+        return agent.token_cap if agent and agent.token_cap else self.default_token_cap
+
+
+class TenantConfig(_Model):
+    """A tenant: its proxy keys (a literal, or ``"sha256:<64 hex>"`` of one) and the caps that
+    bound all of its agents together. Compare ``key_digests()``, never the literals."""
+
+    id: str = Field(pattern=ID_PATTERN)
+    api_keys: tuple[SecretStr, ...] = ()
+    budget_caps: BudgetCaps = ()
+    _digests: tuple[bytes, ...] = PrivateAttr(default=())
+
+    @field_validator("api_keys")
+    @classmethod
+    def _well_formed(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for i, key in enumerate(keys):
+            value = key.get_secret_value()
+            if not value:
+                raise _invalid("must not be empty", i)
+            if value != value.strip():
+                raise _invalid("must not start or end with whitespace", i)
+            if value.startswith("sha256:") and not _SHA256_KEY.fullmatch(value):
+                raise _invalid("'sha256:' must be followed by 64 hex digits", i)
+        return keys
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._digests = tuple(_digest(key.get_secret_value()) for key in self.api_keys)
+
+    def key_digests(self) -> tuple[bytes, ...]:
+        """The SHA-256 digest of each key, in order."""
+        return self._digests
+
+
+def _digest(key: str) -> bytes:
+    if match := _SHA256_KEY.fullmatch(key):
+        return bytes.fromhex(match[1])
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ServerConfig(_Model):
+    """Where the proxy listens, its request body limit, and how long shutdown drains."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    shutdown_grace_s: float = Field(default=30, ge=0, allow_inf_nan=False)
+
+
+class StoreConfig(_Model):
+    """The counter store (``memory://``, ``redis://``, ``rediss://``, ``unix://``) and what to do
+    when it fails; the URL may hold a password, hence secret."""
+
+    url: SecretStr = SecretStr("memory://")
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    timeout_ms: int = Field(default=250, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: SecretStr) -> SecretStr:
+        try:
+            scheme = urlsplit(url.get_secret_value()).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in _STORE_SCHEMES:
+            raise _invalid("must be a memory://, redis://, rediss:// or unix:// URL")
+        return url
+
+
+class AuthConfig(_Model):
+    """How clients authenticate.
+
+    ``keys``: clients present a tenant's proxy key; the upstream key is injected.
+    ``passthrough``: the client's own upstream key is forwarded; its tenant id is derived from
+    the key as an HMAC-SHA256 under ``tenant_hash_key`` (a built-in key when unset; set one so
+    nobody who guesses a key can link it to its tenant id). ``admin_token`` enables the admin
+    endpoints.
+    """
+
+    mode: Literal["keys", "passthrough"] = "keys"
+    admin_token: _OptionalSecret = None
+    tenant_hash_key: _OptionalSecret = None
+
+
+class UpstreamConfig(_Model):
+    """An OpenAI-compatible API that serves the models matching ``models`` (fnmatch globs)."""
+
+    name: str = Field(pattern=ID_PATTERN)
+    base_url: str
+    api_key: _OptionalSecret = None
+    models: tuple[_Glob, ...] = ("*",)
+    timeout_s: _Seconds = 600
+    connect_timeout_s: _Seconds = 10
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        if not models:
+            raise _invalid("must list at least one model glob")
+        return models
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _invalid("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise _invalid("must not have a query or fragment")
+        return url.rstrip("/")
+
+
+class IdentityConfig(_Model):
+    """The request header naming the agent; without it the agent is ``_default``."""
+
+    agent_header: str = Field(default="X-Agent-Id", pattern=_HEADER_NAME)
+
+
+class PricingConfig(_Model):
+    """USD per 1M tokens by model name, over the built-in table; ``default`` prices unknown
+    models (``None``: they are refused)."""
+
+    models: dict[_Glob, ModelPrice] = Field(default_factory=dict)
+    default: ModelPrice | None = None
+
+
+class TokenizerConfig(_Model):
+    """Which tiktoken encoding estimates prompts, by model glob."""
+
+    encodings: dict[_Glob, Literal["o200k_base", "cl100k_base"]] = Field(default_factory=dict)
+
+
+class Settings(_Model):
+    """The whole caps file. Build it in code, or with ``load_settings(path)``."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    upstreams: tuple[UpstreamConfig, ...]
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    time_zone: str = "UTC"
+    tenants: tuple[TenantConfig, ...] = ()
+    cost_caps: CostCapConfig = Field(default_factory=CostCapConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    _tenants: dict[str, TenantConfig] = PrivateAttr(default_factory=dict)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_upstreams(cls, ups: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
+        if not ups:
+            raise _invalid("at least one upstream is required")
+        if dup := _first_duplicate(u.name for u in ups):
+            first, i, name = dup
+            raise _invalid(f"duplicate name {name!r} (also upstreams[{first}])", i, "name")
+        return ups
+
+    @field_validator("time_zone")
+    @classmethod
+    def _iana_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise _invalid("not a known IANA time zone name (e.g. UTC, Europe/Paris)") from None
+        return name
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: tuple[TenantConfig, ...]) -> tuple[TenantConfig, ...]:
+        if dup := _first_duplicate(t.id for t in tenants):
+            first, i, name = dup
+            raise _invalid(f"duplicate tenant id {name!r} (also tenants[{first}])", i, "id")
+        owners: dict[bytes, str] = {}
+        for i, tenant in enumerate(tenants):
+            for j, digest in enumerate(tenant.key_digests()):
+                if digest in owners:
+                    raise _invalid(f"duplicate api key (also {owners[digest]})", i, "api_keys", j)
+                owners[digest] = f"tenants[{i}].api_keys[{j}]"
+        return tenants
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._tenants = {tenant.id: tenant for tenant in self.tenants}
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The zone calendar windows align to."""
+        return ZoneInfo(self.time_zone)
+
+    def upstream_for(self, model: str) -> UpstreamConfig | None:
+        """The first upstream with a glob matching ``model`` (case-sensitive)."""
+        for upstream in self.upstreams:
+            if any(fnmatchcase(model, glob) for glob in upstream.models):
+                return upstream
+        return None
+
+    def tenant(self, tenant_id: str) -> TenantConfig | None:
+        return self._tenants.get(tenant_id)
+
+
+# --- Loading -------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """An unusable caps file; ``errors`` holds one ``file:line: field.path: message`` each."""
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: ``no``/``on`` stay strings, no timestamps, octal or
+    base-60 numbers, and floats are exact Decimals (``0.59`` is ``Decimal("0.59")``)."""
+
+
+_STR = "tag:yaml.org,2002:str"
+_MERGE = "tag:yaml.org,2002:merge"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_SCALARS = {  # tag: (pattern, possible first characters)
+    "tag:yaml.org,2002:bool": ("true|True|TRUE|false|False|FALSE", "tTfF"),
+    "tag:yaml.org,2002:int": ("[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+", "-+0123456789"),
+    "tag:yaml.org,2002:float": (
+        r"[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        "-+0123456789.",
+    ),
+}
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _SCALARS and tag != _TIMESTAMP]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, (_pattern, _first) in _SCALARS.items():
+    _Loader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern})$"), list(_first))
+
+
+def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
+    try:
+        return Decimal(loader.construct_scalar(node).replace("_", ""))
+    except InvalidOperation:  # .inf, .nan
+        return Decimal(repr(loader.construct_yaml_float(node)))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
+
+_ENV_REF = re.compile(r"\$(\$\{)|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+
+_Path = tuple[str | int, ...]
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out or "<root>"
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+class _Document:
+    """Walks a composed YAML document once: records each path's line, rejects duplicate keys,
+    and expands environment references in string values (each node once, aliases included)."""
+
+    def __init__(self, loader: _Loader, env: Mapping[str, str], source: str) -> None:
+        self.loader, self.env, self.source = loader, env, source
+        self.lines: dict[_Path, int] = {}
+        self.errors: list[str] = []
+        self._seen: set[int] = set()
+
+    def walk(self, node: yaml.Node, path: _Path) -> None:
+        if id(node) in self._seen:  # an alias: its paths stay at the alias's line
+            return
+        self._seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == _STR and "${" in node.value:
+                node.value = self._expand(node.value, _line(node), path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[(*path, i)] = _line(item)
+                self.walk(item, (*path, i))
+        elif isinstance(node, yaml.MappingNode):
+            self._check_duplicates(node, path)
+            self.loader.flatten_mapping(node)  # resolve "<<" merges; later keys win
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    self.lines[(*path, key_node.value)] = _line(key_node)
+                    self.walk(value_node, (*path, key_node.value))
+
+    def _check_duplicates(self, node: yaml.MappingNode, path: _Path) -> None:
+        first: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE:
+                key, line = key_node.value, _line(key_node)
+                if key in first:
+                    where = f"{self.source}:{line}: {_dotted((*path, key))}"
+                    self.errors.append(f"{where}: duplicate key (also on line {first[key]})")
+                first.setdefault(key, line)
+
+    def _expand(self, text: str, line: int, path: _Path) -> str:
+        def substitute(ref: re.Match[str]) -> str:
+            escaped, name, default = ref.groups()
+            value = None if name is None else self.env.get(name)
+            if escaped:
+                return escaped
+            if name is None:
+                problem = "malformed ${...} reference (write $${ for a literal ${)"
+            elif value is not None and (value or default is None):
+                return value
+            elif default is not None:
+                return default
+            else:
+                problem = f"environment variable {name} is not set (use ${{{name}:-default}})"
+            self.errors.append(f"{self.source}:{line}: {_dotted(path)}: {problem}")
+            return ""
+
+        return _ENV_REF.sub(substitute, text)
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str, text: str) -> str:
+    # Never str(exc): PyYAML quotes the offending line, which may hold a secret.
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark, context = exc.problem_mark or exc.context_mark, exc.context
+        if context and exc.context_mark and mark and exc.context_mark.line != mark.line:
+            context += f" from line {exc.context_mark.line + 1}"
+        message = "; ".join(part for part in (context, exc.problem) if part) or "invalid YAML"
+        where = f" (column {mark.column + 1})" if mark else ""
+        return f"{source}:{mark.line + 1 if mark else 1}: <yaml>: {message}{where}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return f"{source}:{line}: <yaml>: unacceptable character #x{exc.character:04x}"
+    return f"{source}:1: <yaml>: invalid YAML"
+
+
+def _validation_errors(exc: ValidationError, source: str, lines: dict[_Path, int]) -> list[str]:
+    found: list[tuple[int, str]] = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc: _Path = tuple(error["loc"])
+        if error["type"] == _ERROR_TYPE:
+            loc += tuple(error.get("ctx", {}).get("at", ()))
+        if loc and loc[-1] == "[key]":
+            loc = loc[:-1]
+        probe = loc
+        while probe and probe not in lines:
+            probe = probe[:-1]
+        line = lines.get(probe, 1)
+        found.append((line, f"{source}:{line}: {_dotted(loc)}: {_message(error)}"))
+    return [text for _, text in sorted(found, key=lambda item: item[0])]
+
+
+def _message(error: ErrorDetails) -> str:
+    return error["msg"].removeprefix("Value error, ")
+
+
+def parse_settings(
+    text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None
+) -> Settings:
+    """Parse and validate caps-file text; ``env`` (default ``os.environ``) feeds ``${VAR}``."""
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)
+        root = loader.get_single_node()
+        if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
+            raise ConfigError([f"{source}:1: <root>: the file is empty; 'upstreams' is required"])
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError([f"{source}:{_line(root)}: <root>: must be a mapping of sections"])
+        doc = _Document(loader, os.environ if env is None else env, source)
+        doc.lines[()] = _line(root)
+        doc.walk(root, ())
+        if doc.errors:
+            raise ConfigError(doc.errors)
+        data = loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_error(exc, source, text)]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_errors(exc, source, doc.lines)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read, parse and validate the caps file at ``path``."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}:{line}: <file>: not valid UTF-8"]) from None
+    return parse_settings(text, source=str(path))

@@ -1,0 +1,196 @@
+"""Reserve, then settle: the only way a request touches the spend store.
+
+    async with ledger.hold(plan, tz=tz, hold_ttl_s=ttl) as hold:   # 429 / 503 on entry
+        response = await forward(...)
+        await hold.commit(cost_micros)        # not called: the hold is released on exit
+
+A settle the store cannot take right now (Redis went away after the request was
+admitted) is kept in a bounded queue and retried until it lands; settles are
+idempotent by reservation id, so a retry never double-counts. With
+``store.on_error: fail_open`` an unreachable store admits the request and records its
+cost the same way once the store is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+from proxy.budget import BudgetPlan, rejection
+from proxy.errors import StoreUnavailable
+from proxy.store import Counter, CounterState, Store
+
+log = logging.getLogger("capproxy.ledger")
+
+
+@dataclass(slots=True)
+class LedgerStats:
+    """Counts an operator should see (exported as metrics)."""
+
+    fail_open_admitted: int = 0
+    settles_deferred: int = 0
+    settles_dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    rid: str
+    states: tuple[CounterState, ...]  # reserved periods; empty when admitted fail-open
+    counters: tuple[Counter, ...]
+    actual_micros: int
+    tz: ZoneInfo
+    hold_ttl_s: int
+
+
+@dataclass(slots=True)
+class Hold:
+    """A request's reservation. ``commit(actual)`` settles it once; else it is released."""
+
+    rid: str
+    plan: BudgetPlan
+    states: tuple[CounterState, ...]  # as reserved; empty when admitted without the store
+    now: float
+    _ledger: Ledger
+    _tz: ZoneInfo
+    _hold_ttl_s: int
+    settled: bool = field(default=False)
+
+    @property
+    def admitted_without_store(self) -> bool:
+        return not self.states and bool(self.plan.counters)
+
+    async def commit(self, actual_micros: int) -> None:
+        """Replace the hold by the actual cost; later calls are no-ops."""
+        if self.settled:
+            return
+        self.settled = True
+        pending = _Pending(
+            self.rid,
+            self.states,
+            self.plan.counters,
+            max(0, actual_micros),
+            self._tz,
+            self._hold_ttl_s,
+        )
+        await self._ledger.apply(pending)
+
+
+class Ledger:
+    """Wraps a ``Store`` with holds, the fail-open policy and the retry queue."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        fail_open: bool,
+        max_pending: int = 10_000,
+        retry_interval_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.fail_open = fail_open
+        self.stats = LedgerStats()
+        self._pending: deque[_Pending] = deque()
+        self._max_pending = max_pending
+        self._retry_interval_s = retry_interval_s
+        self._wake = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @asynccontextmanager
+    async def hold(self, plan: BudgetPlan, *, tz: ZoneInfo, hold_ttl_s: int) -> AsyncIterator[Hold]:
+        rid = uuid.uuid4().hex
+        states: tuple[CounterState, ...] = ()
+        now = 0.0
+        if plan.counters:
+            try:
+                result = await self.store.reserve(
+                    rid, plan.counters, plan.amount_micros, tz=tz, hold_ttl_s=hold_ttl_s
+                )
+            except StoreUnavailable:
+                if not self.fail_open:
+                    raise
+                self.stats.fail_open_admitted += 1
+                log.warning("store unavailable: admitting request without a reservation")
+            else:
+                if not result.ok:
+                    raise rejection(plan, result)
+                states, now = result.states, result.now
+        hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s)
+        try:
+            yield hold
+        finally:
+            if not hold.settled:
+                # Shielded: a cancelled request must still give its hold back.
+                await asyncio.shield(hold.commit(0))
+
+    async def apply(self, pending: _Pending) -> None:
+        """Settle (or record, when admitted fail-open); queue it if the store is down."""
+        if not pending.counters:
+            return
+        if not pending.states and pending.actual_micros == 0:
+            return  # nothing held, nothing spent
+        try:
+            await self._apply(pending)
+        except StoreUnavailable:
+            self._defer(pending)
+
+    async def _apply(self, p: _Pending) -> None:
+        if p.states:
+            await self.store.settle(p.rid, p.states, p.actual_micros, hold_ttl_s=p.hold_ttl_s)
+        else:
+            await self.store.record(
+                p.rid, p.counters, p.actual_micros, tz=p.tz, hold_ttl_s=p.hold_ttl_s
+            )
+
+    def _defer(self, pending: _Pending) -> None:
+        self.stats.settles_deferred += 1
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft()
+            self.stats.settles_dropped += 1
+            log.error("settle queue full: dropped the oldest deferred settle")
+        self._pending.append(pending)
+        self._wake.set()
+
+    async def flush(self) -> int:
+        """Try every deferred settle once, in order; stop at the first store error."""
+        done = 0
+        while self._pending:
+            pending = self._pending[0]
+            try:
+                await self._apply(pending)
+            except StoreUnavailable:
+                break
+            self._pending.popleft()
+            done += 1
+        return done
+
+    async def retry_loop(self) -> None:
+        """Background loop (owned by the app's cleanup context) draining deferred settles."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                await self.flush()
+                if self._pending:
+                    await asyncio.sleep(self._retry_interval_s)
+
+    async def drain(self, timeout_s: float) -> None:
+        """At shutdown: a last bounded attempt at deferred settles."""
+        if not self._pending:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._pending:
+                    await self.flush()
+                    if self._pending:
+                        await asyncio.sleep(min(0.2, self._retry_interval_s))
+        except TimeoutError:
+            log.error("shutdown: %d deferred settles could not be written", len(self._pending))

@@ -1,0 +1,83 @@
+"""Sending a request to the configured upstream over the app's one pooled session.
+
+    async with send(session, upstream, "chat/completions", method="POST",
+                    headers=hdrs, body=raw) as resp:
+        data = await read_body(resp)
+
+The URL and key come only from the caps file; redirects are never followed;
+``aiohttp`` errors become ``UpstreamError`` (502) and timeouts ``UpstreamTimeout`` (504).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import aiohttp
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+
+def new_session(*, limit: int = 0) -> aiohttp.ClientSession:
+    """The app's upstream session: pooled keep-alive connections, no cookies, no env proxies."""
+    connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=60, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        trust_env=False,
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+def url_for(upstream: UpstreamConfig, path: str) -> str:
+    return f"{upstream.base_url}/{path}"
+
+
+def timeout_for(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=upstream.timeout_s,
+        sock_connect=upstream.connect_timeout_s,
+        sock_read=upstream.timeout_s,
+    )
+
+
+@asynccontextmanager
+async def send(
+    session: aiohttp.ClientSession,
+    upstream: UpstreamConfig,
+    path: str,
+    *,
+    method: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes | None,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """Open the upstream response; errors while opening it are translated."""
+    try:
+        resp = await session.request(
+            method,
+            url_for(upstream, path),
+            headers=list(headers),
+            data=body,
+            allow_redirects=False,
+            timeout=timeout_for(upstream),
+        )
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"Upstream '{upstream.name}' timed out") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Upstream '{upstream.name}' is unreachable") from exc
+    try:
+        yield resp
+    finally:
+        resp.release()
+
+
+async def read_body(resp: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
+    """The whole response body; a broken or stalled body is an upstream error."""
+    try:
+        return await resp.read()
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"Upstream '{upstream.name}' timed out") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Upstream '{upstream.name}' broke off its response") from exc

@@ -1,0 +1,88 @@
+"""Builds settings in code and runs the real app against the fake upstream."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.config import Settings
+
+TENANT_KEY = "sk-acme-test-key"
+OTHER_KEY = "sk-globex-test-key"
+UPSTREAM_KEY = "sk-upstream-secret"
+
+
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def settings_for(upstream_url: str, **over: Any) -> Settings:
+    """Two tenants, default caps as in the seed, one priced test model."""
+    base: dict[str, Any] = {
+        "store": {"url": "memory://", "timeout_ms": 250},
+        "upstreams": [
+            {
+                "name": "fake",
+                "base_url": upstream_url,
+                "api_key": UPSTREAM_KEY,
+                "models": ["*"],
+                "timeout_s": 5,
+                "connect_timeout_s": 1,
+            }
+        ],
+        "tenants": [
+            {"id": "acme", "api_keys": [TENANT_KEY]},
+            {"id": "globex", "api_keys": [OTHER_KEY]},
+        ],
+        "cost_caps": {
+            "enabled": True,
+            "default_budget_caps": [
+                {"window": "hourly", "hard_limit_usd": 10, "soft_limit_usd": 8},
+                {"window": "daily", "hard_limit_usd": 100},
+            ],
+            "default_token_cap": {
+                "max_prompt_tokens": 4096,
+                "max_completion_tokens": 4096,
+                "max_total_tokens": 8192,
+            },
+            "agents": [
+                {
+                    "agent_id": "premium-agent",
+                    "budget_caps": [
+                        {"window": "daily", "hard_limit_usd": 500, "soft_limit_usd": 400}
+                    ],
+                    "token_cap": {"max_prompt_tokens": 16384},
+                }
+            ],
+        },
+        "pricing": {
+            "models": {
+                # $1 per 1M input tokens, $2 per 1M output: easy arithmetic in tests.
+                "test-model": {
+                    "input_per_mtok": 1,
+                    "cached_input_per_mtok": "0.5",
+                    "output_per_mtok": 2,
+                    "max_output_tokens": 1000,
+                },
+            }
+        },
+    }
+    return Settings.model_validate(merge(base, over))
+
+
+def auth(key: str = TENANT_KEY, agent: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {key}"}
+    if agent is not None:
+        headers["X-Agent-Id"] = agent
+    return headers
+
+
+def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "test-model", "messages": [{"role": "user", "content": content}], **extra}

@@ -1,0 +1,587 @@
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from proxy.config import (
+    DEFAULT_AGENT,
+    BudgetCap,
+    ConfigError,
+    CostCapConfig,
+    Settings,
+    TenantConfig,
+    TokenCap,
+    UpstreamConfig,
+    load_settings,
+    parse_settings,
+)
+from proxy.windows import Window
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+UPSTREAM = "upstreams: [{name: up, base_url: 'http://127.0.0.1:9'}]\n"
+
+
+def parse(text: str, env: dict[str, str] | None = None) -> Settings:
+    return parse_settings(textwrap.dedent(text), source="caps.yaml", env=env or {})
+
+
+def errors(text: str, env: dict[str, str] | None = None) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, env)
+    assert str(info.value) == "\n".join(info.value.errors)
+    return info.value.errors
+
+
+def only_error(text: str, env: dict[str, str] | None = None) -> str:
+    (error,) = errors(text, env)
+    return error
+
+
+# --- The example file ----------------------------------------------------------------------
+
+
+def test_example_loads_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OPENAI_API_KEY", "CAPPROXY_ADMIN_TOKEN", "CAPPROXY_TENANT_HASH_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(EXAMPLE)
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8080)
+    assert settings.store.url.get_secret_value() == "memory://"
+    assert settings.auth.mode == "keys"
+    assert settings.auth.admin_token is None
+    upstream = settings.upstream_for("gpt-4o")
+    assert upstream is not None
+    assert upstream.name == "openai"
+    assert upstream.api_key is None
+    acme = settings.tenant("acme")
+    assert acme is not None
+    assert acme.budget_caps == (BudgetCap(window=Window.MONTHLY, hard_limit_usd=Decimal(2000)),)
+    assert settings.cost_caps.agent_ids == frozenset({"premium-agent"})
+    assert settings.pricing.models["my-llama-70b"].input_per_mtok == Decimal("0.59")
+    assert settings.pricing.default is None
+
+
+def test_example_reads_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    key = load_settings(EXAMPLE).upstreams[0].api_key
+    assert key is not None
+    assert key.get_secret_value() == "sk-from-env"
+
+
+def test_example_commented_options_are_valid() -> None:
+    text = EXAMPLE.read_text()
+    for option in ("soft_limit_usd", "max_output_tokens", "tokenizer:"):
+        assert f"# {option}" in text
+        text = text.replace(f"# {option}", option)
+    text = text.replace("#   encodings:", "  encodings:")
+    settings = parse_settings(text, env={})
+    assert settings.tokenizer.encodings == {"gpt-4-*": "cl100k_base", "*": "o200k_base"}
+    assert settings.tenants[0].budget_caps[0].soft_limit_usd == Decimal(1500)
+    assert settings.pricing.models["gpt-4o"].max_output_tokens == 16384
+
+
+# --- Resolution ----------------------------------------------------------------------------
+
+CAPS = (
+    UPSTREAM
+    + """
+cost_caps:
+  default_budget_caps:
+    - {window: hourly, hard_limit_usd: 10, soft_limit_usd: 8}
+    - {window: daily, hard_limit_usd: 100}
+  default_token_cap: {max_prompt_tokens: 4096, max_total_tokens: 8192}
+  agents:
+    - agent_id: premium-agent
+      budget_caps: [{window: daily, hard_limit_usd: 500}]
+      token_cap: {max_prompt_tokens: 16384}
+    - agent_id: tokens-only
+      token_cap: {max_completion_tokens: 10}
+    - agent_id: budget-only
+      budget_caps: [{window: weekly, hard_limit_usd: 1}]
+"""
+)
+
+
+def test_listed_agent_overrides_budget_caps() -> None:
+    caps = parse(CAPS).cost_caps
+    assert caps.budget_caps_for("premium-agent") == (
+        BudgetCap(window=Window.DAILY, hard_limit_usd=Decimal(500)),
+    )
+    assert caps.budget_caps_for("budget-only")[0].window is Window.WEEKLY
+
+
+def test_unlisted_agent_gets_defaults() -> None:
+    caps = parse(CAPS).cost_caps
+    for agent in (DEFAULT_AGENT, "someone-else"):
+        assert caps.budget_caps_for(agent) == caps.default_budget_caps
+        assert caps.token_cap_for(agent) == TokenCap(max_prompt_tokens=4096, max_total_tokens=8192)
+    assert [cap.soft_limit_usd for cap in caps.default_budget_caps] == [Decimal(8), None]
+
+
+def test_agent_token_cap_replaces_default_and_missing_parts_fall_back() -> None:
+    caps = parse(CAPS).cost_caps
+    assert caps.token_cap_for("premium-agent") == TokenCap(max_prompt_tokens=16384)
+    assert caps.token_cap_for("tokens-only") == TokenCap(max_completion_tokens=10)
+    assert caps.budget_caps_for("tokens-only") == caps.default_budget_caps
+    assert caps.token_cap_for("budget-only") == caps.default_token_cap
+    assert caps.agent_ids == frozenset({"premium-agent", "tokens-only", "budget-only"})
+
+
+def test_no_caps_by_default() -> None:
+    settings = parse(UPSTREAM)
+    assert settings.cost_caps.enabled
+    assert settings.cost_caps.budget_caps_for("a") == ()
+    assert settings.cost_caps.token_cap_for("a") is None
+    assert settings.tenants == ()
+    assert settings.store.on_error == "fail_closed"
+    assert settings.identity.agent_header == "X-Agent-Id"
+    assert settings.tz.key == "UTC"
+
+
+def test_upstream_for_first_matching_glob_wins() -> None:
+    settings = parse("""
+        upstreams:
+          - {name: local, base_url: 'http://127.0.0.1:8000/v1/', models: ["llama-*", "qwen*"]}
+          - {name: openai, base_url: 'https://api.openai.com/v1'}
+          - {name: never, base_url: 'https://example.com', models: ["llama-3"]}
+    """)
+    assert settings.upstreams[0].base_url == "http://127.0.0.1:8000/v1"
+    assert [settings.upstream_for(m).name for m in ("llama-3", "qwen2", "gpt-4o")] == [  # type: ignore[union-attr]
+        "local",
+        "local",
+        "openai",
+    ]
+    only_local = parse("upstreams: [{name: local, base_url: 'http://h', models: ['llama-*']}]")
+    assert only_local.upstream_for("LLAMA-3") is None  # case-sensitive
+
+
+def test_tenant_lookup_and_key_digests() -> None:
+    digest = hashlib.sha256(b"sk-beta").hexdigest()
+    settings = parse(f"""
+        {UPSTREAM}
+        tenants:
+          - id: alpha
+            api_keys: [sk-alpha]
+          - id: beta
+            api_keys: ["sha256:{digest.upper()}"]
+    """)
+    alpha, beta = settings.tenant("alpha"), settings.tenant("beta")
+    assert alpha is not None and beta is not None
+    assert alpha.key_digests() == (hashlib.sha256(b"sk-alpha").digest(),)
+    assert beta.key_digests() == (hashlib.sha256(b"sk-beta").digest(),)
+    assert settings.tenant("gamma") is None
+
+
+def test_settings_build_in_code() -> None:
+    settings = Settings(
+        upstreams=(UpstreamConfig(name="up", base_url="http://127.0.0.1:9/"),),
+        tenants=(TenantConfig(id="t", api_keys=(SecretStr("k"),)),),
+        cost_caps=CostCapConfig(
+            default_budget_caps=(BudgetCap(window=Window.DAILY, hard_limit_usd=Decimal("0.5")),)
+        ),
+        time_zone="Europe/Paris",
+    )
+    assert settings.upstreams[0].base_url == "http://127.0.0.1:9"
+    assert settings.tenant("t") is not None
+    assert settings.tz.key == "Europe/Paris"
+    with pytest.raises(ValidationError):
+        settings.server.__setattr__("port", 1)
+
+
+# --- Exact decimals and YAML scalars -------------------------------------------------------
+
+
+def test_decimals_are_exact() -> None:
+    settings = parse(f"""
+        {UPSTREAM}
+        cost_caps:
+          default_budget_caps: [{{window: daily, hard_limit_usd: 0.1, soft_limit_usd: 0.07}}]
+        pricing:
+          models:
+            m: {{input_per_mtok: 0.59, cached_input_per_mtok: 0.295, output_per_mtok: 10.00}}
+    """)
+    cap = settings.cost_caps.default_budget_caps[0]
+    assert str(cap.hard_limit_usd) == "0.1"
+    assert cap.soft_limit_usd == Decimal("0.07")
+    price = settings.pricing.models["m"]
+    assert price.input_per_mtok == Decimal("0.59") != Decimal(0.59)  # noqa: RUF032
+    assert str(price.cached_input_per_mtok) == "0.295"
+    assert str(price.output_per_mtok) == "10.00"
+
+
+def test_decimal_from_environment_is_exact() -> None:
+    settings = parse(
+        UPSTREAM
+        + "cost_caps:\n  default_budget_caps:\n    - window: daily\n      hard_limit_usd: ${L}\n",
+        env={"L": "0.59"},
+    )
+    assert str(settings.cost_caps.default_budget_caps[0].hard_limit_usd) == "0.59"
+
+
+def test_yaml_11_scalars_do_not_bite() -> None:
+    settings = parse(f"""
+        {UPSTREAM}
+        tenants: [{{id: no}}, {{id: on}}, {{id: 2024-01-01}}]
+        cost_caps: {{enabled: false}}
+        server: {{port: 0x1F90}}
+    """)
+    assert [t.id for t in settings.tenants] == ["no", "on", "2024-01-01"]
+    assert settings.cost_caps.enabled is False
+    assert settings.server.port == 8080
+
+
+def test_anchors_and_merge_keys() -> None:
+    settings = parse("""
+        upstreams:
+          - &base {name: a, base_url: 'http://h', timeout_s: 1.5}
+          - <<: *base
+            name: b
+        tenants:
+          - {id: t1, budget_caps: &caps [{window: daily, hard_limit_usd: 3}]}
+          - {id: t2, budget_caps: *caps}
+    """)
+    assert [(u.name, u.timeout_s) for u in settings.upstreams] == [("a", 1.5), ("b", 1.5)]
+    assert settings.tenants[0].budget_caps == settings.tenants[1].budget_caps
+
+
+# --- Environment expansion -----------------------------------------------------------------
+
+
+def test_env_set_default_and_escape() -> None:
+    settings = parse(
+        """
+        upstreams:
+          - name: up
+            base_url: ${BASE:-http://127.0.0.1:9}/v1
+            api_key: "${KEY}"
+        store: {url: "${STORE_URL:-memory://}"}
+        auth: {admin_token: "$${NOT_A_VAR}"}
+        server: {port: "${PORT:-9000}"}
+        """,
+        env={"KEY": "sk-env", "STORE_URL": ""},
+    )
+    up = settings.upstreams[0]
+    assert up.base_url == "http://127.0.0.1:9/v1"
+    assert up.api_key is not None and up.api_key.get_secret_value() == "sk-env"
+    assert settings.store.url.get_secret_value() == "memory://"  # empty -> default, like sh
+    assert settings.auth.admin_token is not None
+    assert settings.auth.admin_token.get_secret_value() == "${NOT_A_VAR}"
+    assert settings.server.port == 9000
+
+
+def test_env_empty_default_means_no_key() -> None:
+    settings = parse("upstreams: [{name: u, base_url: 'http://h', api_key: '${K:-}'}]")
+    assert settings.upstreams[0].api_key is None
+
+
+def test_env_missing_variable_names_line() -> None:
+    text = """\
+        upstreams:
+          - name: up
+            base_url: http://h
+            api_key: ${OPENAI_API_KEY}
+        """
+    assert only_error(text) == (
+        "caps.yaml:4: upstreams[0].api_key: environment variable OPENAI_API_KEY is not set "
+        "(use ${OPENAI_API_KEY:-default})"
+    )
+
+
+def test_env_not_expanded_in_comments_or_keys() -> None:
+    settings = parse(
+        UPSTREAM + "# api_key: ${MISSING}\npricing: {models: {'${M}': {input_per_mtok: 1}}}"
+    )
+    assert list(settings.pricing.models) == ["${M}"]
+    assert parse(UPSTREAM + "# ${MISSING}\n").upstreams[0].name == "up"
+
+
+def test_env_malformed_reference() -> None:
+    error = only_error(UPSTREAM + "auth: {admin_token: 'abc${oops'}\n")
+    assert error.startswith("caps.yaml:2: auth.admin_token: malformed ${...} reference")
+    assert "abc" not in error
+
+
+# --- Validation errors: file:line: path: message -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "prefix"),
+    [
+        pytest.param(
+            UPSTREAM
+            + "cost_caps:\n  default_budget_caps:\n    - {window: daily, hard_limit_usd: 0}\n",
+            "caps.yaml:4: cost_caps.default_budget_caps[0].hard_limit_usd: Input should be greater",
+            id="limit-not-positive",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "cost_caps:\n  default_budget_caps:\n"
+            + "    - window: daily\n      hard_limit_usd: 5\n      soft_limit_usd: 5\n",
+            "caps.yaml:6: cost_caps.default_budget_caps[0].soft_limit_usd: must be below hard",
+            id="soft-not-below-hard",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "tenants:\n  - id: t\n    budget_caps: [{window: daily, hard_limit_usd: 1e-7}]\n",
+            "caps.yaml:4: tenants[0].budget_caps[0].hard_limit_usd: Decimal input should have no "
+            "more than 6 decimal places",
+            id="below-micro-usd",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "cost_caps:\n  default_budget_caps:\n    - {window: yearly, hard_limit_usd: 1}\n",
+            "caps.yaml:4: cost_caps.default_budget_caps[0].window: Input should be 'hourly'",
+            id="unknown-window",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "tenants:\n  - id: t\n    budget_caps:\n"
+            + "      - {window: daily, hard_limit_usd: 1}\n"
+            + "      - {window: daily, hard_limit_usd: 2}\n",
+            "caps.yaml:6: tenants[0].budget_caps[1].window: duplicate window 'daily' "
+            "(also item [0])",
+            id="duplicate-window",
+        ),
+        pytest.param(
+            UPSTREAM + "cost_caps:\n  default_token_cap:\n    max_total_tokens: -1\n",
+            "caps.yaml:4: cost_caps.default_token_cap.max_total_tokens: Input should be greater",
+            id="token-cap-not-positive",
+        ),
+        pytest.param(
+            UPSTREAM + "tenants:\n  - id: a\n  - id: b\n  - id: a\n",
+            "caps.yaml:5: tenants[2].id: duplicate tenant id 'a' (also tenants[0])",
+            id="duplicate-tenant",
+        ),
+        pytest.param(
+            UPSTREAM + "tenants:\n  - id: 'has space'\n",
+            "caps.yaml:3: tenants[0].id: String should match pattern",
+            id="bad-tenant-id",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "tenants:\n  - id: a\n    api_keys: [k1, k2]\n  - id: b\n    api_keys: [k2]\n",
+            "caps.yaml:6: tenants[1].api_keys[0]: duplicate api key (also tenants[0].api_keys[1])",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            UPSTREAM + "tenants:\n  - id: a\n    api_keys:\n      - k1\n      - k1\n",
+            "caps.yaml:6: tenants[0].api_keys[1]: duplicate api key (also tenants[0].api_keys[0])",
+            id="duplicate-key-same-tenant",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "tenants:\n  - id: a\n    api_keys: [sk-1]\n  - id: b\n    api_keys:\n"
+            + f"      - sha256:{hashlib.sha256(b'sk-1').hexdigest()}\n",
+            "caps.yaml:7: tenants[1].api_keys[0]: duplicate api key (also tenants[0].api_keys[0])",
+            id="duplicate-key-literal-vs-digest",
+        ),
+        pytest.param(
+            UPSTREAM + "tenants:\n  - id: a\n    api_keys: ['']\n",
+            "caps.yaml:4: tenants[0].api_keys[0]: must not be empty",
+            id="empty-key",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "cost_caps:\n  agents:\n    - agent_id: x\n    - agent_id: y\n    - agent_id: x\n",
+            "caps.yaml:6: cost_caps.agents[2].agent_id: duplicate agent_id 'x' (also agents[0])",
+            id="duplicate-agent",
+        ),
+        pytest.param(
+            "upstreams:\n  - {name: a, base_url: 'http://h'}\n  - {name: a, base_url: 'http://i'}\n",
+            "caps.yaml:3: upstreams[1].name: duplicate name 'a' (also upstreams[0])",
+            id="duplicate-upstream",
+        ),
+        pytest.param(
+            "upstreams: []\n",
+            "caps.yaml:1: upstreams: at least one upstream is required",
+            id="no-upstreams",
+        ),
+        pytest.param(
+            "server: {port: 1}\n",
+            "caps.yaml:1: upstreams: Field required",
+            id="missing-upstreams",
+        ),
+        pytest.param(
+            "upstreams:\n  - name: a\n    base_url: ftp://h\n",
+            "caps.yaml:3: upstreams[0].base_url: must be an http:// or https:// URL with a host",
+            id="bad-base-url",
+        ),
+        pytest.param(
+            "upstreams:\n  - name: a\n",
+            "caps.yaml:2: upstreams[0].base_url: Field required",
+            id="missing-base-url",
+        ),
+        pytest.param(
+            "upstreams:\n  - name: a\n    base_url: http://h\n    models: []\n",
+            "caps.yaml:4: upstreams[0].models: must list at least one model glob",
+            id="no-model-globs",
+        ),
+        pytest.param(
+            "upstreams:\n  - name: a\n    base_url: http://h\n    timeout_s: 0\n",
+            "caps.yaml:4: upstreams[0].timeout_s: Input should be greater than 0",
+            id="timeout-not-positive",
+        ),
+        pytest.param(
+            UPSTREAM + "server:\n  port: 70000\n",
+            "caps.yaml:3: server.port: Input should be less than or equal to 65535",
+            id="port-range",
+        ),
+        pytest.param(
+            UPSTREAM + "store:\n  on_error: ignore\n",
+            "caps.yaml:3: store.on_error: Input should be 'fail_closed' or 'fail_open'",
+            id="on-error",
+        ),
+        pytest.param(
+            UPSTREAM + "store:\n  url: http://h\n",
+            "caps.yaml:3: store.url: must be a memory://, redis://, rediss:// or unix:// URL",
+            id="store-scheme",
+        ),
+        pytest.param(
+            UPSTREAM + "auth:\n  mode: open\n",
+            "caps.yaml:3: auth.mode: Input should be 'keys' or 'passthrough'",
+            id="auth-mode",
+        ),
+        pytest.param(
+            UPSTREAM + "identity:\n  agent_header: 'X Agent'\n",
+            "caps.yaml:3: identity.agent_header: String should match pattern",
+            id="agent-header",
+        ),
+        pytest.param(
+            UPSTREAM + "time_zone: Mars/Olympus\n",
+            "caps.yaml:2: time_zone: not a known IANA time zone name",
+            id="time-zone",
+        ),
+        pytest.param(
+            UPSTREAM + "pricing:\n  models:\n    gpt-x: {input_per_mtok: 1000.01}\n",
+            "caps.yaml:4: pricing.models['gpt-x'].input_per_mtok: Input should be less than or "
+            "equal to 1000",
+            id="price-above-1000",
+        ),
+        pytest.param(
+            UPSTREAM + "pricing:\n  default: {output_per_mtok: 1}\n",
+            "caps.yaml:3: pricing.default.input_per_mtok: Field required",
+            id="default-price-missing-field",
+        ),
+        pytest.param(
+            UPSTREAM + "tokenizer:\n  encodings: {'gpt-*': p50k_base}\n",
+            "caps.yaml:3: tokenizer.encodings['gpt-*']: Input should be 'o200k_base' or",
+            id="tokenizer-encoding",
+        ),
+    ],
+)
+def test_validation_error_names_line_and_path(text: str, prefix: str) -> None:
+    assert only_error(text).startswith(prefix)
+
+
+def test_unknown_fields_rejected_at_every_depth() -> None:
+    text = """\
+        upstreams: [{name: up, base_url: 'http://h'}]
+        severs: {}
+        cost_caps:
+          agents:
+            - agent_id: a
+              token_cap:
+                max_prompt_tokens: 5
+                max_tokens: 5
+        pricing:
+          models:
+            m: {input_per_mtok: 1, output_per_mtok: 1, per_image: 2}
+        """
+    assert errors(text) == (
+        "caps.yaml:2: severs: Extra inputs are not permitted",
+        "caps.yaml:8: cost_caps.agents[0].token_cap.max_tokens: Extra inputs are not permitted",
+        "caps.yaml:11: pricing.models.m.per_image: Extra inputs are not permitted",
+    )
+
+
+def test_all_errors_reported_sorted_by_line() -> None:
+    found = errors(
+        "upstreams:\n  - {name: up, base_url: 'http://h', timeout_s: -1}\n"
+        "server: {port: -1}\nstore: {timeout_ms: 0}\n"
+    )
+    assert [e.split(":")[1] for e in found] == ["2", "3", "4"]
+
+
+def test_duplicate_yaml_key() -> None:
+    assert only_error(UPSTREAM + "server:\n  port: 1\n  port: 2\n") == (
+        "caps.yaml:4: server.port: duplicate key (also on line 3)"
+    )
+
+
+# --- Malformed files -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "caps.yaml:1: <root>: the file is empty"),
+        ("# only a comment\n", "caps.yaml:1: <root>: the file is empty"),
+        ("- a\n- b\n", "caps.yaml:1: <root>: must be a mapping of sections"),
+        ("\n\nupstreams\n", "caps.yaml:3: <root>: must be a mapping of sections"),
+        ("server:\n  port: 1\n bad: 2\n", "caps.yaml:3: <yaml>: "),
+        ("upstreams: [{name: a\n", "caps.yaml:2: <yaml>: "),
+        ("a: b: c\n", "caps.yaml:1: <yaml>: mapping values are not allowed here"),
+        ("a: 1\n---\nb: 2\n", "caps.yaml:2: <yaml>: "),
+        ("server:\n\tport: 1\n", "caps.yaml:2: <yaml>: "),
+        ("a: !!python/object:os.system x\n", "caps.yaml:1: <yaml>: "),
+        ("server: {port: 1}\nupstreams:\n  - name: a\n    base_url:", "caps.yaml:4: upstreams[0]"),
+    ],
+)
+def test_malformed_yaml_is_a_config_error(text: str, expected: str) -> None:
+    assert only_error(text).startswith(expected)
+
+
+def test_load_settings_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"^{missing}: cannot read: "):
+        load_settings(missing)
+
+
+def test_load_settings_invalid_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "caps.yaml"
+    path.write_bytes(UPSTREAM.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.errors == (f"{path}:2: <file>: not valid UTF-8",)
+
+
+def test_load_settings_reports_path_and_accepts_bom(tmp_path: Path) -> None:
+    path = tmp_path / "caps.yaml"
+    path.write_text("\ufeff" + UPSTREAM + "server: {port: x}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(path))
+    assert info.value.errors[0].startswith(f"{path}:2: server.port: ")
+    path.write_text("\ufeff" + UPSTREAM, encoding="utf-8")
+    assert load_settings(path).upstreams[0].name == "up"
+
+
+# --- Secrets never appear in errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        UPSTREAM + "tenants: [{id: t, api_keys: ['sha256:hunter2hunter2']}]\n",
+        UPSTREAM + "tenants: [{id: t, api_keys: [' hunter2hunter2']}]\n",
+        UPSTREAM + "store: {url: 'http://user:hunter2hunter2@h:6379'}\n",
+        UPSTREAM + "auth: {admin_token: 123, tenant_hash_key: [hunter2hunter2]}\n",
+        "upstreams:\n  - name: up\n    base_url: http://h\n    api_key: 'hunter2hunter2\n",
+        "upstreams: [{name: up, base_url: 'http://h', api_key: hunter2hunter2: x}]\n",
+        "upstreams: [{name: up, base_url: 'https://u:hunter2hunter2@h?x', api_key: {a: 1}}]\n",
+    ],
+)
+def test_secrets_not_in_error_text(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    assert "hunter2" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_validation_error_in_code_hides_secret() -> None:
+    with pytest.raises(ValidationError) as info:
+        TenantConfig(id="t", api_keys=(SecretStr("sha256:hunter2hunter2"),))
+    assert "hunter2" not in str(info.value)

@@ -1,0 +1,589 @@
+"""One contract suite for both stores, plus Redis-specific layout, clock and fault tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from proxy.errors import StoreUnavailable
+from proxy.store import (
+    DEFAULT_EXPIRY_MARGIN_S,
+    Counter,
+    CounterState,
+    MemoryStore,
+    RedisStore,
+    ReserveResult,
+    Store,
+)
+from proxy.windows import Period, Window, period_of
+from tests.redis_server import RedisServer
+
+UTC = ZoneInfo("UTC")
+T0 = 1_715_768_400.0  # 2024-05-15 10:20:00 UTC, mid-hour
+TTL = 60
+
+
+class RawRedis:
+    """A minimal RESP client for looking at what the store wrote."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def connect(cls, url: str) -> RawRedis:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 6379)
+        raw = cls(reader, writer)
+        if parts.password:
+            auth = [unquote(parts.username or "default"), unquote(parts.password)]
+            await raw.call("AUTH", *auth)
+        db = parts.path.strip("/")
+        if db and db != "0":
+            await raw.call("SELECT", db)
+        return raw
+
+    async def call(self, *args: str | int) -> Any:
+        out = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = str(arg).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._writer.write(b"".join(out))
+        await self._writer.drain()
+        return await self._read()
+
+    async def _read(self) -> Any:
+        line = (await self._reader.readline())[:-2]
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise AssertionError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else (await self._reader.readexactly(size + 2))[:-2].decode()
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [await self._read() for _ in range(size)]
+        raise AssertionError(f"unexpected reply {line!r}")
+
+    async def keys(self, prefix: str) -> list[str]:
+        found: list[str] = []
+        cursor = "0"
+        while True:
+            cursor, batch = await self.call("SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", 1000)
+            found += batch
+            if cursor == "0":
+                return sorted(found)
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        await self._writer.wait_closed()
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Harness:
+    store: Store
+    clock: FakeClock | None = None
+    raw: RawRedis | None = None
+    prefix: str = ""
+
+    async def elapse(self, seconds: float) -> None:
+        """Let time pass: instantly on the fake clock, for real on Redis's clock."""
+        if self.clock is not None:
+            self.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        clock = FakeClock(T0)
+        yield Harness(MemoryStore(clock=clock), clock=clock)
+        return
+    url: str = request.getfixturevalue("redis_url")
+    prefix: str = request.getfixturevalue("key_prefix")
+    store = RedisStore.from_url(url, prefix=prefix, timeout_s=2.0)
+    raw = await RawRedis.connect(url)
+    try:
+        yield Harness(store, raw=raw, prefix=prefix)
+    finally:
+        for key in await raw.keys(prefix):
+            await raw.call("DEL", key)
+        await raw.aclose()
+        await store.aclose()
+
+
+def tenant(limit: int, window: Window = Window.DAILY, tenant_id: str = "acme") -> Counter:
+    return Counter(tenant_id, None, window, limit)
+
+
+def agent(limit: int, agent_id: str = "bot-1", window: Window = Window.DAILY) -> Counter:
+    return Counter("acme", agent_id, window, limit)
+
+
+def amounts(states: tuple[CounterState, ...]) -> list[tuple[int, int]]:
+    return [(s.spent_micros, s.held_micros) for s in states]
+
+
+async def reserve(h: Harness, rid: str, counters: list[Counter], amount: int) -> ReserveResult:
+    return await h.store.reserve(rid, counters, amount, tz=UTC, hold_ttl_s=TTL)
+
+
+# --- contract, both stores -----------------------------------------------------------------
+
+
+async def test_reserve_within_limit(harness: Harness) -> None:
+    counters = [tenant(1000), agent(500, window=Window.HOURLY)]
+    result = await reserve(harness, "r1", counters, 300)
+    assert result.ok
+    assert result.exceeded == ()
+    assert amounts(result.states) == [(0, 300), (0, 300)]
+    assert [s.counter for s in result.states] == counters
+    for s in result.states:
+        assert s.period == period_of(s.counter.window, result.now, UTC)
+        assert s.room_micros == s.counter.limit_micros - 300
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 300), (0, 300)]
+
+
+async def test_rejection_changes_no_counter(harness: Harness) -> None:
+    counters = [tenant(1000), agent(500)]
+    assert (await reserve(harness, "r1", counters, 400)).ok
+    result = await reserve(harness, "r2", counters, 200)  # tenant fits, agent does not
+    assert not result.ok
+    assert amounts(result.states) == [(0, 400), (0, 400)]
+    assert result.exceeded == (result.states[1],)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 400), (0, 400)]
+
+
+async def test_exact_fill_is_allowed(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    assert (await reserve(harness, "r1", counters, 600)).ok
+    assert (await reserve(harness, "r2", counters, 400)).ok
+    rejected = await reserve(harness, "r3", counters, 1)
+    assert not rejected.ok
+    assert rejected.exceeded == rejected.states
+    assert (await reserve(harness, "r4", counters, 0)).ok
+
+
+async def test_reserve_counts_spent(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    await harness.store.record("r0", counters, 700, tz=UTC, hold_ttl_s=TTL)
+    assert not (await reserve(harness, "r1", counters, 301)).ok
+    assert (await reserve(harness, "r2", counters, 300)).ok
+
+
+async def test_settle_replaces_hold_by_actual(harness: Harness) -> None:
+    counters = [tenant(1000), agent(800)]
+    result = await reserve(harness, "r1", counters, 500)
+    await harness.store.settle("r1", result.states, 320, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(320, 0), (320, 0)]
+
+
+async def test_settle_above_hold_counts_in_full(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    result = await reserve(harness, "r1", counters, 100)
+    await harness.store.settle("r1", result.states, 1200, hold_ttl_s=TTL)
+    (state,) = await harness.store.snapshot(counters, tz=UTC)
+    assert (state.spent_micros, state.held_micros, state.room_micros) == (1200, 0, -200)
+    assert not (await reserve(harness, "r2", counters, 0)).ok
+
+
+async def test_settle_twice_counts_once(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    result = await reserve(harness, "r1", counters, 500)
+    await harness.store.settle("r1", result.states, 320, hold_ttl_s=TTL)
+    await harness.store.settle("r1", result.states, 320, hold_ttl_s=TTL)
+    await harness.store.settle("r1", result.states, 999, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(320, 0)]
+
+
+async def test_settle_zero_releases(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    result = await reserve(harness, "r1", counters, 1000)
+    await harness.store.settle("r1", result.states, 0, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 0)]
+    assert (await reserve(harness, "r2", counters, 1000)).ok
+
+
+async def test_negative_actual_counts_as_zero(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    result = await reserve(harness, "r1", counters, 500)
+    await harness.store.settle("r1", result.states, -250, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 0)]
+
+
+async def test_reserve_with_same_rid_holds_once(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    first = await reserve(harness, "r1", counters, 600)
+    again = await reserve(harness, "r1", counters, 600)  # e.g. a retry after a lost reply
+    assert first.ok and again.ok
+    assert amounts(again.states) == [(0, 600)]
+    await harness.store.settle("r1", again.states, 100, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(100, 0)]
+
+
+async def test_concurrent_reserves_never_overbook(harness: Harness) -> None:
+    counters = [tenant(10 * 1_000), agent(10 * 1_000)]
+    results = await asyncio.gather(*(reserve(harness, f"r{i}", counters, 1_000) for i in range(50)))
+    assert sum(r.ok for r in results) == 10
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 10_000)] * 2
+
+
+async def test_expired_hold_drops_out_and_late_settle_still_counts(harness: Harness) -> None:
+    counters = [tenant(1000), agent(1000)]
+    short = await harness.store.reserve("r1", counters, 1000, tz=UTC, hold_ttl_s=0.2)
+    assert short.ok
+    assert not (await reserve(harness, "r2", counters, 1)).ok
+    await harness.elapse(0.3)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 0)] * 2
+    assert (await reserve(harness, "r3", counters, 600)).ok
+    await harness.store.settle("r1", short.states, 250, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(250, 600)] * 2
+
+
+async def test_record_adds_spend_once(harness: Harness) -> None:
+    counters = [tenant(1000), agent(1000, window=Window.MONTHLY)]
+    await harness.store.record("r1", counters, 250, tz=UTC, hold_ttl_s=TTL)
+    await harness.store.record("r1", counters, 250, tz=UTC, hold_ttl_s=TTL)
+    await harness.store.record("r2", counters, -5, tz=UTC, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(250, 0)] * 2
+
+
+async def test_settle_uses_the_periods_it_is_given(harness: Harness) -> None:
+    counters = [tenant(1000, window=Window.HOURLY)]
+    result = await reserve(harness, "r1", counters, 500)
+    (state,) = result.states
+    previous = Period(state.period.start - 3600, state.period.start)
+    late = CounterState(state.counter, previous, 0, 0)
+    await harness.store.record("r0", counters, 1, tz=UTC, hold_ttl_s=TTL)
+    await harness.store.settle("r2", [late], 700, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(1, 500)]
+
+
+async def test_scopes_are_isolated(harness: Harness) -> None:
+    whole = tenant(1000)
+    bot1, bot2 = agent(1000, "bot-1"), agent(1000, "bot-2")
+    other = tenant(1000, tenant_id="globex")
+    result = await reserve(harness, "r1", [bot1], 400)
+    await harness.store.settle("r1", result.states, 400, hold_ttl_s=TTL)
+    assert (await reserve(harness, "r2", [whole], 900)).ok
+    assert (await reserve(harness, "r3", [other], 950)).ok
+    snapshot = await harness.store.snapshot([whole, bot1, bot2], tz=UTC)
+    assert amounts(snapshot) == [(0, 900), (400, 0), (0, 0)]
+    assert amounts(await harness.store.snapshot([other], tz=UTC)) == [(0, 950)]
+
+
+async def test_windows_of_one_scope_are_isolated(harness: Harness) -> None:
+    hourly, daily = tenant(1000, Window.HOURLY), tenant(5000, Window.DAILY)
+    result = await reserve(harness, "r1", [hourly, daily], 800)
+    await harness.store.settle("r1", result.states, 800, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot([daily, hourly], tz=UTC)) == [(800, 0)] * 2
+    assert (await reserve(harness, "r2", [daily], 4200)).ok
+
+
+@pytest.mark.parametrize(
+    "counters",
+    [
+        [Counter("bad tenant", None, Window.DAILY, 10)],
+        [Counter("{acme}", None, Window.DAILY, 10)],
+        [Counter("acme", "bot 1", Window.DAILY, 10)],
+        [tenant(10), tenant(10, tenant_id="globex")],
+        [tenant(10), tenant(20)],
+        [tenant(-1)],
+        [],
+    ],
+)
+async def test_invalid_counters_are_refused(harness: Harness, counters: list[Counter]) -> None:
+    with pytest.raises(ValueError):
+        await reserve(harness, "r1", counters, 1)
+
+
+async def test_invalid_amount_and_rid_are_refused(harness: Harness) -> None:
+    with pytest.raises(ValueError):
+        await reserve(harness, "r1", [tenant(10)], -1)
+    with pytest.raises(ValueError):
+        await reserve(harness, "r 1", [tenant(10)], 1)
+    with pytest.raises(ValueError):
+        await harness.store.reserve("r1", [tenant(10)], 1, tz=UTC, hold_ttl_s=0)
+
+
+async def test_large_amounts_stay_exact(harness: Harness) -> None:
+    big = 4 * 10**15  # $4 billion: exact, and printed in full (not as 4e+15) by the script
+    counters = [tenant(big), agent(big)]
+    result = await reserve(harness, "r1", counters, big - 1)
+    assert result.ok and amounts(result.states) == [(0, big - 1)] * 2
+    assert not (await reserve(harness, "r2", counters, 2)).ok
+    await harness.store.settle("r1", result.states, big - 7, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(big - 7, 0)] * 2
+    assert not (await reserve(harness, "r3", counters, 8)).ok
+    assert (await reserve(harness, "r4", counters, 7)).ok
+    with pytest.raises(ValueError):
+        await reserve(harness, "r5", counters, 2**53 + 1)
+
+
+async def test_now_follows_the_store_clock(harness: Harness) -> None:
+    now = await harness.store.now()
+    if harness.clock is not None:
+        assert now == T0
+    else:
+        assert abs(now - time.time()) < 5
+    await harness.store.ping()
+
+
+# --- memory store ----------------------------------------------------------------------------
+
+
+async def test_memory_spend_stays_in_its_period() -> None:
+    clock = FakeClock(T0)
+    store = MemoryStore(clock=clock)
+    hourly, daily = tenant(1000, Window.HOURLY), tenant(5000, Window.DAILY)
+    result = await store.reserve("r1", [hourly, daily], 900, tz=UTC, hold_ttl_s=TTL)
+    await store.settle("r1", result.states, 900, hold_ttl_s=TTL)
+    clock.now += 3600
+    assert amounts(await store.snapshot([hourly, daily], tz=UTC)) == [(0, 0), (900, 0)]
+    assert (await store.reserve("r2", [hourly], 1000, tz=UTC, hold_ttl_s=TTL)).ok
+
+
+async def test_memory_periods_follow_the_time_zone() -> None:
+    clock = FakeClock(T0)  # 15:50 in Kolkata
+    store = MemoryStore(clock=clock)
+    counters = [tenant(1000, Window.DAILY)]
+    kolkata = ZoneInfo("Asia/Kolkata")
+    await store.record("r1", counters, 100, tz=kolkata, hold_ttl_s=TTL)
+    clock.now += 8 * 3600 + 10 * 60  # 00:00 in Kolkata, 18:30 UTC
+    assert amounts(await store.snapshot(counters, tz=kolkata)) == [(0, 0)]
+    assert amounts(await store.snapshot(counters, tz=UTC)) == [(0, 0)]
+    clock.now -= 1
+    assert amounts(await store.snapshot(counters, tz=kolkata)) == [(100, 0)]
+
+
+async def test_memory_prunes_ended_periods() -> None:
+    clock = FakeClock(T0)
+    store = MemoryStore(clock=clock)
+    for i in range(100):
+        await store.record(f"r{i}", [tenant(10, Window.HOURLY, f"t{i}")], 1, tz=UTC, hold_ttl_s=1)
+    clock.now += 2 * 3600
+    await store.record("late", [tenant(10, Window.HOURLY)], 1, tz=UTC, hold_ttl_s=1)
+    assert len(store._buckets) == 1
+    assert list(store._settled) == [("acme", "late")]
+
+
+# --- Redis store -----------------------------------------------------------------------------
+
+COUNTER_KEY = re.compile(
+    r"(?P<prefix>[^:{}]+):\{(?P<tenant>[A-Za-z0-9._-]+)\}:"
+    r"(?:t|a:(?P<agent>[A-Za-z0-9._:@/-]+)):(?P<window>hourly|daily|weekly|monthly):"
+    r"(?P<start>\d+)(?P<holds>:holds)?"
+)
+SETTLED_KEY = re.compile(r"(?P<prefix>[^:{}]+):\{(?P<tenant>[A-Za-z0-9._-]+)\}:settled:(?P<rid>.+)")
+
+
+async def hgetall(raw: RawRedis, key: str) -> dict[str, str]:
+    flat = await raw.call("HGETALL", key)
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+@pytest.fixture
+async def redis_harness(redis_url: str, key_prefix: str) -> AsyncIterator[Harness]:
+    store = RedisStore.from_url(redis_url, prefix=key_prefix, timeout_s=2.0)
+    raw = await RawRedis.connect(redis_url)
+    try:
+        yield Harness(store, raw=raw, prefix=key_prefix)
+    finally:
+        for key in await raw.keys(key_prefix):
+            await raw.call("DEL", key)
+        await raw.aclose()
+        await store.aclose()
+
+
+async def test_redis_key_layout_and_expiry(redis_harness: Harness) -> None:
+    h = redis_harness
+    assert isinstance(h.store, RedisStore) and h.raw is not None
+    counters = [tenant(1000, Window.HOURLY), agent(1000, "team/bot@x:1", Window.MONTHLY)]
+    result = await reserve(h, "req-1", counters, 100)
+    p_hour, p_month = (s.period for s in result.states)
+    hour_key = f"{h.prefix}:{{acme}}:t:hourly:{p_hour.start}"
+    month_key = f"{h.prefix}:{{acme}}:a:team/bot@x:1:monthly:{p_month.start}"
+    assert await h.raw.keys(h.prefix) == sorted(
+        [hour_key, hour_key + ":holds", month_key, month_key + ":holds"]
+    )
+    assert await hgetall(h.raw, hour_key) == {"held": "100", "h:req-1": "100"}
+    now_ms = int(result.now * 1000)
+    expiry = int(await h.raw.call("ZSCORE", hour_key + ":holds", "req-1"))
+    assert abs(expiry - (now_ms + TTL * 1000)) < 1000
+    for key, period in [(hour_key, p_hour), (month_key, p_month)]:
+        for k in (key, key + ":holds"):
+            expected = period.end * 1000 + (TTL + DEFAULT_EXPIRY_MARGIN_S) * 1000 - now_ms
+            pttl = await h.raw.call("PTTL", k)
+            assert 0 < pttl <= expected and expected - pttl < 5000
+
+    await h.store.settle("req-1", result.states, 40, hold_ttl_s=TTL)
+    settled_key = f"{h.prefix}:{{acme}}:settled:req-1"
+    assert await h.raw.keys(h.prefix) == sorted([hour_key, month_key, settled_key])
+    assert 0 < await h.raw.call("PTTL", settled_key) <= 2 * TTL * 1000
+    assert await h.raw.call("PTTL", hour_key) > 0
+    assert await hgetall(h.raw, hour_key) == {"held": "0", "spent": "40"}
+
+
+async def test_redis_keys_hold_only_ids(redis_harness: Harness) -> None:
+    h = redis_harness
+    assert h.raw is not None
+    secret = "sk-live-1234567890abcdef"
+    counters = [tenant(1000), agent(1000, "agent.7")]
+    result = await reserve(h, "rid-9", counters, 10)
+    await h.store.settle("rid-9", result.states, 10, hold_ttl_s=TTL)
+    await h.store.record("rid-10", counters, 10, tz=UTC, hold_ttl_s=TTL)
+    keys = await h.raw.keys(h.prefix)
+    assert len(keys) == 4
+    for key in keys:
+        assert secret not in key
+        match = COUNTER_KEY.fullmatch(key) or SETTLED_KEY.fullmatch(key)
+        assert match is not None, key
+        assert match["prefix"] == h.prefix and match["tenant"] == "acme"
+        assert await h.raw.call("PTTL", key) > 0, key
+
+
+async def test_redis_corrects_a_skewed_local_clock(
+    redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = RedisStore.from_url(redis_url, prefix=key_prefix, timeout_s=2.0)
+    store = RedisStore(
+        owner.client,
+        prefix=key_prefix,
+        timeout_s=2.0,
+        local_clock=lambda: time.time() + 7200,
+    )
+    calls = 0
+    script = store._reserve
+
+    async def counted(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await script(**kwargs)
+
+    monkeypatch.setattr(store, "_reserve", counted)
+    counters = [tenant(1000, Window.HOURLY)]
+    first = await store.reserve("r1", counters, 10, tz=UTC, hold_ttl_s=TTL)
+    assert first.ok and calls == 2  # skew, then the retry with Redis's time
+    assert abs(first.now - time.time()) < 5
+    assert first.states[0].period == period_of(Window.HOURLY, first.now, UTC)
+    second = await store.reserve("r2", counters, 10, tz=UTC, hold_ttl_s=TTL)
+    assert second.ok and calls == 3  # the learned offset makes one round trip enough
+    assert amounts(second.states) == [(0, 20)]
+    await store.record("r3", counters, 5, tz=UTC, hold_ttl_s=TTL)
+    assert amounts(await store.snapshot(counters, tz=UTC)) == [(5, 20)]
+    await store.aclose()  # borrowed client: still open for its owner
+    await owner.ping()
+    await owner.aclose()
+
+
+async def test_redis_snapshot_sums_many_live_holds(redis_harness: Harness) -> None:
+    h = redis_harness
+    assert isinstance(h.store, RedisStore) and h.raw is not None
+    counter = tenant(10**9, Window.MONTHLY)
+    (state,) = await h.store.snapshot([counter], tz=UTC)
+    key = h.store.counter_key(counter, state.period)
+    later_ms = int((time.time() + 3600) * 1000)
+    rids = [f"r{i}" for i in range(10_000)]
+    await h.raw.call("HSET", key, "held", 20_000, *(x for r in rids for x in (f"h:{r}", 2)))
+    await h.raw.call("ZADD", key + ":holds", *(x for r in rids for x in (later_ms, r)))
+    await h.raw.call("PEXPIRE", key, 60_000)
+    await h.raw.call("PEXPIRE", key + ":holds", 60_000)
+    assert amounts(await h.store.snapshot([counter], tz=UTC)) == [(0, 20_000)]
+
+
+async def test_redis_replaces_a_lost_script_cache(redis_harness: Harness) -> None:
+    h = redis_harness
+    assert h.raw is not None
+    counters = [tenant(1000)]
+    assert (await reserve(h, "r1", counters, 10)).ok
+    assert await h.raw.call("SCRIPT", "FLUSH") == "OK"
+    assert (await reserve(h, "r2", counters, 10)).ok
+    assert amounts(await h.store.snapshot(counters, tz=UTC)) == [(0, 20)]
+
+
+# --- Redis faults ------------------------------------------------------------------------------
+
+TIMEOUT_S = 0.5
+
+
+async def assert_unavailable_in_time(call: Callable[[], Awaitable[object]]) -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as info:
+        await call()
+    assert time.monotonic() - started < TIMEOUT_S + 0.5
+    assert info.value.__cause__ is not None
+
+
+async def test_redis_down_then_back(redis_server: RedisServer, key_prefix: str) -> None:
+    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, timeout_s=TIMEOUT_S)
+    counters = [tenant(1000)]
+    first = await store.reserve("r1", counters, 100, tz=UTC, hold_ttl_s=TTL)
+    assert first.ok
+    redis_server.stop()
+    await assert_unavailable_in_time(
+        lambda: store.reserve("r2", counters, 100, tz=UTC, hold_ttl_s=TTL)
+    )
+    await assert_unavailable_in_time(lambda: store.settle("r1", first.states, 1, hold_ttl_s=TTL))
+    await assert_unavailable_in_time(lambda: store.record("r3", counters, 1, tz=UTC, hold_ttl_s=1))
+    await assert_unavailable_in_time(lambda: store.snapshot(counters, tz=UTC))
+    await assert_unavailable_in_time(store.now)
+    await assert_unavailable_in_time(store.ping)
+    redis_server.start()  # empty: no data, no cached scripts
+    again = await store.reserve("r4", counters, 100, tz=UTC, hold_ttl_s=TTL)
+    assert again.ok and amounts(again.states) == [(0, 100)]
+    await store.ping()
+    await store.aclose()
+
+
+async def test_redis_hung_answers_within_timeout(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, timeout_s=TIMEOUT_S)
+    counters = [tenant(1000)]
+    assert (await store.reserve("r1", counters, 100, tz=UTC, hold_ttl_s=TTL)).ok
+    proc = redis_server._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        await assert_unavailable_in_time(
+            lambda: store.reserve("r2", counters, 100, tz=UTC, hold_ttl_s=TTL)
+        )
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert (await store.reserve("r3", counters, 100, tz=UTC, hold_ttl_s=TTL)).ok
+    await store.aclose()
+
+
+async def test_redis_unreachable_from_the_start(key_prefix: str) -> None:
+    from tests.redis_server import free_port
+
+    store = RedisStore.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", prefix=key_prefix, timeout_s=TIMEOUT_S
+    )
+    await assert_unavailable_in_time(
+        lambda: store.reserve("r1", [tenant(10)], 1, tz=UTC, hold_ttl_s=TTL)
+    )
+    await store.aclose()
