@@ -99,6 +99,7 @@ class Ledger:
         self._max_pending = max_pending
         self._retry_interval_s = retry_interval_s
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
 
     @property
     def pending(self) -> int:
@@ -162,14 +163,15 @@ class Ledger:
     async def flush(self) -> int:
         """Try every deferred settle once, in order; stop at the first store error."""
         done = 0
-        while self._pending:
-            pending = self._pending[0]
-            try:
-                await self._apply(pending)
-            except StoreUnavailable:
-                break
-            self._pending.popleft()
-            done += 1
+        async with self._flushing:
+            while self._pending:
+                pending = self._pending[0]
+                try:
+                    await self._apply(pending)
+                except StoreUnavailable:
+                    break
+                self._pending.popleft()
+                done += 1
         return done
 
     async def retry_loop(self) -> None:

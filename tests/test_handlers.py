@@ -622,7 +622,6 @@ async def test_upstream_timeout_is_504_and_the_hold_released(
 async def test_redis_down_fail_closed_then_recovers(
     upstream: FakeUpstream, make_client: MakeClient, redis_server: RedisServer
 ) -> None:
-
     store = RedisStore.from_url(redis_server.url, timeout_s=0.25)
     client = await make_client(settings_for(upstream.url), store=store)
     assert (await client.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
@@ -646,7 +645,6 @@ async def test_redis_down_fail_closed_then_recovers(
 async def test_redis_down_fail_open_forwards_and_records_later(
     upstream: FakeUpstream, make_client: MakeClient, redis_server: RedisServer
 ) -> None:
-
     store = RedisStore.from_url(redis_server.url, timeout_s=0.25)
     settings = settings_for(upstream.url, store={"on_error": "fail_open"})
     client = await make_client(settings, store=store)
@@ -658,7 +656,7 @@ async def test_redis_down_fail_open_forwards_and_records_later(
     assert ledger.stats.fail_open_admitted == 1
     assert ledger.pending == 1
     redis_server.start()
-    assert await ledger.flush() == 1
+    await ledger.flush()  # waits for the background retry if that got there first
     assert ledger.pending == 0
     assert (await spent(store, "acme", "_default"))[0] == Decimal("0.00005")
     assert await ledger.flush() == 0
