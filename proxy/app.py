@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import handlers
+from proxy import handlers, spend
 from proxy.config import Settings
 from proxy.endpoints import Endpoint
 from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError
@@ -105,6 +105,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         app[STORE] = store
     app.cleanup_ctx.extend([_runtime_ctx, _session_ctx, _ledger_ctx])
     app.router.add_get("/healthz", handlers.healthz)
+    spend.add_routes(app)
     app.router.add_get("/v1/models", handlers.models)
     metered = "|".join(re.escape(e.value) for e in Endpoint)
     app.router.add_post(f"/v1/{{path:(?:{metered})}}", handlers.metered)

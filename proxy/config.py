@@ -135,6 +135,9 @@ class CostCapConfig(_Model):
     """
 
     enabled: bool = True
+    # false = shadow mode: nothing is rejected; would-be rejections are logged, counted and
+    # reported in the x-budget-would-reject header.
+    enforce: bool = True
     default_budget_caps: BudgetCaps = ()
     default_token_cap: TokenCap | None = None
     agents: tuple[AgentCostCap, ...] = ()
@@ -298,6 +301,15 @@ class TokenizerConfig(_Model):
     encodings: dict[_Glob, Literal["o200k_base", "cl100k_base"]] = Field(default_factory=dict)
 
 
+class AlertsConfig(_Model):
+    """Budget alerts: a JSON POST to ``webhook_url`` the first time a window of a tenant or
+    agent crosses 80 %, its soft limit, or its hard limit, once per window period."""
+
+    webhook_url: _OptionalSecret = None
+    timeout_s: _Seconds = 5
+    retries: int = Field(default=3, ge=0, le=10)
+
+
 class Settings(_Model):
     """The whole caps file. Build it in code, or with ``load_settings(path)``."""
 
@@ -311,6 +323,7 @@ class Settings(_Model):
     cost_caps: CostCapConfig = Field(default_factory=CostCapConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     _tenants: dict[str, TenantConfig] = PrivateAttr(default_factory=dict)
 
     @field_validator("upstreams")
