@@ -9,8 +9,7 @@ and ``headers``. Third-party exceptions are translated at the boundary
     ├── BadRequest                 400 invalid_request_error
     │   ├── InvalidJSON            400 code=invalid_json
     │   ├── MissingModel           400 code=missing_model
-    │   ├── ModelNotPriced         400 code=model_not_priced
-    │   └── StreamNotSupported     400 code=stream_not_supported
+    │   └── ModelNotPriced         400 code=model_not_priced
     ├── Unauthorized               401 code=invalid_api_key
     ├── NotFound                   404 code=unknown_url
     ├── MethodNotAllowed           405 code=method_not_allowed
@@ -78,10 +77,6 @@ class MissingModel(BadRequest):
 
 class ModelNotPriced(BadRequest):
     code = "model_not_priced"
-
-
-class StreamNotSupported(BadRequest):
-    code = "stream_not_supported"
 
 
 class Unauthorized(ProxyError):

@@ -9,11 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from proxy import budget, headers, upstream
+from proxy.auth import Identity
+from proxy.config import UpstreamConfig
 from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
     BadRequest,
@@ -22,10 +27,12 @@ from proxy.errors import (
     ModelNotPriced,
     NotFound,
     PayloadTooLarge,
-    StreamNotSupported,
+    ProxyError,
     UnsupportedMediaType,
 )
-from proxy.pricing import cost_micros, estimate_micros
+from proxy.ledger import Hold
+from proxy.pricing import ModelPrice, cost_micros, estimate_micros
+from proxy.relay import StreamEnd, StreamTap, relay_stream
 from proxy.state import LEDGER, RUNTIME, SESSION, Runtime
 from proxy.usage import InvalidParam, choice_count, extract_usage, output_limit
 
@@ -81,12 +88,25 @@ async def _offload(raw: bytes, fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-async def metered(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/{chat/completions,completions,embeddings,responses}``."""
-    endpoint = endpoint_for(request.match_info["path"])
-    if endpoint is None:
-        raise NotFound(f"Unknown request URL: {request.method} {request.path}")
-    rt: Runtime = request.app[RUNTIME].current
+@dataclass(slots=True)
+class Admission:
+    """Everything decided about a request before the upstream sees it."""
+
+    endpoint: Endpoint
+    runtime: Runtime
+    identity: Identity
+    model: str
+    price: ModelPrice
+    route: UpstreamConfig
+    raw: bytes
+    prompt_tokens: int
+    plan: budget.BudgetPlan
+    stream: bool
+    strip_usage_chunk: bool
+
+
+async def admit(request: web.Request, endpoint: Endpoint, rt: Runtime) -> Admission:
+    """authenticate -> read body -> estimate tokens -> token caps -> plan the hold."""
     settings = rt.settings
     identity = rt.auth.authenticate(request.headers)
     raw = await read_body(request, settings.server.max_body_bytes)
@@ -95,12 +115,9 @@ async def metered(request: web.Request) -> web.StreamResponse:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise MissingModel("You must provide a model parameter.", param="model")
-    if body.get("stream") is True:
-        raise StreamNotSupported(
-            "Streaming is not supported by this proxy yet; send the request without "
-            "'stream': true.",
-            param="stream",
-        )
+    stream = body.get("stream") is True
+    if stream and not endpoint.streams:
+        raise BadRequest(f"'stream' is not supported on /v1/{endpoint.value}.", param="stream")
     price = rt.prices.lookup(model)
     if price is None:
         raise ModelNotPriced(
@@ -118,12 +135,18 @@ async def metered(request: web.Request) -> web.StreamResponse:
         raise BadRequest(str(exc), param=exc.param) from exc
 
     prompt: int = await _offload(raw, rt.tokenizer.estimate, endpoint, body)
-    token_cap = (
-        settings.cost_caps.token_cap_for(identity.agent_id) if settings.cost_caps.enabled else None
-    )
+    caps = settings.cost_caps
+    token_cap = caps.token_cap_for(identity.agent_id) if caps.enabled else None
     decision = budget.check_tokens(token_cap, prompt=prompt, output=requested_output)
+    rewrite = False
     if decision.inject and endpoint in OUTPUT_PARAM:
         body[OUTPUT_PARAM[endpoint]] = decision.output_limit
+        rewrite = True
+    strip_usage_chunk = False
+    if stream and endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS):
+        strip_usage_chunk = _ask_for_usage(body)
+        rewrite = rewrite or strip_usage_chunk
+    if rewrite:
         raw = json.dumps(body, separators=(",", ":")).encode()
     hold_output = decision.output_limit
     if hold_output is None:
@@ -134,43 +157,133 @@ async def metered(request: web.Request) -> web.StreamResponse:
         identity.agent_id,
         amount_micros=estimate_micros(prompt, hold_output * n, price),
     )
+    return Admission(
+        endpoint=endpoint,
+        runtime=rt,
+        identity=identity,
+        model=model,
+        price=price,
+        route=route,
+        raw=raw,
+        prompt_tokens=prompt,
+        plan=plan,
+        stream=stream,
+        strip_usage_chunk=strip_usage_chunk,
+    )
 
-    ledger = request.app[LEDGER]
-    hold_ttl_s = math.ceil(route.timeout_s) + 60
+
+def _ask_for_usage(body: dict[str, Any]) -> bool:
+    """Make a chat/completions stream end with usage; True if the client hadn't asked."""
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object.", param="stream_options")
+    if options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**options, "include_usage": True}
+    return True
+
+
+async def metered(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/{chat/completions,completions,embeddings,responses}``."""
+    endpoint = endpoint_for(request.match_info["path"])
+    if endpoint is None:
+        raise NotFound(f"Unknown request URL: {request.method} {request.path}")
+    rt: Runtime = request.app[RUNTIME].current
+    adm = await admit(request, endpoint, rt)
+    settings = rt.settings
     send_headers = headers.request_headers(
         request.headers.items(),
-        api_key=identity.client_key or _secret(route.api_key),
+        api_key=adm.identity.client_key or _secret(adm.route.api_key),
         drop=(settings.identity.agent_header,),
     )
+    hold_ttl_s = math.ceil(adm.route.timeout_s) + 60
     async with (
-        ledger.hold(plan, tz=settings.tz, hold_ttl_s=hold_ttl_s) as hold,
+        request.app[LEDGER].hold(adm.plan, tz=settings.tz, hold_ttl_s=hold_ttl_s) as hold,
         upstream.send(
             request.app[SESSION],
-            route,
+            adm.route,
             endpoint.value,
             method="POST",
             headers=send_headers,
-            body=raw,
+            body=adm.raw,
         ) as resp,
     ):
         if not 200 <= resp.status < 300:
             # Not billed by the upstream: relay it; leaving the block releases the hold.
-            data = await upstream.read_body(resp, route)
+            data = await upstream.read_body(resp, adm.route)
             return _relay(resp.status, resp.headers.items(), data)
-        try:
-            data = await upstream.read_body(resp, route)
-        except Exception:
-            await hold.commit(plan.amount_micros)  # generated, maybe billed: charge the hold
-            raise
-        charged = await _offload(data, _charge, endpoint, data, price, plan.amount_micros)
-        await hold.commit(charged)
-        out = _relay(resp.status, resp.headers.items(), data)
-    status = budget.status(plan, hold.states, charged_micros=charged) if hold.states else None
-    out.headers.update(headers.budget_headers(status))
+        content_type = resp.headers.get("Content-Type", "")
+        if adm.stream and content_type.startswith("text/event-stream"):
+            return await _stream(request, adm, hold, resp)
+        return await _json(adm, hold, resp)
+
+
+async def _json(adm: Admission, hold: Hold, resp: aiohttp.ClientResponse) -> web.Response:
+    try:
+        data = await upstream.read_body(resp, adm.route)
+    except ProxyError:
+        # The upstream answered 2xx and may have billed: charge the hold.
+        await hold.commit(adm.plan.amount_micros)
+        raise
+    charged = await _offload(data, _charge, adm.endpoint, data, adm.price, adm.plan.amount_micros)
+    await hold.commit(charged)
+    out = _relay(resp.status, resp.headers.items(), data)
+    out.headers.update(_budget_headers(adm, hold, charged))
     return out
 
 
-def _charge(endpoint: Endpoint, data: bytes, price: Any, hold_micros: int) -> int:
+async def _stream(
+    request: web.Request, adm: Admission, hold: Hold, resp: aiohttp.ClientResponse
+) -> web.StreamResponse:
+    out = web.StreamResponse(status=resp.status)
+    for name, value in headers.response_headers(resp.headers.items()):
+        out.headers.add(name, value)
+    # Sent before usage is known: the budget as if this request cost its whole hold.
+    out.headers.update(_budget_headers(adm, hold, adm.plan.amount_micros))
+    tap = StreamTap(adm.endpoint, strip_usage_chunk=adm.strip_usage_chunk)
+    end = StreamEnd.UPSTREAM_BROKEN
+    try:
+        await out.prepare(request)
+        end = await relay_stream(resp, out, tap)
+    except (ConnectionError, RuntimeError):
+        end = StreamEnd.CLIENT_GONE
+    finally:
+        # Whatever happened, the upstream generated (and billed) this much: settle it once.
+        charged = await asyncio.shield(_stream_charge(adm, tap))
+        await asyncio.shield(hold.commit(charged))
+    if end is StreamEnd.COMPLETE:
+        await out.write_eof()
+    elif request.transport is not None:
+        # No invented ending: the client sees the stream break, as the upstream's did.
+        request.transport.abort()
+    return out
+
+
+async def _stream_charge(adm: Admission, tap: StreamTap) -> int:
+    """A stream's cost: its usage priced; without usage, prompt + counted output."""
+    if tap.usage is not None:
+        return cost_micros(tap.usage, adm.price)
+    text = tap.text()
+    tokenizer = adm.runtime.tokenizer
+    if len(text) > OFFLOAD_BYTES:
+        loop = asyncio.get_running_loop()
+        output = await loop.run_in_executor(None, tokenizer.count, adm.model, text)
+    else:
+        output = tokenizer.count(adm.model, text)
+    return estimate_micros(adm.prompt_tokens, output, adm.price)
+
+
+def _budget_headers(adm: Admission, hold: Hold, charged_micros: int) -> Mapping[str, str]:
+    if not hold.states:
+        return {}
+    return headers.budget_headers(
+        budget.status(adm.plan, hold.states, charged_micros=charged_micros)
+    )
+
+
+def _charge(endpoint: Endpoint, data: bytes, price: ModelPrice, hold_micros: int) -> int:
     """The cost of a successful response: its usage priced, else the whole hold."""
     try:
         parsed = json.loads(data)
@@ -179,7 +292,7 @@ def _charge(endpoint: Endpoint, data: bytes, price: Any, hold_micros: int) -> in
     usage = extract_usage(endpoint, parsed) if isinstance(parsed, dict) else None
     if usage is None:
         return hold_micros
-    return int(cost_micros(usage, price))
+    return cost_micros(usage, price)
 
 
 def _secret(value: Any) -> str | None:

@@ -57,6 +57,16 @@ class FakeUpstream:
     gate: asyncio.Event | None = None  # when set, answers wait for it
     delay_s: float = 0.0
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # Streaming: "openai" sends the usage-only chunk only when asked (include_usage),
+    # "vllm" sends it with "choices": null, "every" puts usage on every chunk, "none" never.
+    stream_usage: str = "openai"
+    deltas: tuple[str, ...] = ("Hel", "lo", " wor", "ld", "!")
+    cut_after: int | None = None  # abort the connection after this many events
+    pause_after: int | None = None  # wait for `resume` after this many events
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+    event_delay_s: float = 0.0
+    streamed: list[bytearray] = field(default_factory=list)  # the bytes sent, per stream
+    stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def count(self) -> int:
@@ -81,10 +91,146 @@ class FakeUpstream:
             await asyncio.sleep(self.delay_s)
         if self.status != 200:
             return web.json_response(self.error_body, status=self.status)
+        if body.get("stream") is True:
+            return await self._stream(request, body)
         if self.raw_body is not None:
             return web.Response(body=self.raw_body, content_type="application/json")
         answer = self.answer(request.path, body)
         return web.json_response(answer, headers={"x-request-id": "req_123", **self.extra_headers})
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        events = self.stream_events(request.path, body)
+        resp = web.StreamResponse(headers={"x-request-id": "req_stream"})
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        sent = bytearray()
+        self.streamed.append(sent)
+        try:
+            for i, event in enumerate(events):
+                if self.cut_after is not None and i == self.cut_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if self.pause_after is not None and i == self.pause_after:
+                    await self.resume.wait()
+                if self.event_delay_s:
+                    await asyncio.sleep(self.event_delay_s)
+                await resp.write(event)
+                sent += event
+            await resp.write_eof()
+        finally:
+            self.stream_closed.set()
+        return resp
+
+    def stream_events(self, path: str, body: dict[str, Any]) -> list[bytes]:
+        """The SSE byte frames for a streamed answer, shaped like OpenAI's."""
+        usage = self.usage(path, body)
+        if path.endswith("/responses"):
+            return self._responses_events(body, usage)
+        chat = path.endswith("/chat/completions")
+        opts = body.get("stream_options")
+        asked = isinstance(opts, dict) and opts.get("include_usage") is True
+        base = {"id": "chatcmpl-s", "created": 1, "model": body.get("model")}
+        base["object"] = "chat.completion.chunk" if chat else "text_completion"
+        every = self.stream_usage == "every" and usage is not None
+        chunks: list[dict[str, Any]] = []
+        if chat:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+            chunks.append({**base, "choices": [{**first, "finish_reason": None}]})
+        for text in self.deltas:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": None}
+            if chat:
+                choice["delta"] = {"content": text}
+            else:
+                choice["text"] = text
+            chunks.append({**base, "choices": [choice]})
+        last: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+        if chat:
+            last["delta"] = {}
+        else:
+            last["text"] = ""
+        chunks.append({**base, "choices": [last]})
+        if every:
+            chunks = [{**c, "usage": usage} for c in chunks]
+        elif usage is not None and self.stream_usage == "vllm":
+            chunks.append({**base, "choices": None, "usage": usage})
+        elif usage is not None and self.stream_usage == "openai" and asked:
+            for c in chunks:
+                c["usage"] = None
+            chunks.append({**base, "choices": [], "usage": usage})
+        frames = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
+        return [b": keep-alive\n\n", *frames, b"data: [DONE]\n\n"]
+
+    def _responses_events(self, body: dict[str, Any], usage: dict[str, Any] | None) -> list[bytes]:
+        model = body.get("model")
+        text = "".join(self.deltas)
+        response: dict[str, Any] = {
+            "id": "resp_s",
+            "object": "response",
+            "created_at": 1,
+            "model": model,
+            "status": "in_progress",
+            "output": [],
+            "usage": None,
+        }
+        item = {"id": "msg_s", "type": "message", "role": "assistant", "status": "in_progress"}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": response},
+            {"type": "response.in_progress", "response": response},
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**item, "content": []},
+            },
+            {
+                "type": "response.content_part.added",
+                "item_id": "msg_s",
+                "output_index": 0,
+                "content_index": 0,
+                "part": part,
+            },
+        ]
+        for delta in self.deltas:
+            events.append(
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": "msg_s",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": delta,
+                    "logprobs": [],
+                }
+            )
+        done_part = {**part, "text": text}
+        done_item = {**item, "status": "completed", "content": [done_part]}
+        events += [
+            {
+                "type": "response.output_text.done",
+                "item_id": "msg_s",
+                "output_index": 0,
+                "content_index": 0,
+                "text": text,
+                "logprobs": [],
+            },
+            {
+                "type": "response.content_part.done",
+                "item_id": "msg_s",
+                "output_index": 0,
+                "content_index": 0,
+                "part": done_part,
+            },
+            {"type": "response.output_item.done", "output_index": 0, "item": done_item},
+        ]
+        final = {**response, "status": "completed", "output": [done_item]}
+        if usage is not None and self.stream_usage != "none":
+            final["usage"] = usage
+        events.append({"type": "response.completed", "response": final})
+        out = []
+        for seq, event in enumerate(events):
+            event["sequence_number"] = seq
+            out.append(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        return out
 
     def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         usage = self.usage(path, body)

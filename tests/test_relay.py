@@ -1,0 +1,117 @@
+"""The stream tap, without a server: which frames go on, what usage and text it saw."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.endpoints import Endpoint
+from proxy.relay import StreamTap
+from proxy.sse import SSEDecoder
+from proxy.usage import Usage
+
+
+def frame(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+CHUNKS = [
+    b": keep-alive\n\n",
+    frame({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+    frame({"choices": [{"index": 0, "delta": {"content": "Hel"}}], "usage": None}),
+    frame({"choices": [{"index": 0, "delta": {"content": "lo"}}], "usage": None}),
+    frame({"choices": [], "usage": USAGE}),
+    b"data: [DONE]\n\n",
+]
+
+
+def run(tap: StreamTap, chunks: list[bytes]) -> bytes:
+    decoder = SSEDecoder()
+    out: list[bytes] = []
+    for chunk in chunks:
+        out += tap.select(decoder.feed(chunk))
+    frames, leftover = decoder.flush()
+    out += tap.select(frames)
+    return b"".join(out) + leftover
+
+
+def test_strips_only_the_usage_chunk_it_asked_for() -> None:
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
+    out = run(tap, CHUNKS)
+    assert out == b"".join(c for i, c in enumerate(CHUNKS) if i != 4)
+    assert tap.usage == Usage(7, 0, 3, 0)
+    assert tap.text() == "Hello"
+
+
+def test_keeps_the_usage_chunk_the_client_asked_for() -> None:
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=False)
+    assert run(tap, CHUNKS) == b"".join(CHUNKS)
+    assert tap.usage == Usage(7, 0, 3, 0)
+
+
+def test_any_split_gives_the_same_bytes() -> None:
+    whole = b"".join(CHUNKS)
+    expected = b"".join(c for i, c in enumerate(CHUNKS) if i != 4)
+    for cut in range(1, len(whole)):
+        tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
+        assert run(tap, [whole[:cut], whole[cut:]]) == expected
+        assert tap.usage is not None
+
+
+def test_usage_on_every_chunk_last_wins_and_nothing_is_stripped() -> None:
+    chunks = [
+        frame(
+            {"choices": [{"delta": {"content": "a"}}], "usage": {**USAGE, "completion_tokens": 1}}
+        ),
+        frame(
+            {"choices": [{"delta": {"content": "b"}}], "usage": {**USAGE, "completion_tokens": 2}}
+        ),
+    ]
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
+    assert run(tap, chunks) == b"".join(chunks)
+    assert tap.usage is not None and tap.usage.completion_tokens == 2
+
+
+def test_vllm_usage_chunk_with_null_choices_is_stripped() -> None:
+    chunks = [
+        frame({"choices": [{"delta": {"content": "a"}}]}),
+        frame({"choices": None, "usage": USAGE}),
+    ]
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
+    assert run(tap, chunks) == chunks[0]
+    assert tap.usage == Usage(7, 0, 3, 0)
+
+
+def test_responses_usage_comes_from_response_completed() -> None:
+    usage = {"input_tokens": 5, "output_tokens": 9, "input_tokens_details": {"cached_tokens": 2}}
+    events = [
+        b"event: response.created\ndata: "
+        + json.dumps({"type": "response.created", "response": {"usage": None}}).encode()
+        + b"\n\n",
+        b"event: response.output_text.delta\ndata: "
+        + json.dumps({"type": "response.output_text.delta", "delta": "Hi"}).encode()
+        + b"\n\n",
+        b"event: response.completed\ndata: "
+        + json.dumps({"type": "response.completed", "response": {"usage": usage}}).encode()
+        + b"\n\n",
+    ]
+    tap = StreamTap(Endpoint.RESPONSES, strip_usage_chunk=False)
+    assert run(tap, events) == b"".join(events)
+    assert tap.usage == Usage(5, 2, 9, 0)
+    assert tap.text() == "Hi"
+
+
+def test_junk_events_pass_through_untouched() -> None:
+    chunks = [b"data: {not json\n\n", b"data: [1,2]\n\n", b"event: x\n\n", b"data: plain\n\n"]
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
+    assert run(tap, chunks) == b"".join(chunks)
+    assert tap.usage is None
+    assert tap.text() == ""
+
+
+def test_unterminated_last_event_is_passed_on() -> None:
+    chunks = [frame({"choices": [{"delta": {"content": "a"}}]}), b'data: {"choices": [{"del']
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
+    assert run(tap, chunks) == b"".join(chunks)
+    assert tap.text() == "a"
