@@ -17,13 +17,13 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from proxy.budget import BudgetPlan, rejection
-from proxy.errors import StoreUnavailable
+from proxy.errors import BudgetExceeded, StoreUnavailable
 from proxy.store import Counter, CounterState, Store
 
 log = logging.getLogger("capproxy.ledger")
@@ -59,6 +59,8 @@ class Hold:
     _ledger: Ledger
     _tz: ZoneInfo
     _hold_ttl_s: int
+    # Shadow mode: the rejection the caps would have given (the request went ahead).
+    would_reject: BudgetExceeded | None = None
     settled: bool = field(default=False)
 
     @property
@@ -78,7 +80,10 @@ class Hold:
             self._tz,
             self._hold_ttl_s,
         )
-        await self._ledger.apply(pending)
+        await self._ledger.settle(pending)
+
+
+RejectHook = Callable[[BudgetPlan, tuple[CounterState, ...]], None]
 
 
 class Ledger:
@@ -100,16 +105,31 @@ class Ledger:
         self._retry_interval_s = retry_interval_s
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
+        self._settling: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     @asynccontextmanager
-    async def hold(self, plan: BudgetPlan, *, tz: ZoneInfo, hold_ttl_s: int) -> AsyncIterator[Hold]:
+    async def hold(
+        self,
+        plan: BudgetPlan,
+        *,
+        tz: ZoneInfo,
+        hold_ttl_s: int,
+        enforce: bool = True,
+        on_reject: RejectHook | None = None,
+    ) -> AsyncIterator[Hold]:
+        """Reserve ``plan`` (429 ``BudgetExceeded`` / 503 ``StoreUnavailable``), yield the hold.
+
+        With ``enforce=False`` (shadow mode) a refused reservation admits the request
+        anyway, without a hold, and its cost is recorded when it is committed.
+        """
         rid = uuid.uuid4().hex
         states: tuple[CounterState, ...] = ()
         now = 0.0
+        would_reject: BudgetExceeded | None = None
         if plan.counters:
             try:
                 result = await self.store.reserve(
@@ -122,15 +142,27 @@ class Ledger:
                 log.warning("store unavailable: admitting request without a reservation")
             else:
                 if not result.ok:
-                    raise rejection(plan, result)
-                states, now = result.states, result.now
-        hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s)
+                    if on_reject is not None:
+                        on_reject(plan, result.states)
+                    if enforce:
+                        raise rejection(plan, result)
+                    would_reject = rejection(plan, result)
+                else:
+                    states, now = result.states, result.now
+        hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s, would_reject)
         try:
             yield hold
         finally:
             if not hold.settled:
-                # Shielded: a cancelled request must still give its hold back.
-                await asyncio.shield(hold.commit(0))
+                await hold.commit(0)
+
+    async def settle(self, pending: _Pending) -> None:
+        """Apply a settle in a task of its own, so that cancelling the request that waits
+        for it cannot lose it; ``drain`` waits for every such task at shutdown."""
+        task = asyncio.create_task(self.apply(pending))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
 
     async def apply(self, pending: _Pending) -> None:
         """Settle (or record, when admitted fail-open); queue it if the store is down."""
@@ -185,7 +217,9 @@ class Ledger:
                     await asyncio.sleep(self._retry_interval_s)
 
     async def drain(self, timeout_s: float) -> None:
-        """At shutdown: a last bounded attempt at deferred settles."""
+        """At shutdown: wait for settles under way, then a last bounded try at deferred ones."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=timeout_s)
         if not self._pending:
             return
         try:

@@ -1,9 +1,361 @@
-"""The spend API under ``/api/v1/`` (never proxied upstream)."""
+"""The spend API under ``/api/v1/``: what a tenant has spent, and which caps apply to it.
+
+    GET /api/v1/costs/current?agent_id=bot   tenant key, or admin token + tenant_id=
+    GET /api/v1/caps?agent_id=bot            tenant key, or admin token + tenant_id=
+    GET /api/v1/tenants                      admin token only
+    GET /api/v1/openapi.json                 no credentials
+
+Callers authenticate like proxied calls (``Authorization: Bearer`` or ``x-api-key`` with a
+tenant's proxy key) and read only their own tenant; ``Authorization: Bearer
+<auth.admin_token>`` reads any tenant (no admin token configured: no admin access).
+Nothing here is ever forwarded upstream.
+
+Money is written as JSON numbers with exactly six decimals, straight from the exact
+``Decimal`` (never through a float). Each tenant read is one ``store.snapshot``;
+``resets_in_secs`` uses this host's clock (display only: the store decides with its own).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Mapping
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
 from aiohttp import web
+
+from proxy.auth import AGENT_ID, bearer_key
+from proxy.budget import DEFAULT_AGENT, plan_budget
+from proxy.config import ID_PATTERN, BudgetCap, Settings, TokenCap
+from proxy.errors import BadRequest, Forbidden
+from proxy.pricing import micros_to_usd, usd_to_micros
+from proxy.state import LEDGER, RUNTIME, Runtime
+from proxy.store import CounterState, Store
+from proxy.windows import Window
+
+PREFIX = "/api/v1"
+TENANT_ID = re.compile(ID_PATTERN)
+PCT_PLACES = Decimal("0.0001")
+
+
+# --- access ------------------------------------------------------------------------------
+
+
+def is_admin(settings: Settings, headers: Mapping[str, str]) -> bool:
+    """Whether the request carries the admin token (compared in constant time)."""
+    token, key = settings.auth.admin_token, bearer_key(headers)
+    if token is None or key is None:
+        return False
+    given = hashlib.sha256(key.encode()).digest()
+    return hmac.compare_digest(given, hashlib.sha256(token.get_secret_value().encode()).digest())
+
+
+def readable_tenant(rt: Runtime, request: web.Request) -> str:
+    """The tenant this request may read: its own, or ``tenant_id=`` for the admin."""
+    wanted = request.query.get("tenant_id")
+    if is_admin(rt.settings, request.headers):
+        if wanted is None:
+            raise BadRequest("tenant_id is required with the admin token.", param="tenant_id")
+        if TENANT_ID.fullmatch(wanted) is None:
+            raise BadRequest(
+                "Invalid tenant_id: use 1-64 characters of letters, digits and . _ -",
+                param="tenant_id",
+            )
+        return wanted
+    own = rt.auth.authenticate(request.headers).tenant_id  # 401 for a missing or unknown key
+    if wanted is not None and wanted != own:
+        raise Forbidden("A tenant key may only read its own tenant.", param="tenant_id")
+    return own
+
+
+def requested_agent(request: web.Request) -> str:
+    agent = request.query.get("agent_id", DEFAULT_AGENT)
+    if AGENT_ID.fullmatch(agent) is None:
+        raise BadRequest(
+            "Invalid agent_id: use 1-128 characters of letters, digits and . _ : @ / -",
+            param="agent_id",
+        )
+    return agent
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+def encode(value: object) -> str:
+    """JSON text in which a ``Decimal`` is an exact number (``json`` has no such option)."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(encode(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def json_response(body: dict[str, Any]) -> web.Response:
+    return web.Response(text=encode(body), content_type="application/json")
+
+
+def usd(value: Decimal | None) -> Decimal | None:
+    """A configured USD amount with six decimals, as the store counts it."""
+    return None if value is None else micros_to_usd(usd_to_micros(value))
+
+
+def window_spend(state: CounterState, cap: BudgetCap, now: float) -> dict[str, Any]:
+    limit, period = state.counter.limit_micros, state.period
+    pct = Decimal(state.spent_micros * 100) / limit if limit else Decimal(0)
+    return {
+        "window": state.counter.window.value,
+        "current_spend_usd": micros_to_usd(state.spent_micros),
+        "hard_limit_usd": micros_to_usd(limit),
+        "soft_limit_usd": usd(cap.soft_limit_usd),
+        "utilization_pct": pct.quantize(PCT_PLACES, rounding=ROUND_HALF_UP),
+        "resets_in_secs": min(period.resets_in(now), period.end - period.start),
+        "held_usd": micros_to_usd(state.held_micros),
+    }
+
+
+async def snapshot(
+    settings: Settings, store: Store, tenant_id: str, agent_id: str
+) -> dict[str, Any]:
+    """A tenant's agent windows and tenant-wide windows, read in one store round trip."""
+    plan = plan_budget(settings, tenant_id, agent_id, amount_micros=0)
+    states = await store.snapshot(plan.counters, tz=settings.tz) if plan.counters else ()
+    now = time.time()
+    agent: list[dict[str, Any]] = []
+    tenant: list[dict[str, Any]] = []
+    for state, cap in zip(states, plan.caps, strict=True):
+        scope = tenant if state.counter.agent_id is None else agent
+        scope.append(window_spend(state, cap, now))
+    # Every request holds the same amount in each of its agent's windows at once, so
+    # the largest window hold is what the agent has in flight (not their sum).
+    held = max((s.held_micros for s in states if s.counter.agent_id is not None), default=None)
+    return {
+        "tenant_id": tenant_id,
+        "agent_id": agent_id,
+        "windows": agent,
+        "held_usd": None if held is None else micros_to_usd(held),
+        "tenant_windows": tenant,
+    }
+
+
+def budget_cap(cap: BudgetCap) -> dict[str, Any]:
+    return {
+        "window": cap.window.value,
+        "hard_limit_usd": usd(cap.hard_limit_usd),
+        "soft_limit_usd": usd(cap.soft_limit_usd),
+    }
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+async def costs_current(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/costs/current``: spend, limits and holds in every window that applies."""
+    rt: Runtime = request.app[RUNTIME].current
+    tenant_id = readable_tenant(rt, request)
+    agent_id = requested_agent(request)
+    store = request.app[LEDGER].store
+    return json_response(await snapshot(rt.settings, store, tenant_id, agent_id))
+
+
+async def tenants(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/tenants``: every configured tenant, at a glance (admin only)."""
+    rt: Runtime = request.app[RUNTIME].current
+    if not is_admin(rt.settings, request.headers):
+        rt.auth.authenticate(request.headers)  # 401 for a missing or unknown key
+        raise Forbidden("Listing tenants requires the admin token.")
+    store = request.app[LEDGER].store
+    # One snapshot per tenant: a snapshot reads one tenant's keys (one Cluster slot).
+    listed = [await snapshot(rt.settings, store, t.id, DEFAULT_AGENT) for t in rt.settings.tenants]
+    return json_response({"tenants": listed})
+
+
+async def caps(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/caps``: the caps that apply to (tenant, agent) after resolution."""
+    rt: Runtime = request.app[RUNTIME].current
+    tenant_id = readable_tenant(rt, request)
+    agent_id = requested_agent(request)
+    cost_caps = rt.settings.cost_caps
+    tenant = rt.settings.tenant(tenant_id)
+    override = next((a for a in cost_caps.agents if a.agent_id == agent_id), None)
+
+    def source(overridden: bool) -> str:
+        if not cost_caps.enabled:
+            return "disabled"
+        return "override" if overridden else "default"
+
+    enabled, token = cost_caps.enabled, cost_caps.token_cap_for(agent_id)
+    return json_response(
+        {
+            "tenant_id": tenant_id,
+            "agent_id": agent_id,
+            "tenant_configured": tenant is not None,
+            "cost_caps_enabled": enabled,
+            "enforce": cost_caps.enforce,
+            "tenant_budget_caps": [budget_cap(c) for c in tenant.budget_caps] if tenant else [],
+            "agent_budget_caps": (
+                [budget_cap(c) for c in cost_caps.budget_caps_for(agent_id)] if enabled else []
+            ),
+            "agent_budget_caps_source": source(override is not None and bool(override.budget_caps)),
+            "token_cap": token.model_dump() if enabled and token is not None else None,
+            "token_cap_source": source(override is not None and override.token_cap is not None),
+        }
+    )
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/openapi.json``: this API, described."""
+    return web.json_response(OPENAPI)
 
 
 def add_routes(app: web.Application) -> None:
     """Register the spend API routes on ``app``."""
+    app.router.add_get(f"{PREFIX}/costs/current", costs_current)
+    app.router.add_get(f"{PREFIX}/caps", caps)
+    app.router.add_get(f"{PREFIX}/tenants", tenants)
+    app.router.add_get(f"{PREFIX}/openapi.json", openapi)
+
+
+# --- OpenAPI 3.1 -------------------------------------------------------------------------
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _object(**properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+def _query(name: str, description: str, **schema: str) -> dict[str, Any]:
+    schema = {"type": "string", **schema}
+    return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+def _get(summary: str, schema: str, params: list[Any], errors: dict[str, str]) -> Any:
+    content = {"application/json": {"schema": _ref(schema)}}
+    failures = {
+        code: {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
+        for code, text in errors.items()
+    }
+    responses = {"200": {"description": "OK", "content": content}, **failures}
+    return {"get": {"summary": summary, "parameters": params, "responses": responses}}
+
+
+_USD = {"type": "number", "description": "USD, an exact decimal with six places"}
+_USD_OR_NULL = {**_USD, "type": ["number", "null"]}
+_TOKENS = {"type": ["integer", "null"], "minimum": 1}
+_WINDOW = {"type": "string", "enum": [w.value for w in Window]}
+_SOURCE = {"type": "string", "enum": ["override", "default", "disabled"]}
+_AGENT = _query(
+    "agent_id",
+    "As the agent header names it",
+    pattern=f"^{AGENT_ID.pattern}$",
+    default=DEFAULT_AGENT,
+)
+_TENANT = _query("tenant_id", "Required with the admin token; a key: its own", pattern=ID_PATTERN)
+_READ_ERRORS = {
+    "400": "Invalid agent_id or tenant_id, or no tenant_id with the admin token",
+    "401": "Missing or unknown key",
+    "403": "A tenant key asked for another tenant",
+}
+_STORE_ERROR = {"503": "The spend store is unavailable"}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "capproxy spend API",
+        "version": "1",
+        "description": "Spend and caps per tenant and agent. Money is a JSON number written "
+        "with exactly six decimals from the exact amount (parse it as a decimal to keep it "
+        "exact). utilization_pct is spend / hard limit x 100, rounded to 4 places; held "
+        "amounts (in-flight reservations) are reported apart. resets_in_secs is display-grade "
+        "(proxy host clock). Errors use the OpenAI error body.",
+    },
+    "security": [{"bearer": []}, {"apiKey": []}],
+    "paths": {
+        f"{PREFIX}/costs/current": _get(
+            "A tenant's current spend per window",
+            "SpendSnapshot",
+            [_AGENT, _TENANT],
+            {**_READ_ERRORS, **_STORE_ERROR},
+        ),
+        f"{PREFIX}/caps": _get(
+            "The caps that apply to a tenant and agent, after resolution",
+            "Caps",
+            [_AGENT, _TENANT],
+            _READ_ERRORS,
+        ),
+        f"{PREFIX}/tenants": _get(
+            "Every configured tenant's windows and its _default agent's (admin token)",
+            "TenantList",
+            [],
+            {"401": "Missing or unknown key", "403": "Not the admin token", **_STORE_ERROR},
+        ),
+        f"{PREFIX}/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {
+                    "200": {"description": "This document", "content": {"application/json": {}}}
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Key or admin token"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        },
+        "schemas": {
+            "WindowSpend": _object(
+                window=_WINDOW,
+                current_spend_usd=_USD,
+                hard_limit_usd=_USD,
+                soft_limit_usd=_USD_OR_NULL,
+                utilization_pct={"type": "number"},
+                resets_in_secs={"type": "integer", "minimum": 1},
+                held_usd=_USD,
+            ),
+            "SpendSnapshot": _object(
+                tenant_id={"type": "string"},
+                agent_id={"type": "string"},
+                windows={"type": "array", "items": _ref("WindowSpend")},
+                held_usd={
+                    **_USD_OR_NULL,
+                    "description": "In flight for the agent: the largest agent-window hold "
+                    "(each request holds in every window); null without agent windows",
+                },
+                tenant_windows={"type": "array", "items": _ref("WindowSpend")},
+            ),
+            "TenantList": _object(tenants={"type": "array", "items": _ref("SpendSnapshot")}),
+            "BudgetCap": _object(window=_WINDOW, hard_limit_usd=_USD, soft_limit_usd=_USD_OR_NULL),
+            "TokenCap": _object(**dict.fromkeys(TokenCap.model_fields, _TOKENS)),
+            "Caps": _object(
+                tenant_id={"type": "string"},
+                agent_id={"type": "string"},
+                tenant_configured={"type": "boolean"},
+                cost_caps_enabled={"type": "boolean"},
+                enforce={"type": "boolean", "description": "false: shadow mode"},
+                tenant_budget_caps={"type": "array", "items": _ref("BudgetCap")},
+                agent_budget_caps={"type": "array", "items": _ref("BudgetCap")},
+                agent_budget_caps_source=_SOURCE,
+                token_cap={"oneOf": [_ref("TokenCap"), {"type": "null"}]},
+                token_cap_source=_SOURCE,
+            ),
+            "Error": _object(
+                error=_object(
+                    message={"type": "string"},
+                    type={"type": "string"},
+                    code={"type": "string"},
+                    param={"type": ["string", "null"]},
+                )
+            ),
+        },
+    },
+}
