@@ -10,18 +10,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from proxy import handlers, spend
+from proxy import handlers, logs, spend
+from proxy.alerts import Alerter
 from proxy.config import Settings
 from proxy.endpoints import Endpoint
 from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError
 from proxy.ledger import Ledger
-from proxy.state import LEDGER, RUNTIME, SESSION, Runtime, RuntimeRef
+from proxy.logs import log_event
+from proxy.metrics import Metrics
+from proxy.reload import Reloader
+from proxy.state import (
+    ALERTER,
+    LEDGER,
+    LIFECYCLE,
+    METRICS,
+    RUNTIME,
+    SESSION,
+    Lifecycle,
+    Runtime,
+    RuntimeRef,
+)
 from proxy.store import MemoryStore, RedisStore, Store
 from proxy.upstream import new_session
 
@@ -30,6 +47,7 @@ log = logging.getLogger("capproxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
+CONFIG_PATH = web.AppKey("config_path", Path)
 
 
 def error_response(error: ProxyError) -> web.Response:
@@ -62,8 +80,13 @@ def open_store(settings: Settings) -> Store:
     url = settings.store.url.get_secret_value()
     timeout_s = settings.store.timeout_ms / 1000
     if url.startswith("memory://"):
-        log.warning("store: memory:// keeps spend in this process only (not shared, not durable)")
+        log_event(
+            "store",
+            kind="memory",
+            note="spend is kept in this process only: not shared, not durable",
+        )
         return MemoryStore()
+    log_event("store", kind="redis", timeout_ms=settings.store.timeout_ms)
     return RedisStore.from_url(url, timeout_s=timeout_s)
 
 
@@ -87,24 +110,82 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE] if STORE in app else open_store(app[SETTINGS])
     ledger = Ledger(store, fail_open=app[SETTINGS].store.on_error == "fail_open")
     app[LEDGER] = ledger
+    app[METRICS].set_pending_settles(lambda: ledger.pending)
     retries = asyncio.create_task(ledger.retry_loop(), name="capproxy-settle-retries")
     try:
         yield
     finally:
-        retries.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await retries
-        await ledger.drain(timeout_s=5)
+        await _stop(retries)
+        await ledger.drain(timeout_s=max(5.0, app[SETTINGS].server.shutdown_grace_s))
         await store.aclose()
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
+async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
+    alerter = Alerter(app[SESSION], app[SETTINGS].alerts)
+    app[ALERTER] = alerter
+    task = asyncio.create_task(alerter.run(), name="capproxy-alerts")
+    try:
+        yield
+    finally:
+        await _stop(task)
+        await alerter.drain(timeout_s=5)
+
+
+async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
+    if CONFIG_PATH not in app:
+        yield
+        return
+    path = app[CONFIG_PATH]
+    metrics = app[METRICS]
+    reloader = Reloader(
+        path,
+        app[RUNTIME],
+        on_result=lambda ok: metrics.reload_ok() if ok else metrics.reload_failed(),
+    )
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(reloader.run(), name="capproxy-reload")
+    hup = threading.current_thread() is threading.main_thread()
+    if hup:
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
+    try:
+        yield
+    finally:
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        await _stop(task)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[LIFECYCLE].ready = False
+    log_event("shutdown", grace_s=app[SETTINGS].server.shutdown_grace_s)
+
+
+def create_app(
+    settings: Settings, *, store: Store | None = None, config_path: Path | None = None
+) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=2**40)
     app[SETTINGS] = settings
+    if config_path is not None:
+        app[CONFIG_PATH] = config_path
+    app[LIFECYCLE] = Lifecycle()
     if store is not None:
         app[STORE] = store
-    app.cleanup_ctx.extend([_runtime_ctx, _session_ctx, _ledger_ctx])
+    app[METRICS] = Metrics(
+        known_tenants=lambda: app[RUNTIME].current.tenant_ids,
+        known_agents=lambda: app[RUNTIME].current.agent_ids,
+        is_known_model=lambda model: model in app[RUNTIME].current.model_names,
+    )
+    app.cleanup_ctx.extend([_runtime_ctx, _session_ctx, _ledger_ctx, _alerts_ctx, _reload_ctx])
+    app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
     spend.add_routes(app)
     app.router.add_get("/v1/models", handlers.models)
     metered = "|".join(re.escape(e.value) for e in Endpoint)
@@ -113,17 +194,28 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
 
 
 def run(settings: Settings, *, config_path: Path | None) -> None:
-    """Serve until interrupted."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if config_path is not None:
-        log.info("capproxy: loaded caps file %s", config_path)
+    """Serve until SIGINT/SIGTERM; SIGHUP reloads the caps file."""
+    logs.setup(os.environ.get("CAPPROXY_LOG_LEVEL", "INFO"))
     if not any(u.api_key for u in settings.upstreams) and settings.auth.mode == "keys":
-        log.warning("no upstream api_key is set (e.g. OPENAI_API_KEY): upstreams may refuse")
+        log_event(
+            "startup_warning",
+            level=logging.WARNING,
+            detail="no upstream api_key is set (e.g. OPENAI_API_KEY): upstreams may refuse",
+        )
+    log_event(
+        "startup",
+        config=str(config_path) if config_path else None,
+        host=settings.server.host,
+        port=settings.server.port,
+        tenants=len(settings.tenants),
+        upstreams=len(settings.upstreams),
+    )
     web.run_app(
-        create_app(settings),
+        create_app(settings, config_path=config_path),
         host=settings.server.host,
         port=settings.server.port,
         access_log=None,
         shutdown_timeout=settings.server.shutdown_grace_s,
-        print=lambda msg: log.info("%s", msg),
+        print=None,
     )
+    log_event("stopped")

@@ -7,8 +7,10 @@ authenticate -> read body -> estimate tokens -> token caps -> plan hold
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,24 +19,32 @@ import aiohttp
 from aiohttp import web
 
 from proxy import budget, headers, upstream
-from proxy.auth import Identity
+from proxy.auth import Identity, bearer_key
 from proxy.config import UpstreamConfig
 from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
     BadRequest,
+    BudgetExceeded,
     InvalidJSON,
     MissingModel,
     ModelNotPriced,
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    ServiceUnavailable,
+    StoreUnavailable,
+    TokenCapExceeded,
+    Unauthorized,
     UnsupportedMediaType,
+    UpstreamError,
 )
 from proxy.ledger import Hold
+from proxy.logs import log_request
+from proxy.metrics import Outcome, RequestRecord
 from proxy.pricing import ModelPrice, cost_micros, estimate_micros
 from proxy.relay import StreamEnd, StreamTap, relay_stream
-from proxy.state import LEDGER, RUNTIME, SESSION, Runtime
-from proxy.usage import InvalidParam, choice_count, extract_usage, output_limit
+from proxy.state import ALERTER, LEDGER, LIFECYCLE, METRICS, RUNTIME, SESSION, Runtime
+from proxy.usage import InvalidParam, Usage, choice_count, extract_usage, output_limit
 
 # Bodies above this size are parsed and tokenized in a worker thread.
 OFFLOAD_BYTES = 64 * 1024
@@ -105,16 +115,20 @@ class Admission:
     strip_usage_chunk: bool
 
 
-async def admit(request: web.Request, endpoint: Endpoint, rt: Runtime) -> Admission:
+async def admit(
+    request: web.Request, endpoint: Endpoint, rt: Runtime, rec: RequestRecord
+) -> Admission:
     """authenticate -> read body -> estimate tokens -> token caps -> plan the hold."""
     settings = rt.settings
     identity = rt.auth.authenticate(request.headers)
+    rec.tenant_id, rec.agent_id = identity.tenant_id, identity.agent_id
     raw = await read_body(request, settings.server.max_body_bytes)
     body: dict[str, Any] = await _offload(raw, parse_json, raw)
 
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise MissingModel("You must provide a model parameter.", param="model")
+    rec.model = model
     stream = body.get("stream") is True
     if stream and not endpoint.streams:
         raise BadRequest(f"'stream' is not supported on /v1/{endpoint.value}.", param="stream")
@@ -137,7 +151,14 @@ async def admit(request: web.Request, endpoint: Endpoint, rt: Runtime) -> Admiss
     prompt: int = await _offload(raw, rt.tokenizer.estimate, endpoint, body)
     caps = settings.cost_caps
     token_cap = caps.token_cap_for(identity.agent_id) if caps.enabled else None
-    decision = budget.check_tokens(token_cap, prompt=prompt, output=requested_output)
+    try:
+        decision = budget.check_tokens(token_cap, prompt=prompt, output=requested_output)
+    except TokenCapExceeded as exc:
+        if caps.enforce:
+            raise
+        # Shadow mode: note it, and leave the request exactly as the client sent it.
+        rec.would_reject = exc.code
+        decision = budget.TokenDecision(requested_output, inject=False)
     rewrite = False
     if decision.inject and endpoint in OUTPUT_PARAM:
         body[OUTPUT_PARAM[endpoint]] = decision.output_limit
@@ -186,73 +207,158 @@ def _ask_for_usage(body: dict[str, Any]) -> bool:
 
 
 async def metered(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/{chat/completions,completions,embeddings,responses}``."""
+    """``POST /v1/{chat/completions,completions,embeddings,responses}``, observed."""
+    rec = RequestRecord(route=request.match_info["path"], outcome=Outcome.ALLOWED, status=200)
+    started = time.perf_counter()
+    try:
+        resp = await _metered(request, rec)
+    except ProxyError as exc:
+        rec.status = exc.status
+        rec.outcome = _outcome(exc)
+        raise
+    except BaseException:
+        rec.status = 500
+        rec.outcome = Outcome.UPSTREAM_ERROR
+        raise
+    else:
+        rec.status = resp.status
+        if resp.status >= 400:
+            rec.outcome = Outcome.UPSTREAM_ERROR if resp.status >= 500 else Outcome.CLIENT_ERROR
+        return resp
+    finally:
+        rec.duration_s = time.perf_counter() - started
+        request.app[METRICS].observe(rec)
+        log_request(rec)
+
+
+def _outcome(exc: ProxyError) -> Outcome:
+    if isinstance(exc, BudgetExceeded):
+        return Outcome.BUDGET_REJECTED
+    if isinstance(exc, TokenCapExceeded):
+        return Outcome.TOKEN_REJECTED
+    if isinstance(exc, StoreUnavailable):
+        return Outcome.STORE_ERROR
+    if isinstance(exc, UpstreamError) or exc.status >= 500:
+        return Outcome.UPSTREAM_ERROR
+    return Outcome.CLIENT_ERROR
+
+
+async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamResponse:
     endpoint = endpoint_for(request.match_info["path"])
     if endpoint is None:
         raise NotFound(f"Unknown request URL: {request.method} {request.path}")
     rt: Runtime = request.app[RUNTIME].current
-    adm = await admit(request, endpoint, rt)
+    adm = await admit(request, endpoint, rt, rec)
     settings = rt.settings
     send_headers = headers.request_headers(
         request.headers.items(),
         api_key=adm.identity.client_key or _secret(adm.route.api_key),
         drop=(settings.identity.agent_header,),
     )
+    alerter = request.app[ALERTER]
+    metrics = request.app[METRICS]
     hold_ttl_s = math.ceil(adm.route.timeout_s) + 60
-    async with (
-        request.app[LEDGER].hold(adm.plan, tz=settings.tz, hold_ttl_s=hold_ttl_s) as hold,
-        upstream.send(
-            request.app[SESSION],
-            adm.route,
-            endpoint.value,
-            method="POST",
-            headers=send_headers,
-            body=adm.raw,
-        ) as resp,
-    ):
-        if not 200 <= resp.status < 300:
-            # Not billed by the upstream: relay it; leaving the block releases the hold.
-            data = await upstream.read_body(resp, adm.route)
-            return _relay(resp.status, resp.headers.items(), data)
-        content_type = resp.headers.get("Content-Type", "")
-        if adm.stream and content_type.startswith("text/event-stream"):
-            return await _stream(request, adm, hold, resp)
-        return await _json(adm, hold, resp)
+    async with request.app[LEDGER].hold(
+        adm.plan,
+        tz=settings.tz,
+        hold_ttl_s=hold_ttl_s,
+        enforce=settings.cost_caps.enforce,
+        on_reject=alerter.observe_rejection,
+    ) as hold:
+        if hold.would_reject is not None:
+            rec.would_reject = rec.would_reject or hold.would_reject.code
+        rec.fail_open = hold.admitted_without_store and hold.would_reject is None
+        if hold.states:
+            metrics.hold_started()
+        try:
+            sent = time.perf_counter()
+            async with upstream.send(
+                request.app[SESSION],
+                adm.route,
+                endpoint.value,
+                method="POST",
+                headers=send_headers,
+                body=adm.raw,
+            ) as resp:
+                rec.upstream_s = time.perf_counter() - sent
+                if not 200 <= resp.status < 300:
+                    # Not billed by the upstream: relay it; leaving releases the hold.
+                    data = await upstream.read_body(resp, adm.route)
+                    return _relay(resp.status, resp.headers.items(), data)
+                content_type = resp.headers.get("Content-Type", "")
+                if adm.stream and content_type.startswith("text/event-stream"):
+                    out: web.StreamResponse = await _stream(request, adm, hold, resp, rec)
+                else:
+                    out = await _json(adm, hold, resp, rec)
+        finally:
+            if hold.states:
+                metrics.hold_ended()
+    if hold.states and rec.cost_micros is not None:
+        alerter.observe(adm.plan, hold.states, rec.cost_micros)
+    return out
 
 
-async def _json(adm: Admission, hold: Hold, resp: aiohttp.ClientResponse) -> web.Response:
+def _settled(rec: RequestRecord, adm: Admission, charged: int, usage: Usage | None) -> None:
+    rec.cost_micros = charged
+    rec.usage_missing = usage is None
+    if usage is not None:
+        rec.prompt_tokens = usage.prompt_tokens
+        rec.completion_tokens = usage.completion_tokens
+    else:
+        rec.prompt_tokens = adm.prompt_tokens
+
+
+async def _json(
+    adm: Admission, hold: Hold, resp: aiohttp.ClientResponse, rec: RequestRecord
+) -> web.Response:
     try:
         data = await upstream.read_body(resp, adm.route)
     except ProxyError:
         # The upstream answered 2xx and may have billed: charge the hold.
         await hold.commit(adm.plan.amount_micros)
+        _settled(rec, adm, adm.plan.amount_micros, None)
         raise
-    charged = await _offload(data, _charge, adm.endpoint, data, adm.price, adm.plan.amount_micros)
+    charged, usage = await _offload(
+        data, _charge, adm.endpoint, data, adm.price, adm.plan.amount_micros
+    )
     await hold.commit(charged)
+    _settled(rec, adm, charged, usage)
     out = _relay(resp.status, resp.headers.items(), data)
     out.headers.update(_budget_headers(adm, hold, charged))
+    _shadow_header(out, rec)
     return out
 
 
 async def _stream(
-    request: web.Request, adm: Admission, hold: Hold, resp: aiohttp.ClientResponse
+    request: web.Request,
+    adm: Admission,
+    hold: Hold,
+    resp: aiohttp.ClientResponse,
+    rec: RequestRecord,
 ) -> web.StreamResponse:
+    rec.streamed = True
     out = web.StreamResponse(status=resp.status)
     for name, value in headers.response_headers(resp.headers.items()):
         out.headers.add(name, value)
     # Sent before usage is known: the budget as if this request cost its whole hold.
     out.headers.update(_budget_headers(adm, hold, adm.plan.amount_micros))
+    _shadow_header(out, rec)
     tap = StreamTap(adm.endpoint, strip_usage_chunk=adm.strip_usage_chunk)
     end = StreamEnd.UPSTREAM_BROKEN
+    started = time.perf_counter() - rec.upstream_s if rec.upstream_s else time.perf_counter()
     try:
         await out.prepare(request)
+        rec.first_byte_s = time.perf_counter() - started
         end = await relay_stream(resp, out, tap)
     except (ConnectionError, RuntimeError):
         end = StreamEnd.CLIENT_GONE
     finally:
         # Whatever happened, the upstream generated (and billed) this much: settle it once.
-        charged = await asyncio.shield(_stream_charge(adm, tap))
-        await asyncio.shield(hold.commit(charged))
+        charged, output = await asyncio.shield(_stream_charge(adm, tap))
+        await hold.commit(charged)
+        _settled(rec, adm, charged, tap.usage)
+        if tap.usage is None:
+            rec.completion_tokens = output
     if end is StreamEnd.COMPLETE:
         await out.write_eof()
     elif request.transport is not None:
@@ -261,10 +367,15 @@ async def _stream(
     return out
 
 
-async def _stream_charge(adm: Admission, tap: StreamTap) -> int:
-    """A stream's cost: its usage priced; without usage, prompt + counted output."""
+def _shadow_header(out: web.StreamResponse, rec: RequestRecord) -> None:
+    if rec.would_reject is not None:
+        out.headers["x-budget-would-reject"] = rec.would_reject
+
+
+async def _stream_charge(adm: Admission, tap: StreamTap) -> tuple[int, int]:
+    """A stream's cost and output tokens: its usage priced; else prompt + counted output."""
     if tap.usage is not None:
-        return cost_micros(tap.usage, adm.price)
+        return cost_micros(tap.usage, adm.price), tap.usage.completion_tokens
     text = tap.text()
     tokenizer = adm.runtime.tokenizer
     if len(text) > OFFLOAD_BYTES:
@@ -272,7 +383,7 @@ async def _stream_charge(adm: Admission, tap: StreamTap) -> int:
         output = await loop.run_in_executor(None, tokenizer.count, adm.model, text)
     else:
         output = tokenizer.count(adm.model, text)
-    return estimate_micros(adm.prompt_tokens, output, adm.price)
+    return estimate_micros(adm.prompt_tokens, output, adm.price), output
 
 
 def _budget_headers(adm: Admission, hold: Hold, charged_micros: int) -> Mapping[str, str]:
@@ -283,7 +394,9 @@ def _budget_headers(adm: Admission, hold: Hold, charged_micros: int) -> Mapping[
     )
 
 
-def _charge(endpoint: Endpoint, data: bytes, price: ModelPrice, hold_micros: int) -> int:
+def _charge(
+    endpoint: Endpoint, data: bytes, price: ModelPrice, hold_micros: int
+) -> tuple[int, Usage | None]:
     """The cost of a successful response: its usage priced, else the whole hold."""
     try:
         parsed = json.loads(data)
@@ -291,8 +404,8 @@ def _charge(endpoint: Endpoint, data: bytes, price: ModelPrice, hold_micros: int
         parsed = None
     usage = extract_usage(endpoint, parsed) if isinstance(parsed, dict) else None
     if usage is None:
-        return hold_micros
-    return cost_micros(usage, price)
+        return hold_micros, None
+    return cost_micros(usage, price), usage
 
 
 def _secret(value: Any) -> str | None:
@@ -326,3 +439,22 @@ async def models(request: web.Request) -> web.StreamResponse:
 async def healthz(request: web.Request) -> web.StreamResponse:
     """``GET /healthz``: the process serves."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """``GET /readyz``: config loaded, the store answers, and not shutting down."""
+    if not request.app[LIFECYCLE].ready:
+        raise ServiceUnavailable("shutting down", headers={"Retry-After": "1"})
+    await request.app[LEDGER].store.ping()
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """``GET /metrics``: Prometheus text format (the admin token, when one is configured)."""
+    token = request.app[RUNTIME].current.settings.auth.admin_token
+    if token is not None:
+        given = bearer_key(request.headers) or ""
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise Unauthorized("/metrics needs the admin token.")
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from proxy.alerts import Alerter
 from proxy.auth import Authenticator
 from proxy.config import Settings
 from proxy.ledger import Ledger
-from proxy.pricing import PriceTable
+from proxy.metrics import Metrics
+from proxy.pricing import BUILTIN_PRICES, PriceTable
 from proxy.tokens import Tokenizer
 
 
@@ -26,6 +28,10 @@ class Runtime:
     auth: Authenticator
     prices: PriceTable
     tokenizer: Tokenizer
+    # Metric labels are only ever these names (anything else folds into "other").
+    tenant_ids: frozenset[str]
+    agent_ids: frozenset[str]
+    model_names: frozenset[str]
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -35,6 +41,9 @@ class Runtime:
             auth=Authenticator(settings),
             prices=PriceTable(overrides=settings.pricing.models, default=settings.pricing.default),
             tokenizer=Tokenizer(overrides=settings.tokenizer.encodings),
+            tenant_ids=frozenset(t.id for t in settings.tenants),
+            agent_ids=settings.cost_caps.agent_ids,
+            model_names=frozenset(BUILTIN_PRICES) | frozenset(settings.pricing.models),
         )
 
 
@@ -45,6 +54,16 @@ class RuntimeRef:
         self.current = runtime
 
 
+class Lifecycle:
+    """Whether the app takes new work: false once shutdown has begun."""
+
+    def __init__(self) -> None:
+        self.ready = True
+
+
 RUNTIME = web.AppKey("runtime", RuntimeRef)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 LEDGER = web.AppKey("ledger", Ledger)
+METRICS = web.AppKey("metrics", Metrics)
+ALERTER = web.AppKey("alerter", Alerter)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,7 @@ class FakeUpstream:
     event_delay_s: float = 0.0
     streamed: list[bytearray] = field(default_factory=list)  # the bytes sent, per stream
     stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    blocked_since: float | None = None  # when the current write started waiting
 
     @property
     def count(self) -> int:
@@ -115,7 +117,9 @@ class FakeUpstream:
                     await self.resume.wait()
                 if self.event_delay_s:
                     await asyncio.sleep(self.event_delay_s)
+                self.blocked_since = time.monotonic()
                 await resp.write(event)
+                self.blocked_since = None
                 sent += event
             await resp.write_eof()
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -250,23 +251,23 @@ async def test_upstream_error_on_a_stream_is_relayed_and_released(
 async def test_slow_client_backpressure_reaches_the_upstream(
     upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
-    # 8,000 events of ~8 KB (about 66 MB) against a client that stops reading: the
-    # upstream must stall long before the end (kernel socket buffers take some).
-    upstream.deltas = tuple("x" * 8192 for _ in range(8000))
+    # 12,000 events of ~8 KB (about 100 MB) against a client that stops reading: the
+    # upstream's writes must block long before the end (kernel socket buffers take some).
+    upstream.deltas = tuple("x" * 8192 for _ in range(12_000))
     settings = settings_for(upstream.url)
     route = settings.upstreams[0].model_copy(update={"timeout_s": 60})
     client = await make_client(settings.model_copy(update={"upstreams": (route,)}))
     resp = await client.post("/v1/chat/completions", json=chat(stream=True), headers=auth())
     first = await resp.content.readany()
     total = len(b"".join(upstream.stream_events("/v1/chat/completions", {"stream": True})))
-    # Wait until the upstream is stuck: its progress stops while nobody reads.
-    last = -1
-    for _ in range(100):
-        await asyncio.sleep(0.02)
-        now = len(upstream.streamed[0])
-        if now == last:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while loop.time() < deadline:
+        since = upstream.blocked_since
+        if since is not None and time.monotonic() - since > 0.5:
             break
-        last = now
+        await asyncio.sleep(0.05)
+    assert upstream.blocked_since is not None, "the upstream was never held back"
     assert len(upstream.streamed[0]) < total // 2
     # Once the client reads again, the rest flows through intact.
     got = first + await resp.read()

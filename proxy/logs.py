@@ -1,0 +1,185 @@
+"""Structured logs: one JSON object per line, from the ``capproxy`` logger and its children.
+
+    logs.setup("INFO")                            # once, at startup (idempotent)
+    logs.log_event("startup", port=8080)          # startup / reload / shutdown lines
+    logs.log_request(record)                      # the access line of one proxied request
+    log.warning("store slow", extra={"fields": {"ms": 812}})   # any capproxy.* logger
+
+Each line has ``ts`` (RFC 3339, UTC), ``level``, ``logger`` and ``msg``, then the record's
+``fields``. An exception becomes one ``exc`` string (its type and message); tracebacks are
+not written.
+
+The code never logs credentials: ``RequestRecord`` has no key in it, and keys stay inside
+``auth``. ``Redact`` is defence in depth only, for a key that reaches a message by mistake
+(an upstream error echoing a header, a URL with a password in it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TextIO
+
+from proxy.metrics import RequestRecord
+from proxy.pricing import micros_to_usd
+
+ROOT = "capproxy"
+ACCESS = "capproxy.access"
+# Keys the formatter writes itself; a field with one of these names is written as "field_<name>".
+RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
+# Client-chosen strings (model, agent id) are cut to this many characters in access lines.
+MAX_VALUE_CHARS = 128
+
+_SECRETS = (
+    # OpenAI-style keys: sk-..., sk-proj-...
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), "sk-[REDACTED]"),
+    # Authorization header values
+    (re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=\-]+", re.IGNORECASE), r"\1 [REDACTED]"),
+    # user:password@ in URLs (redis://:secret@host)
+    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://)[^/\s@]*@", re.IGNORECASE), r"\1[REDACTED]@"),
+)
+# One pass that finds whether any pattern could match (most text has nothing to redact).
+_ANY_SECRET = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _SECRETS), re.IGNORECASE)
+
+_log = logging.getLogger(ROOT)
+_access = logging.getLogger(ACCESS)
+
+
+def redact(text: str) -> str:
+    """``text`` with anything that looks like a credential replaced."""
+    if _ANY_SECRET.search(text) is None:
+        return text
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_value(value: object) -> object:
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, int | float):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+class Redact(logging.Filter):
+    """Rewrites a record's message and ``fields`` with credentials masked (defence only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a bad format string: the handler reports it when it emits
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            record.fields = _redact_value(fields)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            for key, value in fields.items():
+                name = str(key)
+                out[f"field_{name}" if name in RESERVED else name] = value
+        if record.exc_info and record.exc_info[1] is not None:
+            out["exc"] = redact(_describe(record.exc_info[1]))
+        # ASCII escapes keep a line one line (no raw U+2028) whatever the stream's encoding.
+        return json.dumps(out, separators=(",", ":"), default=str)
+
+
+def _timestamp(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _describe(exc: BaseException) -> str:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    text = str(exc)
+    return f"{name}: {text}" if text else name
+
+
+def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send the ``capproxy`` loggers to ``stream`` (stderr) as JSON lines, at ``level``.
+
+    Calling it again replaces the handler it installed (so the last call's stream and
+    level win); other handlers on the logger are left alone. The ``capproxy`` logger no
+    longer propagates to the root logger, so a root handler doesn't print lines twice.
+    """
+    numeric = logging.getLevelNamesMapping().get(level.upper())
+    if numeric is None:
+        raise ValueError(f"unknown log level {level!r}")
+    for handler in list(_log.handlers):
+        if isinstance(handler, _JsonHandler):
+            _log.removeHandler(handler)
+            handler.close()
+    handler = _JsonHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(Redact())
+    _log.addHandler(handler)
+    _log.setLevel(numeric)
+    _log.propagate = False
+
+
+class _JsonHandler(logging.StreamHandler[TextIO]):
+    """The handler ``setup`` installs (a type of its own, so it can find it again)."""
+
+
+def log_request(rec: RequestRecord) -> None:
+    """The access line of one proxied request, on ``capproxy.access``."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "event": "request",
+        "route": rec.route,
+        "tenant": rec.tenant_id,
+        "agent": _clip(rec.agent_id),
+        "model": _clip(rec.model),
+        "prompt_tokens": rec.prompt_tokens,
+        "completion_tokens": rec.completion_tokens,
+        "cost_usd": None if rec.cost_micros is None else str(micros_to_usd(rec.cost_micros)),
+        "outcome": str(rec.outcome),
+        "status": rec.status,
+        "latency_ms": round(rec.duration_s * 1000, 1),
+        "upstream_ms": None if rec.upstream_s is None else round(rec.upstream_s * 1000, 1),
+        "streamed": rec.streamed,
+        "usage_missing": rec.usage_missing,
+        "would_reject": rec.would_reject,
+        "fail_open": rec.fail_open,
+    }
+    _access.info("request", extra={"fields": fields})
+
+
+def log_event(event: str, *, level: int = logging.INFO, **fields: object) -> None:
+    """A lifecycle line (``startup``, ``reload``, ``shutdown``) on ``capproxy``."""
+    _log.log(level, event, extra={"fields": {"event": event, **fields}})
+
+
+def _clip(value: str | None) -> str | None:
+    if value is None or len(value) <= MAX_VALUE_CHARS:
+        return value
+    return value[:MAX_VALUE_CHARS] + "..."
