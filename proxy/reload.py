@@ -112,6 +112,7 @@ class _Candidate:
     changed: tuple[str, ...]  # top-level sections that now differ
     pinned: tuple[str, ...]  # restart-only sections whose new values were set aside
     runtime: Runtime | None  # None when nothing changed
+    file_sections: dict[str, object]  # the restart-only sections as this version has them
 
 
 class Reloader:
@@ -144,6 +145,9 @@ class Reloader:
         self._polled: _Stat | None = None  # the stat seen by the last poll
         self._judged: _Stat | None = None  # the stat whose bytes were last judged
         self._active: bytes | None = None  # digest of the bytes behind ref.current
+        # Restart-only sections as the file had them when last accepted. They are compared
+        # with the file, not with the running settings, which command-line flags may override.
+        self._file_sections: dict[str, object] | None = None
         self._rejected: bytes | None = None  # digest of the last rejected bytes
 
     async def run(self) -> None:
@@ -209,7 +213,7 @@ class Reloader:
                 if snap.raw is None:
                     raise ConfigError([snap.error])
                 candidate = await loop.run_in_executor(
-                    None, self._prepare, snap.raw, running.settings
+                    None, self._prepare, snap.raw, running.settings, self._file_sections
                 )
             except ConfigError as exc:
                 self._reject(digest, exc.errors)
@@ -221,21 +225,27 @@ class Reloader:
                 return False
             first_look = self._active is None and self._rejected is None
             self._active, self._rejected = digest, None
+            self._file_sections = candidate.file_sections
             return self._apply(candidate, running.settings, quiet=first_look)
 
-    def _prepare(self, raw: bytes, running: Settings) -> _Candidate:
+    def _prepare(
+        self, raw: bytes, running: Settings, previous: dict[str, object] | None
+    ) -> _Candidate:
         """Off the event loop: parse, validate, set restart-only sections aside, build."""
         settings = _parse(raw, self._path)
-        pinned = tuple(s for s in RESTART_SECTIONS if getattr(settings, s) != getattr(running, s))
-        if pinned:
-            settings = settings.model_copy(update={s: getattr(running, s) for s in pinned})
+        file_sections = {s: getattr(settings, s) for s in RESTART_SECTIONS}
+        # On the first look the running values came from this file (plus any flags).
+        pinned = tuple(
+            s for s in RESTART_SECTIONS if previous is not None and file_sections[s] != previous[s]
+        )
+        settings = settings.model_copy(update={s: getattr(running, s) for s in RESTART_SECTIONS})
         changed = tuple(
             name
             for name in Settings.model_fields
             if getattr(settings, name) != getattr(running, name)
         )
         runtime = self._build(settings) if changed else None
-        return _Candidate(settings, changed, pinned, runtime)
+        return _Candidate(settings, changed, pinned, runtime, file_sections)
 
     def _apply(self, candidate: _Candidate, old: Settings, *, quiet: bool) -> bool:
         if candidate.pinned:

@@ -383,6 +383,35 @@ async def test_first_look_adopts_the_running_version_quietly(
     assert reload_logs(caplog, logging.INFO) == []
 
 
+async def test_first_look_with_command_line_overrides_warns_nothing(
+    tmp_path: Path, counted_stat: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # `capproxy serve --port` overrides server.port: the file still differs from the running
+    # settings there, which is no change of the file and needs no restart warning.
+    caplog.set_level(logging.DEBUG, logger="capproxy.reload")
+    path = tmp_path / "caps.yaml"
+    ref = start_file(path, dump(caps()))
+    running = ref.current.settings
+    overridden = running.model_copy(
+        update={"server": running.server.model_copy(update={"port": 18099})}
+    )
+    ref.current = Runtime.build(overridden)
+    results: list[bool] = []
+    reloader = Reloader(path, ref, on_result=results.append, interval_s=INTERVAL_S)
+    watch = Watch(path, ref, reloader, results, counted_stat)
+    task = asyncio.create_task(reloader.run())
+    try:
+        await watch.polls(8)
+        write_by_rename(path, dump(caps(daily=50)))
+        await watch.until(lambda: daily_cap(ref.current) == 50, "the new cap")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert ref.current.settings.server.port == 18099
+    assert not any("restart" in m for m in reload_logs(caplog, logging.WARNING))
+
+
 # --- SIGHUP ------------------------------------------------------------------------------
 
 
