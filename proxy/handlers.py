@@ -7,7 +7,6 @@ authenticate -> read body -> estimate tokens -> token caps -> plan hold
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import time
@@ -19,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import budget, headers, upstream
-from proxy.auth import Identity, bearer_key
+from proxy.auth import Identity
 from proxy.config import UpstreamConfig
 from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
@@ -43,6 +42,7 @@ from proxy.logs import log_request
 from proxy.metrics import Outcome, RequestRecord
 from proxy.pricing import ModelPrice, cost_micros, estimate_micros
 from proxy.relay import StreamEnd, StreamTap, relay_stream
+from proxy.spend import is_admin
 from proxy.state import ALERTER, LEDGER, LIFECYCLE, METRICS, RUNTIME, SESSION, Runtime
 from proxy.usage import InvalidParam, Usage, choice_count, extract_usage, output_limit
 
@@ -451,10 +451,8 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 async def metrics(request: web.Request) -> web.StreamResponse:
     """``GET /metrics``: Prometheus text format (the admin token, when one is configured)."""
-    token = request.app[RUNTIME].current.settings.auth.admin_token
-    if token is not None:
-        given = bearer_key(request.headers) or ""
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-            raise Unauthorized("/metrics needs the admin token.")
+    settings = request.app[RUNTIME].current.settings
+    if settings.auth.admin_token is not None and not is_admin(settings, request.headers):
+        raise Unauthorized("/metrics needs the admin token.")
     body, content_type = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
