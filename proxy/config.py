@@ -574,9 +574,14 @@ def load_settings(path: str | Path) -> Settings:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return settings_from_bytes(raw, source=str(path))
+
+
+def settings_from_bytes(raw: bytes, *, source: str) -> Settings:
+    """Decode (UTF-8, optional BOM), parse and validate the bytes of a caps file."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError([f"{path}:{line}: <file>: not valid UTF-8"]) from None
-    return parse_settings(text, source=str(path))
+        raise ConfigError([f"{source}:{line}: <file>: not valid UTF-8"]) from None
+    return parse_settings(text, source=source)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from proxy.config import ConfigError, Settings, parse_settings
+from proxy.config import ConfigError, Settings, settings_from_bytes
 from proxy.state import Runtime, RuntimeRef
 
 __all__ = ["RESTART_SECTIONS", "Reloader"]
@@ -92,16 +92,6 @@ def _read(path: Path) -> _Snapshot:
         raw, error = None, f"{path}: cannot read: {exc.strerror or exc}"
     after = _stat(path)
     return _Snapshot(after, raw, error, steady=before == after)
-
-
-def _parse(raw: bytes, path: Path) -> Settings:
-    """``load_settings`` over bytes already read, so the digest matches what is loaded."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError([f"{path}:{line}: <file>: not valid UTF-8"]) from None
-    return parse_settings(text, source=str(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +222,7 @@ class Reloader:
         self, raw: bytes, running: Settings, previous: dict[str, object] | None
     ) -> _Candidate:
         """Off the event loop: parse, validate, set restart-only sections aside, build."""
-        settings = _parse(raw, self._path)
+        settings = settings_from_bytes(raw, source=str(self._path))
         file_sections = {s: getattr(settings, s) for s in RESTART_SECTIONS}
         # On the first look the running values came from this file (plus any flags).
         pinned = tuple(
