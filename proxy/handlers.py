@@ -290,6 +290,11 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
                     out: web.StreamResponse = await _stream(request, adm, hold, resp, rec)
                 else:
                     out = await _json(adm, hold, resp, rec)
+        except asyncio.CancelledError:
+            # Cancelled (shutdown deadline) after the upstream got the request: it may be
+            # billing, so charge the hold rather than release it.
+            await hold.commit(adm.plan.amount_micros)
+            raise
         finally:
             if hold.states:
                 metrics.hold_ended()
@@ -361,7 +366,9 @@ async def _stream(
             rec.completion_tokens = output
     if end is StreamEnd.COMPLETE:
         await out.write_eof()
-    elif request.transport is not None:
+        return out
+    resp.close()  # stop the upstream: closing its connection ends the generation
+    if request.transport is not None:
         # No invented ending: the client sees the stream break, as the upstream's did.
         request.transport.abort()
     return out
