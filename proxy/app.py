@@ -55,6 +55,20 @@ def error_response(error: ProxyError) -> web.Response:
 
 
 @web.middleware
+async def inflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Track each request's task so that shutdown can wait for it, then cut it."""
+    task = asyncio.current_task()
+    if task is None:
+        return await handler(request)
+    inflight = request.app[LIFECYCLE].inflight
+    inflight.add(task)
+    try:
+        return await handler(request)
+    finally:
+        inflight.discard(task)
+
+
+@web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as an OpenAI error body; nothing else ever reaches a client."""
     try:
@@ -162,14 +176,20 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    app[LIFECYCLE].ready = False
-    log_event("shutdown", grace_s=app[SETTINGS].server.shutdown_grace_s)
+    # The listener is closed by now; requests in flight get the grace period, then are cut.
+    grace_s = app[SETTINGS].server.shutdown_grace_s
+    log_event("shutdown", grace_s=grace_s, in_flight=len(app[LIFECYCLE].inflight))
+    cut = await app[LIFECYCLE].drain(grace_s)
+    if cut:
+        log_event("shutdown_cut", level=logging.WARNING, requests=cut)
 
 
 def create_app(
     settings: Settings, *, store: Store | None = None, config_path: Path | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=2**40)
+    app = web.Application(
+        middlewares=[inflight_middleware, errors_middleware], client_max_size=2**40
+    )
     app[SETTINGS] = settings
     if config_path is not None:
         app[CONFIG_PATH] = config_path
@@ -215,7 +235,8 @@ def run(settings: Settings, *, config_path: Path | None) -> None:
         host=settings.server.host,
         port=settings.server.port,
         access_log=None,
-        shutdown_timeout=settings.server.shutdown_grace_s,
+        # In-flight requests were already drained by _on_shutdown; this is a backstop.
+        shutdown_timeout=1.0,
         print=None,
     )
     log_event("stopped")

@@ -216,6 +216,12 @@ async def metered(request: web.Request) -> web.StreamResponse:
         rec.status = exc.status
         rec.outcome = _outcome(exc)
         raise
+    except asyncio.CancelledError:
+        # Cut at the shutdown deadline: a stream keeps the status it was sent with.
+        if not rec.streamed:
+            rec.status = 503
+            rec.outcome = Outcome.UPSTREAM_ERROR
+        raise
     except BaseException:
         rec.status = 500
         rec.outcome = Outcome.UPSTREAM_ERROR
@@ -342,6 +348,7 @@ async def _stream(
     rec: RequestRecord,
 ) -> web.StreamResponse:
     rec.streamed = True
+    rec.status = resp.status
     out = web.StreamResponse(status=resp.status)
     for name, value in headers.response_headers(resp.headers.items()):
         out.headers.add(name, value)

@@ -6,6 +6,7 @@ config swap never changes the rules half-way through a request.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import aiohttp
@@ -55,10 +56,24 @@ class RuntimeRef:
 
 
 class Lifecycle:
-    """Whether the app takes new work: false once shutdown has begun."""
+    """Whether the app takes new work, and the request tasks it must wait for at shutdown."""
 
     def __init__(self) -> None:
         self.ready = True
+        self.inflight: set[asyncio.Task[object]] = set()
+
+    async def drain(self, grace_s: float) -> int:
+        """Let in-flight requests finish for ``grace_s``; cancel what is left (their
+        handlers still settle what they owe). Returns how many had to be cancelled."""
+        self.ready = False
+        if not self.inflight:
+            return 0
+        _, late = await asyncio.wait(set(self.inflight), timeout=grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=10)
+        return len(late)
 
 
 RUNTIME = web.AppKey("runtime", RuntimeRef)
