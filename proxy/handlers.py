@@ -51,6 +51,8 @@ OFFLOAD_BYTES = 64 * 1024
 # Output tokens assumed for the hold when neither the request, a cap nor the price
 # table bounds them.
 FALLBACK_OUTPUT_TOKENS = 16_384
+# No real model name comes near this; longer ones are refused before any lookup.
+MAX_MODEL_CHARS = 256
 # Where each endpoint takes its output limit, when the proxy has to set one.
 OUTPUT_PARAM = {
     Endpoint.CHAT: "max_completion_tokens",
@@ -128,6 +130,8 @@ async def admit(
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise MissingModel("You must provide a model parameter.", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"'model' is longer than {MAX_MODEL_CHARS} characters.", param="model")
     rec.model = model
     stream = body.get("stream") is True
     if stream and not endpoint.streams:

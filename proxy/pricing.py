@@ -108,17 +108,23 @@ _SNAPSHOT_SUFFIX = re.compile(
 )
 
 
+# Real snapshot names carry at most two suffixes ("-0125-preview"); stopping early keeps a
+# hostile name from costing more than a few regex scans.
+_MAX_SUFFIXES = 3
+
+
 def _base_names(model: str) -> list[str]:
     """The names a snapshot falls back to, nearest first (``gpt-4-0125-preview`` ->
     ``gpt-4-0125``, ``gpt-4``). Only whole trailing suffixes are stripped, never an
     arbitrary prefix match, so ``gpt-4o-mini-x`` never resolves to ``gpt-4o``."""
     names: list[str] = []
-    while True:
+    for _ in range(_MAX_SUFFIXES):
         base = _SNAPSHOT_SUFFIX.sub("", model, count=1)
         if base == model or not base:
-            return names
+            break
         names.append(base)
         model = base
+    return names
 
 
 class PriceTable:

@@ -492,6 +492,7 @@ async def test_premium_agent_prompt_cap_override(
         ("POST", "/v1/chat/completions", {"data": b"\xff\xfe"}, 400, "invalid_json"),
         ("POST", "/v1/chat/completions", {"json": {"messages": []}}, 400, "missing_model"),
         ("POST", "/v1/chat/completions", {"json": {"model": 5}}, 400, "missing_model"),
+        ("POST", "/v1/chat/completions", {"json": chat(model="m" * 300)}, 400, "invalid_request"),
         ("POST", "/v1/chat/completions", {"json": {"model": "nope-9"}}, 400, "model_not_priced"),
         (
             "POST",

@@ -5,6 +5,7 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
+from proxy import pricing
 from proxy.pricing import (
     BUILTIN_PRICES,
     ModelPrice,
@@ -416,3 +417,9 @@ def test_model_price_stays_strict() -> None:
     p = ModelPrice.model_validate({"input_per_mtok": "0.15", "output_per_mtok": 0.6})
     assert type(p.input_per_mtok) is Decimal
     assert max_output_tokens(p) is None
+
+
+def test_snapshot_fallback_strips_a_bounded_number_of_suffixes() -> None:
+    hostile = "gpt-4o" + "-0101" * 50
+    assert len(pricing._base_names(hostile)) == pricing._MAX_SUFFIXES
+    assert PriceTable().lookup(hostile) is None
