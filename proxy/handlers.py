@@ -260,11 +260,7 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
     rt: Runtime = request.app[RUNTIME].current
     adm = await admit(request, endpoint, rt, rec)
     settings = rt.settings
-    send_headers = headers.request_headers(
-        request.headers.items(),
-        api_key=adm.identity.client_key or _secret(adm.route.api_key),
-        drop=(settings.identity.agent_header,),
-    )
+    send_headers = _send_headers(request, rt, adm.identity, adm.route)
     alerter = request.app[ALERTER]
     metrics = request.app[METRICS]
     hold_ttl_s = math.ceil(adm.route.timeout_s) + 60
@@ -294,7 +290,7 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
                 if not 200 <= resp.status < 300:
                     # Not billed by the upstream: relay it; leaving releases the hold.
                     data = await upstream.read_body(resp, adm.route)
-                    return _relay(resp.status, resp.headers.items(), data)
+                    return _relay(resp, data, adm.identity)
                 content_type = resp.headers.get("Content-Type", "")
                 if adm.stream and content_type.startswith("text/event-stream"):
                     out: web.StreamResponse = await _stream(request, adm, hold, resp, rec)
@@ -338,7 +334,7 @@ async def _json(
     )
     await hold.commit(charged)
     _settled(rec, adm, charged, usage)
-    out = _relay(resp.status, resp.headers.items(), data)
+    out = _relay(resp, data, adm.identity)
     out.headers.update(_budget_headers(adm, hold, charged))
     _shadow_header(out, rec)
     return out
@@ -354,7 +350,7 @@ async def _stream(
     rec.streamed = True
     rec.status = resp.status
     out = web.StreamResponse(status=resp.status)
-    for name, value in headers.response_headers(resp.headers.items()):
+    for name, value in headers.response_headers(resp.headers.items(), drop=_hidden(adm.identity)):
         out.headers.add(name, value)
     # Sent before usage is known: the budget as if this request cost its whole hold.
     out.headers.update(_budget_headers(adm, hold, adm.plan.amount_micros))
@@ -430,9 +426,26 @@ def _secret(value: Any) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-def _relay(status: int, items: Any, data: bytes) -> web.Response:
-    resp = web.Response(status=status, body=data)
-    for name, value in headers.response_headers(items):
+def _hidden(identity: Identity) -> frozenset[str]:
+    """Headers that stay between the proxy and the upstream when the operator's key is used."""
+    return headers.OPERATOR_ACCOUNT if identity.client_key is None else frozenset()
+
+
+def _send_headers(
+    request: web.Request, rt: Runtime, identity: Identity, route: UpstreamConfig
+) -> list[tuple[str, str]]:
+    return headers.request_headers(
+        request.headers.items(),
+        api_key=identity.client_key or _secret(route.api_key),
+        drop=(rt.settings.identity.agent_header, *_hidden(identity)),
+    )
+
+
+def _relay(upstream_resp: aiohttp.ClientResponse, data: bytes, identity: Identity) -> web.Response:
+    resp = web.Response(status=upstream_resp.status, body=data)
+    for name, value in headers.response_headers(
+        upstream_resp.headers.items(), drop=_hidden(identity)
+    ):
         resp.headers.add(name, value)
     return resp
 
@@ -442,16 +455,12 @@ async def models(request: web.Request) -> web.StreamResponse:
     rt: Runtime = request.app[RUNTIME].current
     identity = rt.auth.authenticate(request.headers)
     route = rt.settings.upstreams[0]
-    send_headers = headers.request_headers(
-        request.headers.items(),
-        api_key=identity.client_key or _secret(route.api_key),
-        drop=(rt.settings.identity.agent_header,),
-    )
+    send_headers = _send_headers(request, rt, identity, route)
     async with upstream.send(
         request.app[SESSION], route, "models", method="GET", headers=send_headers, body=None
     ) as resp:
         data = await upstream.read_body(resp, route)
-        return _relay(resp.status, resp.headers.items(), data)
+        return _relay(resp, data, identity)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

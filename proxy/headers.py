@@ -25,11 +25,25 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Request headers the proxy owns: credentials, framing, and what it negotiates itself.
+# ("api-key" is Azure's spelling of a credential; cookies are never relayed.)
 _REQUEST_OWNED = frozenset(
-    {"authorization", "x-api-key", "host", "content-length", "content-encoding", "accept-encoding"}
+    {
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "host",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+    }
 )
-# Response headers that describe a body the proxy re-frames (it may decompress it).
-_RESPONSE_OWNED = frozenset({"content-length", "content-encoding", "server", "date"})
+# With the operator's upstream key (mode keys) a client must not pick the organization or
+# project it bills to, nor learn which ones the key belongs to.
+OPERATOR_ACCOUNT = frozenset({"openai-organization", "openai-project"})
+# Response headers that describe a body the proxy re-frames (it may decompress it), and
+# cookies, which belong to the proxy's upstream session, not to the client.
+_RESPONSE_OWNED = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})
 
 
 def _connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -66,9 +80,11 @@ def request_headers(
     return out
 
 
-def response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def response_headers(
+    items: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()
+) -> list[tuple[str, str]]:
     """Upstream response headers to relay to the client."""
-    return _filter(items, _RESPONSE_OWNED)
+    return _filter(items, _RESPONSE_OWNED, frozenset(d.lower() for d in drop))
 
 
 def _usd(micros: int) -> str:

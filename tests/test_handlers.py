@@ -62,13 +62,22 @@ async def test_chat_is_forwarded_metered_and_headed(
 async def test_keys_mode_injects_upstream_key_and_never_forwards_client_key(
     upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
+    upstream.extra_headers = {
+        "Set-Cookie": "session=upstream",
+        "openai-organization": "org-operator",
+        "openai-processing-ms": "12",
+    }
     client = await make_client(settings_for(upstream.url))
     headers = {
         **auth(agent="bot"),
         "x-api-key": TENANT_KEY,
+        "api-key": TENANT_KEY,
+        "Cookie": "c=1",
         "Connection": "keep-alive, X-Secret-Hop",
         "X-Secret-Hop": "drop me",
-        "OpenAI-Organization": "org-1",
+        "OpenAI-Organization": "org-chosen-by-client",
+        "OpenAI-Project": "proj-chosen-by-client",
+        "OpenAI-Beta": "assistants=v2",
     }
     body = chat(api_base="http://evil.invalid", base_url="http://evil.invalid")
     resp = await client.post("/v1/chat/completions", json=body, headers=headers)
@@ -76,11 +85,14 @@ async def test_keys_mode_injects_upstream_key_and_never_forwards_client_key(
     (got,) = upstream.received
     assert got.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert TENANT_KEY not in json.dumps(got.headers)
-    assert "X-Secret-Hop" not in got.headers
-    assert "X-Agent-Id" not in got.headers
-    assert got.headers["OpenAI-Organization"] == "org-1"
+    for name in ("X-Secret-Hop", "X-Agent-Id", "Cookie", "OpenAI-Organization", "OpenAI-Project"):
+        assert name not in got.headers
+    assert got.headers["OpenAI-Beta"] == "assistants=v2"
     assert got.path == "/v1/chat/completions"
     assert UPSTREAM_KEY not in json.dumps(dict(resp.headers))
+    assert "Set-Cookie" not in resp.headers
+    assert "openai-organization" not in resp.headers
+    assert resp.headers["openai-processing-ms"] == "12"
 
 
 async def test_passthrough_forwards_client_key_and_derives_tenant(
@@ -88,9 +100,12 @@ async def test_passthrough_forwards_client_key_and_derives_tenant(
 ) -> None:
     settings = settings_for(upstream.url, auth={"mode": "passthrough"})
     client = await make_client(settings, store=redis_store)
-    resp = await client.post("/v1/chat/completions", json=chat(), headers=auth("sk-user-own"))
+    own = {**auth("sk-user-own"), "OpenAI-Organization": "org-user"}
+    resp = await client.post("/v1/chat/completions", json=chat(), headers=own)
     assert resp.status == 200
     assert upstream.received[0].headers["Authorization"] == "Bearer sk-user-own"
+    # The user's own key: choosing its organization is the user's business.
+    assert upstream.received[0].headers["OpenAI-Organization"] == "org-user"
     # A configured key still maps to its tenant in passthrough mode.
     resp = await client.post("/v1/chat/completions", json=chat(), headers=auth(TENANT_KEY))
     assert resp.status == 200
