@@ -123,6 +123,9 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+_THIRD_PARTY = ("aiohttp", "asyncio")
+
+
 def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Send the ``capproxy`` loggers to ``stream`` (stderr) as JSON lines, at ``level``.
 
@@ -133,16 +136,19 @@ def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
     numeric = logging.getLevelNamesMapping().get(level.upper())
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}")
-    for handler in list(_log.handlers):
-        if isinstance(handler, _JsonHandler):
-            _log.removeHandler(handler)
-            handler.close()
     handler = _JsonHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(Redact())
-    _log.addHandler(handler)
+    # aiohttp and asyncio log too (aiohttp quotes raw request lines, headers included): the
+    # same JSON handler and redaction cover them.
+    for logger in (_log, *(logging.getLogger(name) for name in _THIRD_PARTY)):
+        for old in list(logger.handlers):
+            if isinstance(old, _JsonHandler):
+                logger.removeHandler(old)
+                old.close()
+        logger.addHandler(handler)
+        logger.propagate = False
     _log.setLevel(numeric)
-    _log.propagate = False
 
 
 class _JsonHandler(logging.StreamHandler[TextIO]):

@@ -18,15 +18,16 @@ RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 @pytest.fixture(autouse=True)
 def restore_logger() -> Iterator[None]:
     """``setup`` changes the process-wide ``capproxy`` logger: put it back after each test."""
-    logger = logging.getLogger(logs.ROOT)
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    loggers = [logging.getLogger(name) for name in (logs.ROOT, "aiohttp", "asyncio")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
-    for handler in list(logger.handlers):
-        if handler not in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-    logger.setLevel(level)
-    logger.propagate = propagate
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        for handler in list(logger.handlers):
+            if handler not in handlers:
+                logger.removeHandler(handler)
+                handler.close()
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture
@@ -141,6 +142,16 @@ def test_child_loggers_write_json_too(stream: io.StringIO) -> None:
         "WARNING",
         "settle queue full",
     )
+
+
+def test_aiohttp_lines_are_json_and_redacted(stream: io.StringIO) -> None:
+    # aiohttp's server quotes the raw request line of a bad request, headers included.
+    logging.getLogger("aiohttp.server").error(
+        "Error handling request: bad header b'Authorization: Bearer sk-live-0123456789abcdef'"
+    )
+    [line] = lines(stream)
+    assert line["logger"] == "aiohttp.server"
+    assert "0123456789abcdef" not in stream.getvalue()
 
 
 def test_setup_is_idempotent() -> None:
