@@ -94,6 +94,14 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def encode_json(body: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except (ValueError, RecursionError) as exc:
+        # 1e999 parses as infinity; very deep nesting cannot be written back.
+        raise InvalidJSON("The request body has a number out of range or nests too deep.") from exc
+
+
 async def _offload(raw: bytes, fn: Any, *args: Any) -> Any:
     if len(raw) <= OFFLOAD_BYTES:
         return fn(*args)
@@ -163,16 +171,14 @@ async def admit(
         # Shadow mode: note it, and leave the request exactly as the client sent it.
         rec.would_reject = exc.code
         decision = budget.TokenDecision(requested_output, inject=False)
-    rewrite = False
     if decision.inject and endpoint in OUTPUT_PARAM:
         body[OUTPUT_PARAM[endpoint]] = decision.output_limit
-        rewrite = True
     strip_usage_chunk = False
     if stream and endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS):
         strip_usage_chunk = _ask_for_usage(body)
-        rewrite = rewrite or strip_usage_chunk
-    if rewrite:
-        raw = json.dumps(body, separators=(",", ":")).encode()
+    # The upstream gets the body the proxy judged, never the client's bytes: a parser
+    # that reads duplicate keys differently (first wins) must not see another request.
+    raw = await _offload(raw, encode_json, body)
     hold_output = decision.output_limit
     if hold_output is None:
         hold_output = price.max_output_tokens or FALLBACK_OUTPUT_TOKENS

@@ -18,6 +18,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: Any
+    raw: bytes = b""
 
 
 UsageFn = Callable[[str, dict[str, Any]], dict[str, Any] | None]
@@ -85,8 +86,9 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.received.append(Received("POST", request.path, dict(request.headers), body))
+        raw = await request.read()
+        body = json.loads(raw)
+        self.received.append(Received("POST", request.path, dict(request.headers), body, raw))
         if self.gate is not None:
             await self.gate.wait()
         if self.delay_s:

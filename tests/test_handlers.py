@@ -198,6 +198,35 @@ async def test_missing_output_limit_is_set_from_the_cap(
     assert "max_completion_tokens" not in upstream.received[2].body
 
 
+async def test_upstream_gets_the_body_the_proxy_judged(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    # Duplicate keys: Python keeps the last; a first-key-wins upstream must not see the first.
+    raw = (
+        b'{"model": "gpt-4o", "model": "test-model", "max_tokens": 99999, "max_tokens": 5,'
+        b' "messages": [{"role": "user", "content": "hi"}]}'
+    )
+    headers = {**auth(), "Content-Type": "application/json"}
+    resp = await client_post(make_client, upstream, raw, headers)
+    assert resp == 200
+    sent = upstream.received[0]
+    assert b"gpt-4o" not in sent.raw and b"99999" not in sent.raw
+    assert sent.body == {
+        "model": "test-model",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+
+async def client_post(
+    make_client: MakeClient, upstream: FakeUpstream, raw: bytes, headers: dict[str, str]
+) -> int:
+    client = await make_client(settings_for(upstream.url))
+    resp = await client.post("/v1/chat/completions", data=raw, headers=headers)
+    await resp.read()
+    return resp.status
+
+
 async def test_response_without_usage_is_charged_its_hold(
     upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
 ) -> None:
@@ -505,6 +534,13 @@ async def test_premium_agent_prompt_cap_override(
         ("POST", "/v1/chat/completions", {"data": b"[1,2]"}, 400, "invalid_json"),
         ("POST", "/v1/chat/completions", {"data": b'{"x": NaN}'}, 400, "invalid_json"),
         ("POST", "/v1/chat/completions", {"data": b"\xff\xfe"}, 400, "invalid_json"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"data": b'{"model": "test-model", "messages": [], "temperature": 1e999}'},
+            400,
+            "invalid_json",
+        ),
         ("POST", "/v1/chat/completions", {"json": {"messages": []}}, 400, "missing_model"),
         ("POST", "/v1/chat/completions", {"json": {"model": 5}}, 400, "missing_model"),
         ("POST", "/v1/chat/completions", {"json": chat(model="m" * 300)}, 400, "invalid_request"),
