@@ -165,36 +165,42 @@ class TokenDecision:
     inject: bool
 
 
-def check_tokens(cap: TokenCap | None, *, prompt: int, output: int | None) -> TokenDecision:
+def check_tokens(
+    cap: TokenCap | None, *, prompt: int, output: int | None, choices: int = 1
+) -> TokenDecision:
     """Apply a token cap to a request's prompt estimate and requested output limit.
 
-    Raises ``TokenCapExceeded``; a request that names no output limit gets the largest
-    one the completion and total caps allow, so the cap holds.
+    The output limit applies to each of the ``choices`` (``n``) the request asks for, so the
+    completion and total caps are checked against ``output x choices``. Raises
+    ``TokenCapExceeded``; a request that names no output limit gets the largest one the
+    completion and total caps allow, so the cap holds.
     """
     if cap is None:
         return TokenDecision(output, inject=False)
     if cap.max_prompt_tokens is not None and prompt > cap.max_prompt_tokens:
         _reject(f"Prompt tokens ({prompt}) exceed cap ({cap.max_prompt_tokens})")
     if output is not None:
-        if cap.max_completion_tokens is not None and output > cap.max_completion_tokens:
-            _reject(f"Completion tokens ({output}) exceed cap ({cap.max_completion_tokens})")
-        if cap.max_total_tokens is not None and prompt + output > cap.max_total_tokens:
-            _reject(f"Total tokens ({prompt + output}) exceed cap ({cap.max_total_tokens})")
+        completion = output * choices
+        if cap.max_completion_tokens is not None and completion > cap.max_completion_tokens:
+            _reject(f"Completion tokens ({completion}) exceed cap ({cap.max_completion_tokens})")
+        if cap.max_total_tokens is not None and prompt + completion > cap.max_total_tokens:
+            _reject(f"Total tokens ({prompt + completion}) exceed cap ({cap.max_total_tokens})")
         return TokenDecision(output, inject=False)
     allowed: list[int] = []
     if cap.max_completion_tokens is not None:
-        allowed.append(cap.max_completion_tokens)
+        allowed.append(cap.max_completion_tokens // choices)
     if cap.max_total_tokens is not None:
-        room = cap.max_total_tokens - prompt
-        if room < 1:
-            _reject(
-                f"Total tokens ({prompt} prompt + at least 1 completion) "
-                f"exceed cap ({cap.max_total_tokens})"
-            )
-        allowed.append(room)
+        allowed.append((cap.max_total_tokens - prompt) // choices)
     if not allowed:
         return TokenDecision(None, inject=False)
-    return TokenDecision(min(allowed), inject=True)
+    limit = min(allowed)
+    if limit < 1:
+        _reject(
+            f"Total tokens ({prompt} prompt + at least {choices} completion) exceed the "
+            f"token cap (max_completion_tokens {cap.max_completion_tokens}, "
+            f"max_total_tokens {cap.max_total_tokens})"
+        )
+    return TokenDecision(limit, inject=True)
 
 
 def _reject(reason: str) -> None:

@@ -164,7 +164,7 @@ async def admit(
     caps = settings.cost_caps
     token_cap = caps.token_cap_for(identity.agent_id) if caps.enabled else None
     try:
-        decision = budget.check_tokens(token_cap, prompt=prompt, output=requested_output)
+        decision = budget.check_tokens(token_cap, prompt=prompt, output=requested_output, choices=n)
     except TokenCapExceeded as exc:
         if caps.enforce:
             raise

@@ -190,6 +190,11 @@ async def test_missing_output_limit_is_set_from_the_cap(
     body = {"model": "test-model", "input": "hi"}
     assert (await client.post("/v1/responses", json=body, headers=auth())).status == 200
     assert upstream.received[1].body["max_output_tokens"] == 4096
+    # With n choices the cap is shared among them.
+    resp = await client.post("/v1/chat/completions", json=chat(n=4), headers=auth())
+    assert resp.status == 200
+    assert upstream.received[2].body["max_completion_tokens"] == 1024
+    upstream.received.pop()
     # A request that names its own limit is forwarded byte for byte.
     raw = b'{"model":"test-model","messages":[{"role":"user","content":"x"}],  "max_tokens":7}'
     headers = {**auth(), "Content-Type": "application/json"}
@@ -484,6 +489,7 @@ async def test_hopeless_request_says_do_not_retry(
     [
         (chat("word " * 5000), None, "Prompt tokens"),
         (chat(max_tokens=5000), None, "Completion tokens (5000) exceed cap (4096)"),
+        (chat(max_tokens=100, n=50), None, "Completion tokens (5000) exceed cap (4096)"),
         (chat("word " * 3000, max_completion_tokens=2500), "tight", "Total tokens"),
         (chat("word " * 20000), "premium-agent", "exceed cap (16384)"),
     ],
