@@ -153,9 +153,15 @@ class StoreUnavailable(ProxyError):
 
 
 class UpstreamError(ProxyError):
+    """The upstream failed. ``sent``: the request may have reached it (and been billed)."""
+
     status = 502
     type = "api_error"
     code = "upstream_unreachable"
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class UpstreamTimeout(UpstreamError):

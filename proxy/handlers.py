@@ -302,6 +302,12 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
                     out: web.StreamResponse = await _stream(request, adm, hold, resp, rec)
                 else:
                     out = await _json(adm, hold, resp, rec)
+        except UpstreamError as exc:
+            if exc.sent:
+                # Timed out or cut off after the request went out: the upstream may have
+                # billed it, so the hold is charged. Unreachable: the hold is released.
+                await hold.commit(adm.plan.amount_micros)
+            raise
         except asyncio.CancelledError:
             # Cancelled (shutdown deadline) after the upstream got the request: it may be
             # billing, so charge the hold rather than release it.

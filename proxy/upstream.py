@@ -5,7 +5,8 @@
         data = await read_body(resp)
 
 The URL and key come only from the caps file; redirects are never followed;
-``aiohttp`` errors become ``UpstreamError`` (502) and timeouts ``UpstreamTimeout`` (504).
+``aiohttp`` errors become ``UpstreamError`` (502) and timeouts ``UpstreamTimeout`` (504),
+with ``sent=False`` only when the request never reached the upstream (no connection).
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ async def send(
             allow_redirects=False,
             timeout=timeout_for(upstream),
         )
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamTimeout(f"Upstream '{upstream.name}' timed out", sent=False) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError(f"Upstream '{upstream.name}' is unreachable", sent=False) from exc
     except TimeoutError as exc:
-        raise UpstreamTimeout(f"Upstream '{upstream.name}' timed out") from exc
+        raise UpstreamTimeout(f"Upstream '{upstream.name}' timed out", sent=True) from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"Upstream '{upstream.name}' is unreachable") from exc
+        raise UpstreamError(f"Upstream '{upstream.name}' broke off", sent=True) from exc
     try:
         yield resp
     finally:

@@ -670,21 +670,28 @@ async def test_unreachable_upstream_is_502_and_the_hold_released(
     assert await spent(redis_store, "acme", "_default") == NOTHING
 
 
-async def test_upstream_timeout_is_504_and_the_hold_released(
+async def test_upstream_timeout_after_sending_is_504_and_the_hold_charged(
     upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
 ) -> None:
+    # The upstream got the request and may be generating (and billing) when the proxy gives
+    # up: the hold is charged, not released, and nothing stays held.
     upstream.delay_s = 2
     settings = settings_for(upstream.url)
     route = settings.upstreams[0].model_copy(update={"timeout_s": 0.3})
     client = await make_client(
         settings.model_copy(update={"upstreams": (route,)}), store=redis_store
     )
+    body = chat(max_tokens=100)
     started = time.monotonic()
-    resp = await client.post("/v1/chat/completions", json=chat(), headers=auth())
+    resp = await client.post("/v1/chat/completions", json=body, headers=auth())
     assert resp.status == 504
     assert time.monotonic() - started < 1.5
     assert (await resp.json())["error"]["code"] == "upstream_timeout"
-    assert await spent(redis_store, "acme", "_default") == NOTHING
+    hold = Tokenizer().estimate(Endpoint.CHAT, body) + 100 * 2
+    assert await spent(redis_store, "acme", "_default") == (
+        Decimal(hold) / 1_000_000,
+        Decimal(0),
+    )
 
 
 # --- store failures ---------------------------------------------------------------------
