@@ -46,6 +46,9 @@ class _Pending:
     actual_micros: int
     tz: ZoneInfo
     hold_ttl_s: int
+    # The reserve call failed: it may still have run in the store (a reply lost to a
+    # timeout), so this rid is written even at zero, which clears any such hold.
+    reserve_failed: bool = False
 
 
 @dataclass(slots=True)
@@ -61,6 +64,7 @@ class Hold:
     _hold_ttl_s: int
     # Shadow mode: the rejection the caps would have given (the request went ahead).
     would_reject: BudgetExceeded | None = None
+    reserve_failed: bool = False  # admitted fail-open after the store did not answer
     settled: bool = field(default=False)
 
     @property
@@ -79,6 +83,7 @@ class Hold:
             max(0, actual_micros),
             self._tz,
             self._hold_ttl_s,
+            self.reserve_failed,
         )
         await self._ledger.settle(pending)
 
@@ -130,13 +135,20 @@ class Ledger:
         states: tuple[CounterState, ...] = ()
         now = 0.0
         would_reject: BudgetExceeded | None = None
+        reserve_failed = False
         if plan.counters:
             try:
                 result = await self.store.reserve(
                     rid, plan.counters, plan.amount_micros, tz=tz, hold_ttl_s=hold_ttl_s
                 )
             except StoreUnavailable:
+                reserve_failed = True
                 if not self.fail_open:
+                    # The script may yet run (or have run) in the store: clear that hold
+                    # once the store answers, so it cannot block others until it expires.
+                    self._defer(
+                        _Pending(rid, (), plan.counters, 0, tz, hold_ttl_s, reserve_failed=True)
+                    )
                     raise
                 self.stats.fail_open_admitted += 1
                 log.warning("store unavailable: admitting request without a reservation")
@@ -149,7 +161,7 @@ class Ledger:
                     would_reject = rejection(plan, result)
                 else:
                     states, now = result.states, result.now
-        hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s, would_reject)
+        hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s, would_reject, reserve_failed)
         try:
             yield hold
         finally:
@@ -168,7 +180,7 @@ class Ledger:
         """Settle (or record, when admitted fail-open); queue it if the store is down."""
         if not pending.counters:
             return
-        if not pending.states and pending.actual_micros == 0:
+        if not pending.states and pending.actual_micros == 0 and not pending.reserve_failed:
             return  # nothing held, nothing spent
         try:
             await self._apply(pending)
@@ -184,6 +196,9 @@ class Ledger:
             )
 
     def _defer(self, pending: _Pending) -> None:
+        release_only = pending.reserve_failed and pending.actual_micros == 0 and not pending.states
+        if release_only and len(self._pending) >= self._max_pending // 2:
+            return  # never crowd out settles that carry spend: a stray hold expires anyway
         self.stats.settles_deferred += 1
         if len(self._pending) >= self._max_pending:
             self._pending.popleft()

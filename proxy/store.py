@@ -285,7 +285,7 @@ class MemoryStore:
         hold_ttl_s: float,
     ) -> ReserveResult:
         _check_rid(rid)
-        _check_counters(counters)
+        tenant = _check_counters(counters)
         _check_amount(amount_micros)
         _check_ttl(hold_ttl_s)
         now = self._clock()
@@ -294,9 +294,13 @@ class MemoryStore:
         buckets = [self._bucket(c, p) for c, p in zip(counters, periods, strict=True)]
         helds = [b.held(now) for b in buckets]
         replay = rid in buckets[0].holds
-        ok = replay or all(
-            b.spent + h + amount_micros <= c.limit_micros
-            for c, b, h in zip(counters, buckets, helds, strict=True)
+        settled = self._settled.get((tenant, rid), 0.0) > now  # released before it arrived
+        ok = not settled and (
+            replay
+            or all(
+                b.spent + h + amount_micros <= c.limit_micros
+                for c, b, h in zip(counters, buckets, helds, strict=True)
+            )
         )
         if ok and not replay:
             for i, b in enumerate(buckets):
@@ -414,15 +418,18 @@ class MemoryStore:
 
 # --- Redis store -------------------------------------------------------------------------
 
-# KEYS: per counter its hash and holds zset (K1, Z1, K2, Z2, ...).
+# KEYS: per counter its hash and holds zset (K1, Z1, K2, Z2, ...), then the rid's settled
+#       marker: a reserve that arrives after its rid was settled or released (its reply was
+#       lost to a timeout and the ledger released it) holds nothing.
 # ARGV: rid, amount, hold ttl ms, then per counter: limit, period start, period end,
 #       key expiry (epoch ms).
-# Returns {'skew', sec, usec} | {'ok'|'rejected', sec, usec, spent1, held1, spent2, ...}.
+# Returns {'skew', sec, usec} |
+#         {'ok'|'rejected'|'settled', sec, usec, spent1, held1, spent2, ...}.
 _RESERVE_LUA = """
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS / 2
+local n = (#KEYS - 1) / 2
 for i = 1, n do
   local a = 3 + (i - 1) * 4
   if now_s < tonumber(ARGV[a + 2]) or now_s >= tonumber(ARGV[a + 3]) then
@@ -456,7 +463,9 @@ for i = 1, n do
 end
 local status = 'ok'
 local replay = redis.call('HEXISTS', KEYS[1], field) == 1
-if not replay then
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 then
+  status = 'settled'
+elseif not replay then
   for i = 1, n do
     if spent[i] + held[i] + amount > tonumber(ARGV[3 + (i - 1) * 4 + 1]) then
       status = 'rejected'
@@ -667,7 +676,7 @@ class RedisStore:
         hold_ttl_s: float,
     ) -> ReserveResult:
         _check_rid(rid)
-        _check_counters(counters)
+        tenant = _check_counters(counters)
         _check_amount(amount_micros)
         ttl_ms = _check_ttl(hold_ttl_s)
 
@@ -680,6 +689,7 @@ class RedisStore:
                 keys += [key, key + ":holds"]
                 limit = min(c.limit_micros, MAX_MICROS)  # beyond it, a limit is no limit
                 args += [limit, p.start, p.end, self._expire_at_ms(p, ttl_ms)]
+            keys.append(self.settled_key(tenant, rid))
             reply = await self._reserve(keys=keys, args=args)
             status, now = self._status(reply)
             values = [int(_text(v)) for v in reply[3:]]

@@ -33,7 +33,10 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    """A private redis-server this test may stop and restart (fault tests)."""
+    """A private redis-server this test may stop and restart (fault tests).
+
+    Request it before ``make_client`` so that it outlives the app (whose shutdown still
+    writes to it)."""
     server = RedisServer()
     server.start()
     try:

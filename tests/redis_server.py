@@ -49,6 +49,9 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                # Fault tests stall the server with DEBUG SLEEP (it listens on loopback only).
+                "--enable-debug-command",
+                "yes",
                 "--dir",
                 self._dir.name,
                 "--logfile",

@@ -45,7 +45,7 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 
 async def test_metrics_count_each_outcome_exactly(
-    upstream: FakeUpstream, make_client: MakeClient, redis_server: RedisServer
+    redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
     store = RedisStore.from_url(redis_server.url, timeout_s=0.25)
     settings = settings_for(
@@ -108,7 +108,7 @@ async def test_metrics_count_each_outcome_exactly(
 
 
 async def test_readyz_follows_the_store(
-    upstream: FakeUpstream, make_client: MakeClient, redis_server: RedisServer
+    redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
     store = RedisStore.from_url(redis_server.url, timeout_s=0.25)
     client = await make_client(settings_for(upstream.url), store=store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from decimal import Decimal
@@ -11,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from proxy.endpoints import Endpoint
+from proxy.errors import StoreUnavailable
 from proxy.pricing import micros_to_usd
 from proxy.state import LEDGER
 from proxy.store import Counter, MemoryStore, RedisStore, Store
@@ -698,7 +700,7 @@ async def test_upstream_timeout_after_sending_is_504_and_the_hold_charged(
 
 
 async def test_redis_down_fail_closed_then_recovers(
-    upstream: FakeUpstream, make_client: MakeClient, redis_server: RedisServer
+    redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
     store = RedisStore.from_url(redis_server.url, timeout_s=0.25)
     client = await make_client(settings_for(upstream.url), store=store)
@@ -721,7 +723,7 @@ async def test_redis_down_fail_closed_then_recovers(
 
 
 async def test_redis_down_fail_open_forwards_and_records_later(
-    upstream: FakeUpstream, make_client: MakeClient, redis_server: RedisServer
+    redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
     store = RedisStore.from_url(redis_server.url, timeout_s=0.25)
     settings = settings_for(upstream.url, store={"on_error": "fail_open"})
@@ -739,3 +741,41 @@ async def test_redis_down_fail_open_forwards_and_records_later(
     assert (await spent(store, "acme", "_default"))[0] == Decimal("0.00005")
     assert await ledger.flush() == 0
     assert (await spent(store, "acme", "_default"))[0] == Decimal("0.00005")
+
+
+async def test_reserve_lost_to_a_timeout_leaves_no_hold_behind(
+    redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    store = RedisStore.from_url(redis_server.url, timeout_s=0.1)
+    client = await make_client(settings_for(upstream.url), store=store)
+    warm = await client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth())
+    assert warm.status == 200  # connection open, scripts loaded
+    spent_before = await spent(store, "acme", "_default")
+    # Block Redis for a second: the reserve times out (503), then runs once Redis wakes.
+    _, sleeper = await asyncio.open_connection("127.0.0.1", redis_server.port)
+    sleeper.write(b"DEBUG SLEEP 1\r\n")
+    await sleeper.drain()
+    probe_reader, probe = await asyncio.open_connection("127.0.0.1", redis_server.port)
+    for _ in range(200):  # until Redis is asleep
+        probe.write(b"PING\r\n")
+        try:
+            await asyncio.wait_for(probe_reader.readline(), 0.05)
+        except TimeoutError:
+            break
+    else:
+        raise AssertionError("DEBUG SLEEP did not stall the test Redis")
+    resp = await client.post("/v1/chat/completions", json=chat(), headers=auth())
+    assert resp.status == 503
+    assert upstream.count == 1
+    # The ledger releases that reservation id once Redis answers again.
+    ledger = client.app[LEDGER]
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        await ledger.flush()
+        with contextlib.suppress(StoreUnavailable):
+            if not ledger.pending and await spent(store, "acme", "_default") == spent_before:
+                break
+        assert asyncio.get_running_loop().time() < deadline, "the lost hold was never cleared"
+        await asyncio.sleep(0.05)
+    sleeper.close()
+    probe.close()

@@ -271,6 +271,23 @@ async def test_record_adds_spend_once(harness: Harness) -> None:
     assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(250, 0)] * 2
 
 
+async def test_reserve_after_its_rid_was_released_holds_nothing(harness: Harness) -> None:
+    # A reserve whose reply was lost (timeout) is released by rid; if the reserve itself
+    # reaches the store only after that, it must not leave a hold behind.
+    counters = [tenant(1000), agent(1000)]
+    await harness.store.record("r1", counters, 0, tz=UTC, hold_ttl_s=TTL)
+    result = await reserve(harness, "r1", counters, 300)
+    assert not result.ok
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 0)] * 2
+
+
+async def test_record_removes_the_hold_of_its_rid(harness: Harness) -> None:
+    counters = [tenant(1000)]
+    assert (await reserve(harness, "r1", counters, 300)).ok
+    await harness.store.record("r1", counters, 0, tz=UTC, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 0)]
+
+
 async def test_settle_uses_the_periods_it_is_given(harness: Harness) -> None:
     counters = [tenant(1000, window=Window.HOURLY)]
     result = await reserve(harness, "r1", counters, 500)
