@@ -41,13 +41,10 @@ def plan_budget(
     settings: Settings, tenant_id: str, agent_id: str, *, amount_micros: int
 ) -> BudgetPlan:
     """Every budget window that applies: the tenant's own caps, then the (tenant, agent) caps."""
-    pairs: list[tuple[Counter, BudgetCap]] = []
-    tenant = settings.tenant(tenant_id)
-    if tenant is not None:
-        pairs.extend(
-            (Counter(tenant_id, None, cap.window, usd_to_micros(cap.hard_limit_usd)), cap)
-            for cap in tenant.budget_caps
-        )
+    pairs: list[tuple[Counter, BudgetCap]] = [
+        (Counter(tenant_id, None, cap.window, usd_to_micros(cap.hard_limit_usd)), cap)
+        for cap in settings.tenant_budget_caps(tenant_id)
+    ]
     if settings.cost_caps.enabled:
         pairs.extend(
             (Counter(tenant_id, agent_id, cap.window, usd_to_micros(cap.hard_limit_usd)), cap)

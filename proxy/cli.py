@@ -118,10 +118,15 @@ def describe(settings: Settings) -> list[str]:
         keys = len(tenant.api_keys)
         lines.append(
             f"  {tenant.id}: {keys} api key{'s' if keys != 1 else ''}; "
-            f"{_budget(tenant.budget_caps)}"
+            f"{_budget(settings.tenant_budget_caps(tenant.id))}"
         )
     if not settings.tenants:
         lines.append("  (none)")
+    if caps.default_tenant_budget_caps:
+        lines.append(
+            "  tenants without caps of their own (and passthrough tenants): "
+            f"{_budget(caps.default_tenant_budget_caps)}"
+        )
     state = "" if caps.enabled else " DISABLED (cost_caps.enabled: false)"
     lines.append(f"agent caps (per tenant and agent){state}:")
     label = "" if DEFAULT_AGENT in caps.agent_ids else f"{DEFAULT_AGENT} and "

@@ -138,6 +138,10 @@ class CostCapConfig(_Model):
     # false = shadow mode: nothing is rejected; would-be rejections are logged, counted and
     # reported in the x-budget-would-reject header.
     enforce: bool = True
+    # Tenant-wide caps for every tenant without budget caps of its own, including the
+    # tenants passthrough mode derives from unknown keys: a tenant cannot escape them by
+    # inventing agent ids.
+    default_tenant_budget_caps: BudgetCaps = ()
     default_budget_caps: BudgetCaps = ()
     default_token_cap: TokenCap | None = None
     agents: tuple[AgentCostCap, ...] = ()
@@ -376,6 +380,14 @@ class Settings(_Model):
 
     def tenant(self, tenant_id: str) -> TenantConfig | None:
         return self._tenants.get(tenant_id)
+
+    def tenant_budget_caps(self, tenant_id: str) -> tuple[BudgetCap, ...]:
+        """A tenant's tenant-wide caps: its own, else ``cost_caps.default_tenant_budget_caps``
+        (while cost caps are enabled)."""
+        tenant = self._tenants.get(tenant_id)
+        if tenant is not None and tenant.budget_caps:
+            return tenant.budget_caps
+        return self.cost_caps.default_tenant_budget_caps if self.cost_caps.enabled else ()
 
 
 # --- Loading -------------------------------------------------------------------------------

@@ -197,7 +197,9 @@ async def caps(request: web.Request) -> web.StreamResponse:
             "tenant_configured": tenant is not None,
             "cost_caps_enabled": enabled,
             "enforce": cost_caps.enforce,
-            "tenant_budget_caps": [budget_cap(c) for c in tenant.budget_caps] if tenant else [],
+            "tenant_budget_caps": [
+                budget_cap(c) for c in rt.settings.tenant_budget_caps(tenant_id)
+            ],
             "agent_budget_caps": (
                 [budget_cap(c) for c in cost_caps.budget_caps_for(agent_id)] if enabled else []
             ),

@@ -355,6 +355,29 @@ async def test_tenant_wide_cap_spans_agents_and_tenants_are_isolated(
     assert (await spent(redis_store, "acme", None, Window.MONTHLY))[0] == Decimal("0.06")
 
 
+async def test_new_agent_ids_cannot_escape_the_default_tenant_cap(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+) -> None:
+    # $1 per call; $10 hourly per agent, $3 hourly per tenant by default. Passthrough
+    # tenants (derived from unknown keys) get the default tenant cap too.
+    upstream.usage = lambda _p, _b: {"prompt_tokens": 1_000_000, "completion_tokens": 0}
+    settings = settings_for(
+        upstream.url,
+        auth={"mode": "passthrough"},
+        cost_caps={"default_tenant_budget_caps": [{"window": "hourly", "hard_limit_usd": 3}]},
+    )
+    client = await make_client(settings, store=redis_store)
+    for key in ("sk-user-own", TENANT_KEY):
+        statuses = []
+        for i in range(5):
+            resp = await client.post(
+                "/v1/chat/completions", json=chat(max_tokens=1), headers=auth(key, f"agent-{i}")
+            )
+            statuses.append(resp.status)
+        assert statuses == [200, 200, 200, 429, 429], key
+    assert (await spent(redis_store, "acme", None))[0] == 3
+
+
 async def test_agent_override_and_unknown_agent_defaults(
     upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
 ) -> None:
