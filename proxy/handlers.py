@@ -51,6 +51,8 @@ OFFLOAD_BYTES = 64 * 1024
 # Output tokens assumed for the hold when neither the request, a cap nor the price
 # table bounds them.
 FALLBACK_OUTPUT_TOKENS = 16_384
+# Price factor for `"service_tier": "priority"` requests.
+PRIORITY_FACTOR = 2
 # No real model name comes near this; longer ones are refused before any lookup.
 MAX_MODEL_CHARS = 256
 # Where each endpoint takes its output limit, when the proxy has to set one.
@@ -151,6 +153,8 @@ async def admit(
             "(or set pricing.default).",
             param="model",
         )
+    if body.get("service_tier") == "priority":
+        price = _priority(price)
     route = settings.upstream_for(model)
     if route is None:
         raise BadRequest(f"No upstream serves model '{model[:128]}'.", param="model")
@@ -200,6 +204,22 @@ async def admit(
         plan=plan,
         stream=stream,
         strip_usage_chunk=strip_usage_chunk,
+    )
+
+
+def _priority(price: ModelPrice) -> ModelPrice:
+    """OpenAI bills priority processing above the standard price (up to about 2x): hold and
+    charge it at twice the listed price, never less than it may cost."""
+    return price.model_copy(
+        update={
+            "input_per_mtok": price.input_per_mtok * PRIORITY_FACTOR,
+            "cached_input_per_mtok": (
+                None
+                if price.cached_input_per_mtok is None
+                else price.cached_input_per_mtok * PRIORITY_FACTOR
+            ),
+            "output_per_mtok": price.output_per_mtok * PRIORITY_FACTOR,
+        }
     )
 
 
