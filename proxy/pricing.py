@@ -14,11 +14,9 @@ limit never grows), so rounding always errs towards spending less than the cap a
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
-from decimal import Decimal
-from fractions import Fraction
+from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal, Inexact, InvalidOperation
 from types import MappingProxyType
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -159,10 +157,19 @@ class PriceTable:
         return self._default
 
 
-def _exact(value: Decimal) -> Fraction:
+# Token counts stay below 2**40 and prices below 1000 with few decimals: 60 significant
+# digits hold every product and sum here exactly, so nothing is rounded but the final ceil.
+_EXACT = Context(prec=60, rounding=ROUND_CEILING, traps=[InvalidOperation, Inexact])
+
+
+def _exact(value: Decimal) -> Decimal:
     if not value.is_finite():
         raise ValueError(f"not a finite amount: {value}")
-    return Fraction(value)
+    return value
+
+
+def _ceil(total: Decimal) -> int:
+    return int(total.to_integral_value(rounding=ROUND_CEILING))
 
 
 def _check_tokens(**counts: int) -> None:
@@ -189,12 +196,12 @@ def cost_micros(usage: Usage, price: ModelPrice) -> int:
     cached_price = (
         input_price if price.cached_input_per_mtok is None else _exact(price.cached_input_per_mtok)
     )
-    total = (
-        (usage.prompt_tokens - cached) * input_price
-        + cached * cached_price
-        + usage.completion_tokens * _exact(price.output_per_mtok)
+    mul, add = _EXACT.multiply, _EXACT.add
+    total = add(
+        add(mul(usage.prompt_tokens - cached, input_price), mul(cached, cached_price)),
+        mul(usage.completion_tokens, _exact(price.output_per_mtok)),
     )
-    return math.ceil(total)
+    return _ceil(total)
 
 
 def estimate_micros(prompt_tokens: int, output_tokens: int, price: ModelPrice) -> int:
@@ -205,10 +212,11 @@ def estimate_micros(prompt_tokens: int, output_tokens: int, price: ModelPrice) -
     output price.
     """
     _check_tokens(prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-    total = prompt_tokens * _exact(price.input_per_mtok) + output_tokens * _exact(
-        price.output_per_mtok
+    total = _EXACT.add(
+        _EXACT.multiply(prompt_tokens, _exact(price.input_per_mtok)),
+        _EXACT.multiply(output_tokens, _exact(price.output_per_mtok)),
     )
-    return math.ceil(total)
+    return _ceil(total)
 
 
 def usd_to_micros(usd: Decimal) -> int:
@@ -216,7 +224,7 @@ def usd_to_micros(usd: Decimal) -> int:
 
     Computed over the exact value of ``usd``, so ``Decimal("0.1")`` is exactly 100000.
     """
-    return math.floor(_exact(usd) * MICROS_PER_USD)
+    return int(_EXACT.multiply(_exact(usd), MICROS_PER_USD).to_integral_value(ROUND_FLOOR))
 
 
 def micros_to_usd(micros: int) -> Decimal:
