@@ -40,8 +40,22 @@ def _local_midnight(day: datetime, tz: ZoneInfo) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=tz)
 
 
+# The last period computed per (window, zone): most calls fall inside it.
+_recent: dict[tuple[Window, ZoneInfo], Period] = {}
+
+
 def period_of(window: Window, now: float, tz: ZoneInfo) -> Period:
     """The period of ``window`` that contains ``now``, aligned to local time in ``tz``."""
+    key = (window, tz)
+    recent = _recent.get(key)
+    if recent is not None and recent.start <= now < recent.end:
+        return recent
+    period = _compute(window, now, tz)
+    _recent[key] = period
+    return period
+
+
+def _compute(window: Window, now: float, tz: ZoneInfo) -> Period:
     local = datetime.fromtimestamp(now, tz)
     if window is Window.HOURLY:
         # The local hour that contains ``now``, measured back from ``now`` itself so that
