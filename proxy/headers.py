@@ -36,6 +36,8 @@ _REQUEST_OWNED = frozenset(
         "content-length",
         "content-encoding",
         "accept-encoding",
+        # The proxy has read the whole body already (and answered any 100-continue itself).
+        "expect",
     }
 )
 # With the operator's upstream key (mode keys) a client must not pick the organization or
@@ -83,8 +85,13 @@ def request_headers(
 def response_headers(
     items: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()
 ) -> list[tuple[str, str]]:
-    """Upstream response headers to relay to the client."""
-    return _filter(items, _RESPONSE_OWNED, frozenset(d.lower() for d in drop))
+    """Upstream response headers to relay to the client (never the upstream's own
+    ``x-budget-*``: only this proxy's budget headers reach the client)."""
+    return [
+        (name, value)
+        for name, value in _filter(items, _RESPONSE_OWNED, frozenset(d.lower() for d in drop))
+        if not name.lower().startswith("x-budget-")
+    ]
 
 
 def _usd(micros: int) -> str:

@@ -141,6 +141,12 @@ class Ledger:
                 result = await self.store.reserve(
                     rid, plan.counters, plan.amount_micros, tz=tz, hold_ttl_s=hold_ttl_s
                 )
+            except asyncio.CancelledError:
+                # Cancelled with the script perhaps run: release this rid once possible.
+                self._defer(
+                    _Pending(rid, (), plan.counters, 0, tz, hold_ttl_s, reserve_failed=True)
+                )
+                raise
             except StoreUnavailable:
                 reserve_failed = True
                 if not self.fail_open:

@@ -42,6 +42,7 @@ Every Redis error or timeout becomes ``StoreUnavailable``; each call is bounded 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,9 +52,11 @@ from zoneinfo import ZoneInfo
 
 # This is the one module allowed to talk to Redis (the ban applies everywhere else).
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.windows import Period, Window, period_of
@@ -578,6 +581,24 @@ def _redis_time(sec: Any, usec: Any) -> float:
     return int(_text(sec)) + int(_text(usec)) / 1_000_000
 
 
+class _Script:
+    """A Lua script and its SHA1, packed straight into RESP."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
+
+    def packed(self, keys: list[str], args: Sequence[str | int], *, full: bool = False) -> bytes:
+        parts: list[bytes] = [b"EVAL", self.source] if full else [b"EVALSHA", self.sha]
+        parts.append(str(len(keys)).encode())
+        parts.extend(k.encode() for k in keys)
+        parts.extend(str(a).encode() for a in args)
+        out = [b"*%d\r\n" % len(parts)]
+        for part in parts:
+            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+        return b"".join(out)
+
+
 class _Skew(Exception):
     def __init__(self, redis_now: float) -> None:
         self.redis_now = redis_now
@@ -612,9 +633,10 @@ class RedisStore:
         self._margin_ms = int(expiry_margin_s * 1000)
         self._local_clock = local_clock
         self._offset = 0.0  # Redis time - local time, learned from script replies
-        self._reserve = client.register_script(_RESERVE_LUA)
-        self._commit = client.register_script(_COMMIT_LUA)
-        self._snapshot = client.register_script(_SNAPSHOT_LUA)
+        self._reserve = _Script(_RESERVE_LUA)
+        self._commit = _Script(_COMMIT_LUA)
+        self._snapshot = _Script(_SNAPSHOT_LUA)
+        self._idle: list[AbstractConnection] = []  # connections for the scripts, last used first
 
     @classmethod
     def from_url(
@@ -690,7 +712,7 @@ class RedisStore:
                 limit = min(c.limit_micros, MAX_MICROS)  # beyond it, a limit is no limit
                 args += [limit, p.start, p.end, self._expire_at_ms(p, ttl_ms)]
             keys.append(self.settled_key(tenant, rid))
-            reply = await self._reserve(keys=keys, args=args)
+            reply = await self._eval(self._reserve, keys, args)
             status, now = self._status(reply)
             values = [int(_text(v)) for v in reply[3:]]
             states = tuple(
@@ -749,7 +771,7 @@ class RedisStore:
                 key = self.counter_key(c, p)
                 keys += [key, key + ":holds"]
                 args += [p.start, p.end]
-            reply = await self._snapshot(keys=keys, args=args)
+            reply = await self._eval(self._snapshot, keys, args)
             self._status(reply)
             values = [int(_text(v)) for v in reply[3:]]
             return tuple(
@@ -773,10 +795,53 @@ class RedisStore:
         await self._guard(ping)
 
     async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
         if self._owns_client:
             await self._client.aclose()
 
     # -- internals
+
+    async def _eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        """One script call: EVALSHA (EVAL when the server lost the script), packed here and
+        sent on a connection of this store's own.
+
+        The generic ``execute_command`` path of redis-py (command packing, pool bookkeeping,
+        retry wrapper) costs more CPU than the rest of a proxied request; the scripts are
+        the store's whole hot path, so they take this short one. A connection that failed
+        is dropped, and a request that failed before a reply is tried once more on a fresh
+        connection (safe: every script is idempotent by rid).
+        """
+        for attempt in range(2):
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                await conn.send_packed_command(script.packed(keys, args), check_health=False)
+                reply = await conn.read_response()
+                if isinstance(reply, bytes) and reply.startswith(b"NOSCRIPT"):
+                    reply = None  # (older servers answer a simple error string)
+            except NoScriptError:
+                reply = None
+            except RedisConnectionError:
+                await conn.disconnect()
+                if attempt:
+                    raise
+                continue
+            except BaseException:
+                # A timeout or cancellation mid-reply leaves the connection out of step.
+                await conn.disconnect()
+                raise
+            if reply is None:
+                await conn.send_packed_command(script.packed(keys, args, full=True))
+                reply = await conn.read_response()
+            self._idle.append(conn)
+            return reply
+        raise AssertionError("unreachable")
+
+    async def _connect(self) -> AbstractConnection:
+        conn: AbstractConnection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return conn
 
     async def _run_commit(
         self,
@@ -795,7 +860,7 @@ class RedisStore:
             key = self.counter_key(c, p)
             keys += [key, key + ":holds"]
             args += [p.start, p.end, self._expire_at_ms(p, ttl_ms)]
-        reply = await self._commit(keys=keys, args=args)
+        reply = await self._eval(self._commit, keys, args)
         self._status(reply)
 
     def _status(self, reply: Any) -> tuple[str, float]:

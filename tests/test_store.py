@@ -493,14 +493,14 @@ async def test_redis_corrects_a_skewed_local_clock(
         local_clock=lambda: time.time() + 7200,
     )
     calls = 0
-    script = store._reserve
+    evaluate = store._eval
 
-    async def counted(**kwargs: Any) -> Any:
+    async def counted(script: Any, keys: Any, args: Any) -> Any:
         nonlocal calls
-        calls += 1
-        return await script(**kwargs)
+        calls += script is store._reserve
+        return await evaluate(script, keys, args)
 
-    monkeypatch.setattr(store, "_reserve", counted)
+    monkeypatch.setattr(store, "_eval", counted)
     counters = [tenant(1000, Window.HOURLY)]
     first = await store.reserve("r1", counters, 10, tz=UTC, hold_ttl_s=TTL)
     assert first.ok and calls == 2  # skew, then the retry with Redis's time
