@@ -135,7 +135,8 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
-    alerter = Alerter(app[SESSION], app[SETTINGS].alerts)
+    # Alerts are claimed in the shared store, so N replicas send each crossing once.
+    alerter = Alerter(app[SESSION], app[SETTINGS].alerts, claim=app[LEDGER].store.claim)
     app[ALERTER] = alerter
     task = asyncio.create_task(alerter.run(), name="capproxy-alerts")
     try:

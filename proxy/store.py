@@ -189,6 +189,11 @@ class Store(Protocol):
         """The store clock, in epoch seconds."""
         ...
 
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        """True for the first caller to claim ``name`` within ``ttl_s`` (every replica
+        sharing the store sees the same answer): budget alerts are sent once."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -276,6 +281,7 @@ class MemoryStore:
         self._margin_s = expiry_margin_s
         self._buckets: dict[_BucketKey, _Bucket] = {}
         self._settled: dict[tuple[str, str], float] = {}  # (tenant, rid) -> marker expiry
+        self._claims: dict[str, float] = {}  # claimed name -> expiry
         self._next_prune = 0.0
 
     async def reserve(
@@ -366,6 +372,14 @@ class MemoryStore:
     async def now(self) -> float:
         return self._clock()
 
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        now = self._clock()
+        self._prune(now)
+        if self._claims.get(name, 0.0) > now:
+            return False
+        self._claims[name] = now + ttl_s
+        return True
+
     async def ping(self) -> None:
         return None
 
@@ -417,6 +431,8 @@ class MemoryStore:
             del self._buckets[key]
         for marker in [m for m, exp in self._settled.items() if exp <= now]:
             del self._settled[marker]
+        for name in [n for n, exp in self._claims.items() if exp <= now]:
+            del self._claims[name]
 
 
 # --- Redis store -------------------------------------------------------------------------
@@ -787,6 +803,13 @@ class RedisStore:
             return self._learn(_redis_time(sec, usec))
 
         return await self._guard(read)
+
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        async def claim() -> bool:
+            key = f"{self._prefix}:claim:{name}"
+            return bool(await self._client.set(key, b"1", nx=True, ex=max(1, ttl_s)))
+
+        return await self._guard(claim)
 
     async def ping(self) -> None:
         async def ping() -> None:

@@ -264,3 +264,45 @@ async def test_reload_under_load_judges_the_next_requests_by_the_new_cap(
     # Spend recorded before the reload is kept.
     assert await spent(redis_store, agent="load") >= 3
     assert json.loads(body.split(b"\n\n")[1].removeprefix(b"data: "))["object"]
+
+
+async def test_two_replicas_send_a_crossing_once(
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    aiohttp_server: AiohttpServer,
+    redis_url: str,
+    key_prefix: str,
+) -> None:
+    received: list[dict[str, Any]] = []
+    got = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        got.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    upstream.usage = lambda _p, _b: {"prompt_tokens": 9_000_000, "completion_tokens": 0}
+    settings = settings_for(
+        upstream.url,
+        alerts={"webhook_url": str(server.make_url("/hook"))},
+        cost_caps={"default_budget_caps": [{"window": "daily", "hard_limit_usd": 100}]},
+    )
+    replicas = [
+        await make_client(
+            settings, store=RedisStore.from_url(redis_url, prefix=key_prefix, timeout_s=1)
+        )
+        for _ in range(2)
+    ]
+    # $9 per call: the ninth call crosses 80 % of $100 on one replica, the tenth on the other.
+    for i in range(10):
+        resp = await replicas[i % 2].post(
+            "/v1/chat/completions", json=chat(max_tokens=1), headers=auth()
+        )
+        assert resp.status == 200
+    await asyncio.wait_for(got.wait(), 5)
+    for client in replicas:  # shutting down drains both alert queues
+        await client.close()
+    assert [a["kind"] for a in received] == ["budget_80_percent"]

@@ -122,6 +122,9 @@ class FakeStore:
         self._check()
         return await self.memory.snapshot(counters, tz=tz)
 
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        return await self.memory.claim(name, ttl_s)
+
     async def now(self) -> float:
         self._check()
         return T0

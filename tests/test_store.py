@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -604,3 +605,10 @@ async def test_redis_unreachable_from_the_start(key_prefix: str) -> None:
         lambda: store.reserve("r1", [tenant(10)], 1, tz=UTC, hold_ttl_s=TTL)
     )
     await store.aclose()
+
+
+async def test_claim_is_won_once_per_ttl(harness: Harness) -> None:
+    name = f"alert:{uuid.uuid4().hex}"
+    results = await asyncio.gather(*(harness.store.claim(name, 60) for _ in range(10)))
+    assert sorted(results) == [False] * 9 + [True]
+    assert await harness.store.claim(name + ":other", 60)
