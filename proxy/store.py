@@ -597,6 +597,10 @@ def _redis_time(sec: Any, usec: Any) -> float:
     return int(_text(sec)) + int(_text(usec)) / 1_000_000
 
 
+# Connections kept open for the scripts between calls (more are opened under a burst).
+MAX_IDLE_CONNECTIONS = 32
+
+
 class _Script:
     """A Lua script and its SHA1, packed straight into RESP."""
 
@@ -613,6 +617,17 @@ class _Script:
         for part in parts:
             out.append(b"$%d\r\n%s\r\n" % (len(part), part))
         return b"".join(out)
+
+
+async def _call(
+    conn: AbstractConnection, script: _Script, keys: list[str], args: Sequence[str | int]
+) -> Any:
+    try:
+        await conn.send_packed_command(script.packed(keys, args), check_health=False)
+        return await conn.read_response()
+    except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
+        await conn.send_packed_command(script.packed(keys, args, full=True), check_health=False)
+        return await conn.read_response()
 
 
 class _Skew(Exception):
@@ -839,12 +854,7 @@ class RedisStore:
         for attempt in range(2):
             conn = self._idle.pop() if self._idle else await self._connect()
             try:
-                await conn.send_packed_command(script.packed(keys, args), check_health=False)
-                reply = await conn.read_response()
-                if isinstance(reply, bytes) and reply.startswith(b"NOSCRIPT"):
-                    reply = None  # (older servers answer a simple error string)
-            except NoScriptError:
-                reply = None
+                reply = await _call(conn, script, keys, args)
             except RedisConnectionError:
                 await conn.disconnect()
                 if attempt:
@@ -854,10 +864,10 @@ class RedisStore:
                 # A timeout or cancellation mid-reply leaves the connection out of step.
                 await conn.disconnect()
                 raise
-            if reply is None:
-                await conn.send_packed_command(script.packed(keys, args, full=True))
-                reply = await conn.read_response()
-            self._idle.append(conn)
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+            else:  # a burst is over: keep a bounded set open
+                await conn.disconnect()
             return reply
         raise AssertionError("unreachable")
 
