@@ -68,7 +68,10 @@ def _usd4(micros: int) -> str:
 
 
 def _usd2(micros: int) -> str:
-    return f"${micros_to_usd(micros):.2f}"
+    """Cents, as the seed writes limits; more digits only when a limit has them."""
+    usd = micros_to_usd(micros)
+    cents = usd.quantize(Decimal("0.01"))
+    return f"${cents}" if cents == usd else f"${usd.normalize():f}"
 
 
 def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded:

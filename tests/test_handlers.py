@@ -514,6 +514,7 @@ async def test_hopeless_request_says_do_not_retry(
     resp = await client.post("/v1/chat/completions", json=chat(max_tokens=1000), headers=auth())
     assert resp.status == 429
     assert resp.headers["x-should-retry"] == "false"
+    assert "> $0.0001 limit" in (await resp.json())["error"]["message"]
     assert upstream.count == 0
 
 
