@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from proxy.config import Settings
+from proxy.pricing import micros_to_usd
+from proxy.store import Counter, Store
+from proxy.windows import Window
 
 TENANT_KEY = "sk-acme-test-key"
 OTHER_KEY = "sk-globex-test-key"
 UPSTREAM_KEY = "sk-upstream-secret"
+# $1 per 1M input tokens, $2 per 1M output: easy arithmetic in tests.
+TEST_MODEL_PRICE: dict[str, Any] = {
+    "input_per_mtok": 1,
+    "cached_input_per_mtok": "0.5",
+    "output_per_mtok": 2,
+    "max_output_tokens": 1000,
+}
 
 
 def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,17 +74,7 @@ def settings_for(upstream_url: str, **over: Any) -> Settings:
                 }
             ],
         },
-        "pricing": {
-            "models": {
-                # $1 per 1M input tokens, $2 per 1M output: easy arithmetic in tests.
-                "test-model": {
-                    "input_per_mtok": 1,
-                    "cached_input_per_mtok": "0.5",
-                    "output_per_mtok": 2,
-                    "max_output_tokens": 1000,
-                },
-            }
-        },
+        "pricing": {"models": {"test-model": TEST_MODEL_PRICE}},
     }
     return Settings.model_validate(merge(base, over))
 
@@ -86,3 +88,14 @@ def auth(key: str = TENANT_KEY, agent: str | None = None) -> dict[str, str]:
 
 def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "test-model", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def spent(
+    store: Store,
+    tenant: str = "acme",
+    agent: str | None = "_default",
+    window: Window = Window.HOURLY,
+) -> tuple[Decimal, Decimal]:
+    """(spent, held) in USD of one counter (``agent=None``: tenant-wide) in its period now."""
+    (state,) = await store.snapshot([Counter(tenant, agent, window, 1)], tz=ZoneInfo("UTC"))
+    return micros_to_usd(state.spent_micros), micros_to_usd(state.held_micros)

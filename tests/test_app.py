@@ -17,22 +17,15 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
 from proxy.config import load_settings
-from proxy.pricing import micros_to_usd
 from proxy.state import METRICS as METRICS_KEY
 from proxy.state import RUNTIME
-from proxy.store import Counter, RedisStore, Store
-from proxy.windows import Window
+from proxy.store import RedisStore
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
-from tests.harness import OTHER_KEY, auth, chat, settings_for
+from tests.harness import OTHER_KEY, auth, chat, settings_for, spent
 from tests.redis_server import RedisServer
 
 UTC = ZoneInfo("UTC")
-
-
-async def spent(store: Store, tenant: str = "acme", agent: str = "_default") -> Decimal:
-    (state,) = await store.snapshot([Counter(tenant, agent, Window.HOURLY, 1)], tz=UTC)
-    return micros_to_usd(state.spent_micros)
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -144,7 +137,7 @@ async def test_shadow_mode_admits_everything_and_reports_would_be_rejections(
     # No limit is injected in shadow mode either.
     assert "max_completion_tokens" not in upstream.received[0].body
     # Spend is still recorded for all three.
-    assert await spent(redis_store) == 30
+    assert (await spent(redis_store))[0] == 30
     text, _ = client.app[METRICS_KEY].render()
     shadow = samples(text.decode(), "capproxy_shadow_rejections_total")
     assert shadow[(("reason", "budget_exceeded"),)] == 1
@@ -262,7 +255,7 @@ async def test_reload_under_load_judges_the_next_requests_by_the_new_cap(
     body = await stream.read()
     assert body.endswith(b"data: [DONE]\n\n")
     # Spend recorded before the reload is kept.
-    assert await spent(redis_store, agent="load") >= 3
+    assert (await spent(redis_store, agent="load"))[0] >= 3
     assert json.loads(body.split(b"\n\n")[1].removeprefix(b"data: "))["object"]
 
 

@@ -13,26 +13,25 @@ import pytest
 
 from proxy.endpoints import Endpoint
 from proxy.errors import StoreUnavailable
-from proxy.pricing import micros_to_usd
 from proxy.state import LEDGER
-from proxy.store import Counter, MemoryStore, RedisStore, Store
+from proxy.store import MemoryStore, RedisStore
 from proxy.tokens import Tokenizer
 from proxy.windows import Window
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
-from tests.harness import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, auth, chat, settings_for
+from tests.harness import (
+    OTHER_KEY,
+    TENANT_KEY,
+    UPSTREAM_KEY,
+    auth,
+    chat,
+    settings_for,
+    spent,
+)
 from tests.redis_server import RedisServer, free_port
 
 UTC = ZoneInfo("UTC")
 NOTHING = (Decimal(0), Decimal(0))
-
-
-async def spent(
-    store: Store, tenant: str, agent: str | None, window: Window = Window.HOURLY
-) -> tuple[Decimal, Decimal]:
-    """(spent, held) in USD of one counter in its current period."""
-    (state,) = await store.snapshot([Counter(tenant, agent, window, 1)], tz=UTC)
-    return micros_to_usd(state.spent_micros), micros_to_usd(state.held_micros)
 
 
 # --- forwarding -------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from proxy.endpoints import Endpoint
 from proxy.pricing import micros_to_usd
 from proxy.tokens import Tokenizer
 from tests.fake_upstream import FakeUpstream
-from tests.harness import chat
+from tests.harness import TEST_MODEL_PRICE, chat
 from tests.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,16 +88,7 @@ def caps(
                 "max_total_tokens": 8192,
             },
         },
-        "pricing": {
-            "models": {
-                "test-model": {
-                    "input_per_mtok": 1,
-                    "cached_input_per_mtok": "0.5",
-                    "output_per_mtok": 2,
-                    "max_output_tokens": 1000,
-                }
-            }
-        },
+        "pricing": {"models": {"test-model": TEST_MODEL_PRICE}},
     }
 
 

@@ -14,13 +14,11 @@ import openai
 import pytest
 
 from proxy.endpoints import Endpoint
-from proxy.pricing import micros_to_usd
-from proxy.store import Counter, RedisStore, Store
+from proxy.store import RedisStore
 from proxy.tokens import Tokenizer
-from proxy.windows import Window
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
-from tests.harness import TENANT_KEY, auth, chat, settings_for
+from tests.harness import TENANT_KEY, auth, chat, settings_for, spent
 
 UTC = ZoneInfo("UTC")
 USAGE = {
@@ -32,13 +30,6 @@ USAGE = {
 }
 # 800 x $1 + 200 x $0.5 + 500 x $2 per 1M tokens
 USAGE_COST = Decimal("0.0019")
-
-
-async def spent(
-    store: Store, tenant: str = "acme", agent: str = "_default"
-) -> tuple[Decimal, Decimal]:
-    (state,) = await store.snapshot([Counter(tenant, agent, Window.HOURLY, 1)], tz=UTC)
-    return micros_to_usd(state.spent_micros), micros_to_usd(state.held_micros)
 
 
 def frames(data: bytes) -> list[bytes]:
