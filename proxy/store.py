@@ -630,6 +630,15 @@ async def _call(
         return await conn.read_response()
 
 
+def _honour_cancel() -> None:
+    """Re-raise a cancellation that the client library turned into an error or swallowed
+    (it can, when a cancel lands while it closes a connection): a cancelled caller must
+    stop, not carry on as if the store had merely failed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _Skew(Exception):
     def __init__(self, redis_now: float) -> None:
         self.redis_now = redis_now
@@ -929,6 +938,9 @@ class RedisStore:
     async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await call()
+                result = await call()
         except (RedisError, OSError) as exc:  # OSError includes TimeoutError
+            _honour_cancel()
             raise StoreUnavailable() from exc
+        _honour_cancel()
+        return result
