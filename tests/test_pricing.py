@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import doctest
+import random
 from decimal import Decimal
 
 import pytest
@@ -8,12 +10,20 @@ from pydantic import ValidationError
 from proxy import pricing
 from proxy.pricing import (
     BUILTIN_PRICES,
+    BUILTIN_TOOL_PRICES,
     ModelPrice,
     PriceTable,
+    TierPrice,
+    ToolPrice,
+    billed_output_tokens,
+    charge_micros,
     cost_micros,
     estimate_micros,
+    hold_price,
     max_output_tokens,
     micros_to_usd,
+    tier_price,
+    tool_call_micros,
     usd_to_micros,
 )
 from proxy.usage import Usage
@@ -423,3 +433,455 @@ def test_snapshot_fallback_strips_a_bounded_number_of_suffixes() -> None:
     hostile = "gpt-4o" + "-0101" * 50
     assert len(pricing._base_names(hostile)) == pricing._MAX_SUFFIXES
     assert PriceTable().lookup(hostile) is None
+
+
+# --- built-in tiers, reasoning and context sizes ----------------------------------------
+
+REASONING_MODELS = [
+    "o1",
+    "o1-mini",
+    "o1-pro",
+    "o3",
+    "o3-mini",
+    "o3-pro",
+    "o4-mini",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "gpt-5-pro",
+]
+
+
+def test_reasoning_models_are_flagged_and_no_others() -> None:
+    flagged = sorted(name for name, p in BUILTIN_PRICES.items() if p.reasoning)
+    assert flagged == sorted(REASONING_MODELS)
+    assert not BUILTIN_PRICES["gpt-5-chat-latest"].reasoning
+
+
+@pytest.mark.parametrize(
+    ("model", "context"),
+    [
+        ("gpt-5", 272_000),
+        ("gpt-5-mini", 272_000),
+        ("gpt-5-nano", 272_000),
+        ("gpt-5-pro", 272_000),
+        ("gpt-5-chat-latest", 128_000),
+        ("gpt-4.1", 1_047_576),
+        ("gpt-4.1-mini", 1_047_576),
+        ("gpt-4.1-nano", 1_047_576),
+        ("gpt-4o", 128_000),
+        ("gpt-4o-mini", 128_000),
+        ("o1", 200_000),
+        ("o1-mini", 128_000),
+        ("o3", 200_000),
+        ("o4-mini", 200_000),
+        ("gpt-4-turbo", 128_000),
+        ("gpt-4", 8_192),
+        ("gpt-3.5-turbo", 16_385),
+        ("gpt-3.5-turbo-instruct", 4_096),
+        ("davinci-002", 16_384),
+        ("babbage-002", 16_384),
+        ("text-embedding-3-small", 8_191),
+    ],
+)
+def test_builtin_input_contexts(model: str, context: int) -> None:
+    assert BUILTIN_PRICES[model].max_input_tokens == context
+
+
+def test_every_builtin_model_states_its_input_context() -> None:
+    for model, p in BUILTIN_PRICES.items():
+        assert p.max_input_tokens is not None, model
+        assert p.max_output_tokens is None or p.max_output_tokens <= 272_000, model
+
+
+def mtok(p: ModelPrice) -> tuple[Decimal, Decimal | None, Decimal]:
+    return (p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-5", ("2.50", "0.25", "20.00")),
+        ("gpt-5-mini", ("0.45", "0.045", "3.60")),
+        ("gpt-4.1", ("3.50", "0.875", "14.00")),
+        ("gpt-4.1-mini", ("0.70", "0.175", "2.80")),
+        ("gpt-4.1-nano", ("0.20", "0.05", "0.80")),
+        ("gpt-4o", ("4.25", "2.125", "17.00")),
+        ("gpt-4o-2024-05-13", ("8.75", None, "26.25")),
+        ("gpt-4o-mini", ("0.25", "0.125", "1.00")),
+        ("o3", ("3.50", "0.875", "14.00")),
+        ("o4-mini", ("2.00", "0.50", "8.00")),
+    ],
+)
+def test_builtin_priority_prices_are_openais(
+    model: str, expected: tuple[str, str | None, str]
+) -> None:
+    i, c, o = expected
+    priority = tier_price(BUILTIN_PRICES[model], "priority")
+    assert mtok(priority) == (Decimal(i), None if c is None else Decimal(c), Decimal(o))
+
+
+@pytest.mark.parametrize("model", ["gpt-5", "gpt-5-mini", "gpt-5-nano", "o3", "o4-mini"])
+def test_builtin_flex_is_half_of_standard_rounded_up(model: str) -> None:
+    standard, flex = BUILTIN_PRICES[model], tier_price(BUILTIN_PRICES[model], "flex")
+    assert flex.input_per_mtok == standard.input_per_mtok / 2
+    assert flex.output_per_mtok == standard.output_per_mtok / 2
+    assert standard.cached_input_per_mtok is not None
+    assert flex.cached_input_per_mtok is not None
+    half = standard.cached_input_per_mtok / 2
+    assert half <= flex.cached_input_per_mtok <= half + Decimal("0.001")
+
+
+def test_no_builtin_tier_is_cheaper_than_flex_or_dearer_than_twice_standard() -> None:
+    for model, p in BUILTIN_PRICES.items():
+        priority, flex = tier_price(p, "priority"), tier_price(p, "flex")
+        for tiered in (priority, flex):
+            assert type(tiered.input_per_mtok) is Decimal, model
+        assert priority.input_per_mtok >= p.input_per_mtok, model
+        assert priority.output_per_mtok >= p.output_per_mtok, model
+        assert priority.output_per_mtok <= 2 * p.output_per_mtok, model
+        assert flex.input_per_mtok <= p.input_per_mtok, model
+        assert flex.output_per_mtok <= p.output_per_mtok, model
+
+
+def test_a_model_without_priority_prices_pays_twice_standard_at_priority() -> None:
+    p = BUILTIN_PRICES["o1-pro"]
+    assert p.priority is None and p.priority_multiplier is None
+    priority = tier_price(p, "priority")
+    assert mtok(priority) == (Decimal(300), None, Decimal(1200))  # above MAX_PER_MTOK: fine
+    assert hold_price(p, "priority") == priority
+
+
+def test_a_model_without_flex_prices_pays_standard_at_flex() -> None:
+    p = BUILTIN_PRICES["gpt-4.1"]
+    assert tier_price(p, "flex") is p
+    assert mtok(hold_price(p, "flex")) == mtok(p)
+
+
+# --- tier_price, hold_price -------------------------------------------------------------
+
+
+def tiered(**fields: object) -> ModelPrice:
+    return ModelPrice.model_validate(
+        {"input_per_mtok": "1", "cached_input_per_mtok": "0.1", "output_per_mtok": "10", **fields}
+    )
+
+
+def test_standard_tiers_return_the_price_itself() -> None:
+    p = tiered(priority={"input_per_mtok": "3", "output_per_mtok": "30"})
+    for tier in (None, "", "auto", "default", "standard", "scale"):
+        assert tier_price(p, tier) is p
+        assert hold_price(p, tier) is p
+
+
+def test_an_explicit_priority_price_wins_over_its_multiplier() -> None:
+    p = tiered(
+        priority={"input_per_mtok": "3", "cached_input_per_mtok": "0.3", "output_per_mtok": "30"},
+        priority_multiplier="5",
+    )
+    assert mtok(tier_price(p, "priority")) == (Decimal(3), Decimal("0.3"), Decimal(30))
+
+
+def test_a_priority_multiplier_scales_every_standard_price() -> None:
+    p = tiered(priority_multiplier="1.75")
+    assert mtok(tier_price(p, "priority")) == (Decimal("1.75"), Decimal("0.175"), Decimal("17.5"))
+
+
+def test_a_flex_multiplier_scales_and_an_explicit_flex_price_wins() -> None:
+    assert mtok(tier_price(tiered(flex_multiplier="0.5"), "flex")) == (
+        Decimal("0.5"),
+        Decimal("0.05"),
+        Decimal(5),
+    )
+    p = tiered(flex={"input_per_mtok": "0.4", "output_per_mtok": "4"}, flex_multiplier="0.5")
+    assert mtok(tier_price(p, "flex")) == (Decimal("0.4"), None, Decimal(4))
+
+
+def test_a_tier_without_a_cached_price_charges_cached_input_at_its_input_price() -> None:
+    p = tiered(priority={"input_per_mtok": "2", "output_per_mtok": "20"})
+    u = Usage(
+        prompt_tokens=1000,
+        cached_tokens=1000,
+        completion_tokens=0,
+        reasoning_tokens=0,
+        service_tier="priority",
+    )
+    assert charge_micros(u, p) == 2000
+
+
+def test_a_tier_price_keeps_the_models_limits_but_no_tier_information() -> None:
+    p = tiered(max_input_tokens=1000, max_output_tokens=10, reasoning=True, priority_multiplier="3")
+    priority = tier_price(p, "priority")
+    assert (priority.max_input_tokens, priority.max_output_tokens, priority.reasoning) == (
+        1000,
+        10,
+        True,
+    )
+    assert priority.priority is None and priority.priority_multiplier is None
+    assert priority.flex is None and priority.flex_multiplier is None
+
+
+def test_an_unknown_reported_tier_is_charged_at_the_highest_tier_component_wise() -> None:
+    p = tiered(
+        priority={"input_per_mtok": "2", "output_per_mtok": "8"},  # cached: its input, 2
+        flex_multiplier="3",  # 3 / 0.3 / 30
+    )
+    assert mtok(tier_price(p, "turbo")) == (Decimal(3), Decimal(2), Decimal(30))
+    assert mtok(tier_price(p, "PRIORITY")) == (Decimal(3), Decimal(2), Decimal(30))
+
+
+def test_a_requested_priority_tier_is_held_at_priority() -> None:
+    p = BUILTIN_PRICES["gpt-4o"]
+    assert mtok(hold_price(p, "priority")) == mtok(tier_price(p, "priority"))
+
+
+def test_a_requested_flex_tier_is_held_at_the_dearer_of_flex_and_standard() -> None:
+    p = BUILTIN_PRICES["o3"]
+    assert mtok(hold_price(p, "flex")) == mtok(p)  # flex may be served at standard
+    dear_flex = tiered(flex={"input_per_mtok": "0.5", "output_per_mtok": "20"})
+    assert mtok(hold_price(dear_flex, "flex")) == (Decimal(1), Decimal("0.5"), Decimal(20))
+
+
+@pytest.mark.parametrize("requested", ["turbo", 5, True, ["priority"], {"tier": "flex"}])
+def test_an_unknown_requested_tier_is_held_at_the_highest_tier(requested: object) -> None:
+    p = BUILTIN_PRICES["gpt-5"]
+    assert mtok(hold_price(p, requested)) == (Decimal("2.50"), Decimal("0.25"), Decimal("20.00"))
+
+
+# The tiers a response may report for each requested tier: a priority or flex request may
+# be served at the standard tier instead.
+SERVED: dict[str | None, list[str | None]] = {
+    None: [None, "default"],
+    "auto": ["default"],
+    "default": ["default"],
+    "priority": ["priority", "default"],
+    "flex": ["flex", "default"],
+    "made-up": ["made-up", "priority", "flex", "default"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(BUILTIN_PRICES))
+def test_the_hold_covers_the_charge_at_every_tier_the_request_can_land_on(model: str) -> None:
+    rng = random.Random(model)
+    p = BUILTIN_PRICES[model]
+    for requested, served in SERVED.items():
+        held_at = hold_price(p, requested)
+        for tier in served:
+            prompt, out = rng.randint(0, 300_000), rng.randint(0, 100_000)
+            u = Usage(
+                prompt_tokens=prompt,
+                cached_tokens=rng.randint(0, prompt),
+                completion_tokens=out,
+                reasoning_tokens=rng.randint(0, out),
+                service_tier=tier,
+            )
+            assert estimate_micros(prompt, out, held_at) >= charge_micros(u, p, {}), (
+                requested,
+                tier,
+            )
+
+
+def test_tier_prices_stay_strict() -> None:
+    with pytest.raises(ValidationError):
+        tiered(priority_multiplier="-1")
+    with pytest.raises(ValidationError):
+        tiered(flex_multiplier="11")
+    with pytest.raises(ValidationError):
+        tiered(priority={"input_per_mtok": "1", "bogus": 1})
+    with pytest.raises(ValidationError):
+        tiered(flex={"input_per_mtok": "-1"})
+    with pytest.raises(ValidationError):
+        tiered(max_input_tokens=0)
+    with pytest.raises(ValidationError):
+        TierPrice(input_per_mtok=Decimal(1001))
+    frozen = TierPrice(input_per_mtok=Decimal(1))
+    with pytest.raises(ValidationError):
+        frozen.input_per_mtok = Decimal(0)
+    p = tiered(priority={"input_per_mtok": "1.5"}, flex_multiplier=0.5)
+    assert p.priority is not None
+    assert type(p.priority.input_per_mtok) is Decimal
+    assert type(p.flex_multiplier) is Decimal
+
+
+# --- reasoning tokens -------------------------------------------------------------------
+
+
+def test_reasoning_beyond_completion_is_billed_on_top() -> None:
+    # A server that reports more reasoning than completion tokens counts them apart.
+    u = usage(completion=100, reasoning=300)
+    assert billed_output_tokens(u) == 400
+    assert cost_micros(u, price("0", "10")) == 4000
+
+
+def test_reasoning_within_completion_is_not_billed_again() -> None:
+    assert billed_output_tokens(usage(completion=100, reasoning=100)) == 100
+    assert billed_output_tokens(usage(completion=100, reasoning=0)) == 100
+
+
+def test_cost_rejects_invalid_reasoning_counts() -> None:
+    with pytest.raises(ValueError):
+        cost_micros(usage(completion=1, reasoning=-1), price("1"))
+
+
+# --- hosted tools -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tool", "usd"),
+    [
+        ("web_search", "0.025"),
+        ("web_search_preview", "0.025"),
+        ("file_search", "0.0025"),
+        ("code_interpreter", "0.03"),
+        ("code_interpreter_4g", "0.12"),
+        ("code_interpreter_16g", "0.48"),
+        ("code_interpreter_64g", "1.92"),
+    ],
+)
+def test_builtin_tool_prices(tool: str, usd: str) -> None:
+    assert BUILTIN_TOOL_PRICES[tool].per_call_usd == Decimal(usd)
+    assert type(BUILTIN_TOOL_PRICES[tool].per_call_usd) is Decimal
+
+
+def test_builtin_tool_prices_are_read_only() -> None:
+    with pytest.raises(TypeError):
+        BUILTIN_TOOL_PRICES["web_search"] = ToolPrice(per_call_usd=Decimal(0))  # type: ignore[index]
+    with pytest.raises(TypeError):
+        PriceTable().tool_prices["web_search"] = ToolPrice(per_call_usd=Decimal(0))  # type: ignore[index]
+
+
+def test_tool_calls_cost_their_per_call_price_exactly() -> None:
+    prices = {
+        "a": ToolPrice(per_call_usd=Decimal("0.0025")),
+        "b": ToolPrice(per_call_usd=Decimal(1)),
+    }
+    cost = tool_call_micros({"a": 3, "b": 2}, prices)
+    assert cost == 2_007_500
+    assert type(cost) is int
+    assert tool_call_micros({}, prices) == 0
+    assert tool_call_micros({"a": 0}, prices) == 0
+
+
+def test_a_fraction_of_a_micro_rounds_up() -> None:
+    prices = {"a": ToolPrice(per_call_usd=Decimal("0.0000001"))}
+    assert tool_call_micros({"a": 1}, prices) == 1
+    assert tool_call_micros({"a": 10}, prices) == 1
+    assert tool_call_micros({"a": 11}, prices) == 2
+
+
+def test_an_unpriced_hosted_tool_call_costs_the_dearest_known_price() -> None:
+    prices = {"a": ToolPrice(per_call_usd=Decimal("0.01")), "b": ToolPrice(per_call_usd=Decimal(2))}
+    assert tool_call_micros({"image_generation": 2}, prices) == 4_000_000
+    assert tool_call_micros({"image_generation": 0}, prices) == 0
+    # with no prices at all, the built-in table's dearest
+    assert tool_call_micros({"x": 1}, {}) == 1_920_000
+    assert "image_generation" not in BUILTIN_TOOL_PRICES
+    assert tool_call_micros({"image_generation": 1}, BUILTIN_TOOL_PRICES) == 1_920_000
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_tool_call_counts_must_be_non_negative_ints(bad: object) -> None:
+    with pytest.raises(ValueError):
+        tool_call_micros({"web_search": bad}, BUILTIN_TOOL_PRICES)  # type: ignore[dict-item]
+
+
+def test_tool_prices_stay_strict() -> None:
+    with pytest.raises(ValidationError):
+        ToolPrice(per_call_usd=Decimal(-1))
+    with pytest.raises(ValidationError):
+        ToolPrice.model_validate({"per_call_usd": "1", "per_token": 1})
+    assert type(ToolPrice.model_validate({"per_call_usd": 0.03}).per_call_usd) is Decimal
+
+
+def test_tool_overrides_replace_builtins_and_add_tools() -> None:
+    mine = ToolPrice(per_call_usd=Decimal("0.01"))
+    image = ToolPrice(per_call_usd=Decimal("0.30"))
+    table = PriceTable(tools={"web_search": mine, "image_generation": image})
+    assert table.tool_prices["web_search"] is mine
+    assert table.tool_prices["image_generation"] is image
+    assert table.tool_prices["file_search"] is BUILTIN_TOOL_PRICES["file_search"]
+    assert PriceTable().tool_prices == BUILTIN_TOOL_PRICES
+
+
+def test_table_copies_tool_overrides() -> None:
+    tools = {"x": ToolPrice(per_call_usd=Decimal(1))}
+    table = PriceTable(tools=tools)
+    tools["y"] = ToolPrice(per_call_usd=Decimal(2))
+    assert "y" not in table.tool_prices
+
+
+@pytest.mark.parametrize(
+    ("memory", "usd"), [(None, "0.03"), ("1g", "0.03"), ("4g", "0.12"), ("64g", "1.92")]
+)
+def test_code_interpreter_is_priced_for_the_container_asked_for(
+    memory: str | None, usd: str
+) -> None:
+    prices = PriceTable().tool_prices_for(container_memory=memory)
+    assert prices["code_interpreter"].per_call_usd == Decimal(usd)
+    assert prices["web_search"] is BUILTIN_TOOL_PRICES["web_search"]
+
+
+def test_an_unknown_container_size_is_priced_as_the_dearest_container() -> None:
+    table = PriceTable(tools={"code_interpreter_256g": ToolPrice(per_call_usd=Decimal(8))})
+    prices = table.tool_prices_for(container_memory="1t")
+    assert prices["code_interpreter"].per_call_usd == Decimal(8)
+
+
+def test_container_size_overrides_are_used() -> None:
+    mine = ToolPrice(per_call_usd=Decimal("0.10"))
+    table = PriceTable(tools={"code_interpreter_4g": mine})
+    assert table.tool_prices_for(container_memory="4g")["code_interpreter"] is mine
+
+
+# --- charge_micros ----------------------------------------------------------------------
+
+
+def charged(tier: str | None = None, tools: tuple[tuple[str, int], ...] = ()) -> Usage:
+    return Usage(
+        prompt_tokens=1_000_000,
+        cached_tokens=0,
+        completion_tokens=1_000_000,
+        reasoning_tokens=0,
+        service_tier=tier,
+        tool_calls=tools,
+    )
+
+
+@pytest.mark.parametrize(
+    ("tier", "micros"),
+    [
+        (None, 12_500_000),
+        ("default", 12_500_000),
+        ("priority", 21_250_000),
+        ("flex", 12_500_000),
+        ("something-new", 21_250_000),
+    ],
+)
+def test_a_charge_prices_tokens_at_the_tier_that_served_them(tier: str | None, micros: int) -> None:
+    assert charge_micros(charged(tier), BUILTIN_PRICES["gpt-4o"]) == micros
+
+
+def test_a_flex_charge_is_half_on_a_flex_model() -> None:
+    assert charge_micros(charged("flex"), BUILTIN_PRICES["o3"]) == 5_000_000
+    assert charge_micros(charged("default"), BUILTIN_PRICES["o3"]) == 10_000_000
+
+
+def test_a_charge_adds_hosted_tool_calls() -> None:
+    u = charged("default", (("file_search", 4), ("web_search", 2)))
+    # 12.5 USD of tokens + 4 x 0.0025 + 2 x 0.025
+    assert charge_micros(u, BUILTIN_PRICES["gpt-4o"]) == 12_560_000
+    mine = {"web_search": ToolPrice(per_call_usd=Decimal("0.01"))}
+    # file_search is unpriced in ``mine``: it costs the dearest price there
+    assert charge_micros(u, BUILTIN_PRICES["gpt-4o"], mine) == 12_560_000
+
+
+def test_a_charge_covers_tool_calls_the_response_did_not_list() -> None:
+    p = BUILTIN_PRICES["gpt-4o"]
+    u = charged("default", (("web_search", 3),))
+    floor = {"web_search": 1, "code_interpreter": 1}
+    assert charge_micros(u, p, None, min_tool_calls=floor) == 12_500_000 + 75_000 + 30_000
+    assert charge_micros(charged(), p, None, min_tool_calls=floor) == 12_500_000 + 25_000 + 30_000
+
+
+def test_pricing_docstring_examples_run() -> None:
+    assert doctest.testmod(pricing).failed == 0
