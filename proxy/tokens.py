@@ -1,13 +1,22 @@
 """Prompt-token estimates for OpenAI request bodies, from the BPE files shipped in the package.
 
+    estimate = tokenizer.estimate_prompt(Endpoint.CHAT, body)
+    estimate.tokens    # the prompt's tokens, images included
+    estimate.unsized   # e.g. ("input_file part",): input counted as 0, as it cannot be sized
+
 The encodings load from ``proxy/encodings/*.tiktoken.gz`` (OpenAI's exact ``.tiktoken`` files,
 checked against the sha256 that tiktoken itself pins); nothing is downloaded or cached on disk.
 Estimation rules (chat follows OpenAI's cookbook "How to count tokens with tiktoken"):
 
 * chat: 3 per message + every string field (``name`` +1) + 3 priming the reply. Text parts
-  (``text``/``input_text``/``output_text``/``refusal``) count their text; an image part counts
-  85 at ``detail: "low"`` and 1445 otherwise (85 + 8 tiles x 170, the most a gpt-4o image costs);
-  audio and file parts count 1445. A tool call counts 3 + its name + its arguments.
+  (``text``/``input_text``/``output_text``/``refusal``) count their text. An image
+  (``image_url``, ``input_image``, a ``computer_screenshot`` output) counts what
+  ``proxy.images.image_tokens`` gives for the request's model: a ``data:`` URL sized from
+  its header bytes, any other URL or a ``file_id`` at the most an image can cost at its
+  ``detail``. Images for a model with no documented image pricing, file parts (``file``,
+  ``input_file``), audio parts (``input_audio``: their tokens depend on the sound, not the
+  bytes) and an assistant's ``audio`` reference count 0 and are listed in ``unsized``.
+  A tool call counts 3 + its name + its arguments.
 * tools/functions: the cookbook formula (per function 7 on o200k, 10 on cl100k, + ``name:desc``;
   3 if it has properties, then per property 3 + ``name:type:desc`` and 3 + value per enum value,
   -3 once per enum; 12 once at the end). Schema keywords the formula ignores (nested objects,
@@ -16,12 +25,13 @@ Estimation rules (chat follows OpenAI's cookbook "How to count tokens with tikto
 * completions/embeddings: each string's tokens, a token array's length; plus ``suffix``.
 * responses: ``instructions`` and a string ``input`` count as messages; list items count 3 +
   role/name/arguments/input text + content/output/summary parts, as chat; tools as above.
+  An ``image_generation_call`` item (an image the model sees again) is unsized.
 
 Texts over 16k characters are encoded in chunks cut before a space that follows a non-space, a
 point no token straddles, so the count stays exact; only text with no such point for 8k
 characters (a long run of whitespace, one huge word) is cut anywhere, off by a token or two.
 Should tiktoken's core still panic on some text, that text counts as its UTF-8 length (an upper
-bound). ``estimate`` never returns less than 1.
+bound). ``tokens`` is never less than 1; ``unsized`` names kinds of input, never their content.
 """
 
 from __future__ import annotations
@@ -33,21 +43,24 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from importlib import resources
 from typing import Any, NamedTuple
 
 import tiktoken
 
+from proxy import images
 from proxy.endpoints import Endpoint
 
 PER_MESSAGE = 3
 PER_NAME = 1
 REPLY_PRIMING = 3
 PER_TOOL_CALL = 3
-IMAGE_LOW_TOKENS = 85
-MEDIA_TOKENS = 1445
 CHUNK_CHARS = 16_384
+IMAGE_PARTS = ("image_url", "input_image", "computer_screenshot")  # tuples: `in` must not hash
+UNSIZED_PARTS = ("file", "input_file", "input_audio", "audio")
+UNSIZED_ITEMS = ("image_generation_call",)
 
 _O200K_PAT = "|".join(
     [
@@ -138,12 +151,22 @@ def load_encoding(name: str) -> tiktoken.Encoding:
         return _loaded[name]
 
 
+@dataclass(frozen=True, slots=True)
+class PromptEstimate:
+    """A prompt's estimated tokens, and the kinds of input in it the estimate could not size
+    (counted as 0): short reasons such as ``"input_file part"``, each listed once, in order."""
+
+    tokens: int
+    unsized: tuple[str, ...] = ()
+
+
 class Tokenizer:
     """Counts prompt tokens the way OpenAI bills them, before the request goes upstream.
 
         tokenizer = Tokenizer(overrides={"my-finetune-*": "cl100k_base"})  # loads, ~0.8 s
         tokenizer.count("gpt-4o", "hello world")                            # 2
-        tokenizer.estimate(Endpoint.CHAT, {"model": "gpt-4o", "messages": [...]})
+        tokenizer.estimate_prompt(Endpoint.CHAT, {"model": "gpt-4o", "messages": [...]})
+        tokenizer.estimate(Endpoint.CHAT, body)  # just the tokens
 
     Models map to an encoding by ``overrides`` (fnmatch globs, first match, on the name as
     sent), then by the name lowercased and stripped of a provider prefix (``openai/gpt-4o``,
@@ -172,13 +195,19 @@ class Tokenizer:
         return self._counters[self.encoding_name(model)].text(text)
 
     def estimate(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int:
+        return self.estimate_prompt(endpoint, body).tokens
+
+    def estimate_prompt(self, endpoint: Endpoint, body: Mapping[str, Any]) -> PromptEstimate:
         if not isinstance(body, Mapping):
-            return 1
+            return PromptEstimate(1)
         model = body.get("model")
-        name = self.encoding_name(model if isinstance(model, str) else "")
+        model = model if isinstance(model, str) else ""
+        name = self.encoding_name(model)
         c = self._counters[name]
+        media = _Media(model)
         if endpoint == Endpoint.CHAT:
-            total = sum(c.message(m, every_field=True) for m in _items(body.get("messages")))
+            messages = _items(body.get("messages"))
+            total = sum(c.message(m, media, every_field=True) for m in messages)
             total += REPLY_PRIMING + c.tools(body.get("tools"), ENCODINGS[name].func_init)
             total += c.tools(body.get("functions"), ENCODINGS[name].func_init)
             fmt = body.get("response_format")
@@ -186,19 +215,43 @@ class Tokenizer:
         elif endpoint == Endpoint.RESPONSES:
             total = REPLY_PRIMING + c.tools(body.get("tools"), ENCODINGS[name].func_init)
             if isinstance(body.get("instructions"), str):
-                total += c.message({"role": "developer", "content": body["instructions"]})
+                instructions = {"role": "developer", "content": body["instructions"]}
+                total += c.message(instructions, media)
             prompt = body.get("input")
             items = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            total += sum(c.message(item) for item in _items(items))
+            total += sum(c.message(item, media) for item in _items(items))
         elif endpoint == Endpoint.COMPLETIONS:
             total = c.prompt(body.get("prompt")) + c.prompt(body.get("suffix"))
         else:
             total = c.prompt(body.get("input"))
-        return max(total, 1)
+        return PromptEstimate(max(total, 1), tuple(dict.fromkeys(media.unsized)))
 
 
 def _items(value: object) -> Iterable[Any]:
     return value if isinstance(value, list | tuple) else ()
+
+
+class _Media:
+    """One request's images, priced for its model, and the input it could not size."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.unsized: list[str] = []
+
+    def image(self, kind: str, part: Mapping[str, Any]) -> int:
+        ref = part.get("image_url")
+        if isinstance(ref, Mapping):  # chat: {"url": ..., "detail": ...}
+            url, detail = ref.get("url"), ref.get("detail")
+        else:  # responses (or a bare chat URL): the URL, its detail beside it
+            url, detail = ref, part.get("detail")
+        size = images.data_url_size(url) if isinstance(url, str) else None
+        tokens = images.image_tokens(
+            self.model, detail=detail if isinstance(detail, str) else None, size=size
+        )
+        if tokens is None:
+            self.unsized.append(f"{kind} part for model '{self.model[:128]}'")
+            return 0
+        return tokens
 
 
 class _Counter:
@@ -238,30 +291,35 @@ class _Counter:
             for v in value
         )
 
-    def parts(self, content: object) -> int:
+    def parts(self, content: object, media: _Media) -> int:
+        if isinstance(content, Mapping):  # a computer_call_output's screenshot
+            return self.part(content, media)
         if not isinstance(content, list | tuple):
             return self.text(content)
-        return sum(self.part(part) for part in content)
+        return sum(self.part(part, media) for part in content)
 
-    def part(self, part: object) -> int:
+    def part(self, part: object, media: _Media) -> int:
         if not isinstance(part, Mapping):
             return self.text(part)
         kind = part.get("type")
-        if kind in ("image_url", "input_image"):
-            url = part.get("image_url")
-            detail = (url if isinstance(url, Mapping) else part).get("detail")
-            return IMAGE_LOW_TOKENS if detail == "low" else MEDIA_TOKENS
-        if kind in ("input_audio", "audio", "file", "input_file"):
-            return MEDIA_TOKENS
+        if kind in IMAGE_PARTS:
+            return media.image(kind, part)
+        if kind in UNSIZED_PARTS:
+            media.unsized.append(f"{kind} part")
+            return 0
         return self.text(part.get("text")) + self.text(part.get("refusal"))
 
-    def message(self, msg: object, *, every_field: bool = False) -> int:
+    def message(self, msg: object, media: _Media, *, every_field: bool = False) -> int:
         if not isinstance(msg, Mapping):
             return PER_MESSAGE + self.text(msg)
+        if msg.get("type") in UNSIZED_ITEMS:
+            media.unsized.append(f"{msg['type']} item")
         total = PER_MESSAGE
         for key, value in msg.items():
             if key in ("content", "output", "summary"):
-                total += self.parts(value)
+                total += self.parts(value, media)
+            elif key == "audio" and isinstance(value, Mapping):  # an earlier audio reply
+                media.unsized.append("assistant audio")
             elif key == "tool_calls":
                 total += sum(self.call(call) for call in _items(value))
             elif key == "function_call" and isinstance(value, Mapping):

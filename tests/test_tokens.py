@@ -20,13 +20,13 @@ from proxy import tokens
 from proxy.endpoints import Endpoint
 from proxy.tokens import (
     ENCODINGS,
-    IMAGE_LOW_TOKENS,
-    MEDIA_TOKENS,
     EncodingFileError,
+    PromptEstimate,
     Tokenizer,
     load_encoding,
     read_ranks,
 )
+from tests.test_images import data_url, jpeg, png
 
 URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 
@@ -384,9 +384,15 @@ def test_chat_multipart(tokenizer: Tokenizer, reference: dict[str, tiktoken.Enco
         {"type": "refusal", "refusal": "I can't."},
     ]
     expected = 3 + n(o, "user") + n(o, "Describe these.") + n(o, "I can't.") + 3
-    expected += IMAGE_LOW_TOKENS + 4 * MEDIA_TOKENS
+    # Was 85 + 4 x 1445 (every non-low image, audio and file part a flat 1445). Now images
+    # are priced for the model (gpt-4o: low 85, an unfetched URL its most, 85 + 8 x 170 =
+    # 1445), and audio and file parts count 0, listed as unsized for the handler's policy.
+    expected += 85 + 2 * 1445
     body = chat("gpt-4o", [{"role": "user", "content": parts}])
     assert tokenizer.estimate(Endpoint.CHAT, body) == expected
+    assert tokenizer.estimate_prompt(Endpoint.CHAT, body) == PromptEstimate(
+        expected, ("input_audio part", "file part")
+    )
 
 
 def test_chat_tool_calls(tokenizer: Tokenizer, reference: dict[str, tiktoken.Encoding]) -> None:
@@ -512,14 +518,18 @@ def test_responses_inputs(tokenizer: Tokenizer, reference: dict[str, tiktoken.En
         {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
         {"type": "item_reference", "id": "msg_0"},
     ]
-    expected = 3 + n(o, "user") + n(o, "What is in this image?") + IMAGE_LOW_TOKENS
-    expected += 2 * MEDIA_TOKENS
+    expected = 3 + n(o, "user") + n(o, "What is in this image?") + 85
+    # Was 2 x 1445 (the file_id image and the input_file a flat 1445 each). Now the file_id
+    # image costs the most a gpt-4.1 image can (85 + 8 x 170) and the input_file is unsized.
+    expected += 1445
     expected += 3 + n(o, "assistant") + n(o, "A cat.")
     expected += 3 + n(o, "Hm.")
     expected += 3 + n(o, "weather") + n(o, args)
     expected += 3 + n(o, "sunny")
     expected += 3 + 3
     assert tokenizer.estimate(Endpoint.RESPONSES, {"model": "gpt-4.1", "input": items}) == expected
+    estimate = tokenizer.estimate_prompt(Endpoint.RESPONSES, {"model": "gpt-4.1", "input": items})
+    assert estimate == PromptEstimate(expected, ("input_file part",))
 
 
 def test_responses_tools_match_chat_tools(tokenizer: Tokenizer) -> None:
@@ -530,6 +540,202 @@ def test_responses_tools_match_chat_tools(tokenizer: Tokenizer) -> None:
     chat_base = tokenizer.estimate(Endpoint.CHAT, chat("gpt-4o", []))
     chat_tools = tokenizer.estimate(Endpoint.CHAT, chat("gpt-4o", [], tools=COOKBOOK_TOOLS))
     assert with_tools - empty == chat_tools - chat_base > 0
+
+
+# --- estimate_prompt: images, files, audio -----------------------------------------------------
+
+
+def user(*parts: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def image_url(url: str, detail: str | None = None) -> dict[str, Any]:
+    ref = {"url": url} if detail is None else {"url": url, "detail": detail}
+    return {"type": "image_url", "image_url": ref}
+
+
+def input_image(detail: str | None = None, **ref: str) -> dict[str, Any]:
+    part = {"type": "input_image", **ref}
+    return part if detail is None else {**part, "detail": detail}
+
+
+def image_cost(tokenizer: Tokenizer, endpoint: Endpoint, model: str, part: Any) -> PromptEstimate:
+    """What one image part adds to a prompt: the estimate with it, less the one without."""
+    if endpoint == Endpoint.CHAT:
+        with_it, without = chat(model, user(part)), chat(model, user())
+    else:
+        with_it = {"model": model, "input": [{"role": "user", "content": [part]}]}
+        without = {"model": model, "input": [{"role": "user", "content": []}]}
+    estimate = tokenizer.estimate_prompt(endpoint, with_it)
+    tokens = estimate.tokens - tokenizer.estimate_prompt(endpoint, without).tokens
+    return PromptEstimate(tokens, estimate.unsized)
+
+
+@pytest.mark.parametrize("endpoint", list(Endpoint))
+def test_text_only_bodies_are_fully_sized(tokenizer: Tokenizer, endpoint: Endpoint) -> None:
+    bodies: list[dict[str, Any]] = [
+        chat("gpt-4o", COOKBOOK_MESSAGES),
+        chat("gpt-4o-mini", COOKBOOK_TOOL_MESSAGES, tools=COOKBOOK_TOOLS),
+        {"model": "gpt-4.1", "input": "Tell me a joke", "instructions": "Be brief."},
+        {"model": "text-embedding-3-small", "input": ["one", "two"]},
+        {"model": "gpt-3.5-turbo-instruct", "prompt": "Say this", "suffix": "x"},
+    ]
+    for body in bodies:
+        estimate = tokenizer.estimate_prompt(endpoint, body)
+        assert estimate.unsized == ()
+        assert estimate.tokens == tokenizer.estimate(endpoint, body)
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "detail", "tokens"),
+    [
+        ("gpt-4o", (1024, 1024), "high", 765),  # the guide's example
+        ("gpt-4o", (1024, 1024), "auto", 765),
+        ("gpt-4o", (1024, 1024), None, 765),
+        ("gpt-4o", (2048, 4096), "high", 1105),  # the guide's example
+        ("gpt-4o", (4096, 8192), "low", 85),  # the guide's example
+        ("gpt-4o-2024-08-06", (512, 512), "high", 255),
+        ("gpt-4o-mini", (1024, 1024), "high", 2833 + 4 * 5667),
+        ("openai/gpt-4o-mini", (1024, 1024), "low", 2833),
+        ("gpt-5", (1024, 1024), "high", 70 + 4 * 140),
+        ("o3", (1024, 1024), "high", 75 + 4 * 150),
+        ("gpt-4.1-mini", (1024, 1024), "high", 1660),  # 1024 patches x 1.62, + 1
+        ("gpt-4.1-mini", (1800, 2400), "low", 2354),  # 1452 patches x 1.62, + 1
+        ("o4-mini", (1024, 1024), None, 1763),  # 1024 patches x 1.72, + 1
+    ],
+)
+@pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.RESPONSES])
+def test_inline_images_are_sized_from_their_header(
+    tokenizer: Tokenizer,
+    endpoint: Endpoint,
+    model: str,
+    size: tuple[int, int],
+    detail: str | None,
+    tokens: int,
+) -> None:
+    url = data_url(png(*size))
+    part = (
+        image_url(url, detail) if endpoint == Endpoint.CHAT else input_image(detail, image_url=url)
+    )
+    assert image_cost(tokenizer, endpoint, model, part) == PromptEstimate(tokens, ())
+
+
+def test_a_jpeg_with_large_metadata_is_still_sized(tokenizer: Tokenizer) -> None:
+    url = data_url(jpeg(1024, 1024, metadata=30_000), "image/jpeg")
+    assert image_cost(tokenizer, Endpoint.CHAT, "gpt-4o", image_url(url)).tokens == 765
+
+
+@pytest.mark.parametrize(
+    ("model", "low", "high"),
+    [
+        ("gpt-4o", 85, 85 + 8 * 170),
+        ("gpt-4.1", 85, 85 + 8 * 170),
+        ("gpt-4o-mini", 2833, 2833 + 8 * 5667),
+        ("gpt-5-chat-latest", 70, 70 + 8 * 140),
+        ("o1", 75, 75 + 8 * 150),
+        ("computer-use-preview", 65, 65 + 8 * 129),
+        ("gpt-4.1-mini", 2490, 2490),  # 1536 patches x 1.62, + 1: no low-detail figure
+        ("gpt-4.1-nano", 3780, 3780),
+        ("o4-mini", 2643, 2643),
+    ],
+)
+def test_unfetched_images_cost_the_most_for_their_detail(
+    tokenizer: Tokenizer, model: str, low: int, high: int
+) -> None:
+    https = "https://example.com/cat.png"
+    not_an_image = data_url(b"%PDF-1.7 not an image")
+    cases = [
+        (Endpoint.CHAT, image_url(https, "low"), low),
+        (Endpoint.CHAT, image_url(https, "high"), high),
+        (Endpoint.CHAT, image_url(https, "auto"), high),
+        (Endpoint.CHAT, image_url(https), high),
+        (Endpoint.CHAT, {"type": "image_url", "image_url": https}, high),  # a bare URL
+        (Endpoint.CHAT, image_url(not_an_image, "high"), high),
+        (Endpoint.CHAT, {"type": "image_url", "image_url": {"detail": "low"}}, low),
+        (Endpoint.RESPONSES, input_image("low", image_url=https), low),
+        (Endpoint.RESPONSES, input_image(image_url=https), high),
+        (Endpoint.RESPONSES, input_image("low", file_id="file-abc"), low),
+        (Endpoint.RESPONSES, input_image("auto", file_id="file-abc"), high),
+        (Endpoint.RESPONSES, input_image(file_id="file-abc"), high),
+    ]
+    for endpoint, part, cost in cases:
+        assert image_cost(tokenizer, endpoint, model, part) == PromptEstimate(cost, ()), part
+
+
+def test_images_for_an_undocumented_model_are_unsized(tokenizer: Tokenizer) -> None:
+    url = data_url(png(64, 64))
+    body = chat("test-chat", user(image_url(url), image_url("https://e.com/x.png", "low")))
+    estimate = tokenizer.estimate_prompt(Endpoint.CHAT, body)
+    assert estimate.unsized == ("image_url part for model 'test-chat'",)
+    assert (
+        estimate.tokens
+        == tokenizer.estimate_prompt(Endpoint.CHAT, chat("test-chat", user())).tokens
+    )
+    body = {"model": "gpt-5.2", "input": [{"role": "user", "content": [input_image(file_id="f")]}]}
+    estimate = tokenizer.estimate_prompt(Endpoint.RESPONSES, body)
+    assert estimate.unsized == ("input_image part for model 'gpt-5.2'",)
+
+
+def test_files_and_audio_are_unsized(tokenizer: Tokenizer) -> None:
+    pdf = "data:application/pdf;base64," + "JVBERi0=" * 1000
+    chat_parts = [
+        {"type": "file", "file": {"file_id": "file-abc"}},
+        {"type": "file", "file": {"file_data": pdf, "filename": "secret-plans.pdf"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==" * 1000, "format": "wav"}},
+    ]
+    body = chat("gpt-4o", user({"type": "text", "text": "hi"}, *chat_parts))
+    estimate = tokenizer.estimate_prompt(Endpoint.CHAT, body)
+    assert estimate.tokens == tokenizer.estimate(
+        Endpoint.CHAT, chat("gpt-4o", user({"type": "text", "text": "hi"}))
+    )
+    assert estimate.unsized == ("file part", "input_audio part")  # each kind once, in order
+
+    responses_parts = [
+        {"type": "input_file", "file_id": "file-abc"},
+        {"type": "input_file", "file_url": "https://example.com/secret-plans.pdf"},
+        {"type": "input_file", "filename": "secret-plans.pdf", "file_data": pdf},
+    ]
+    body = {"model": "gpt-4.1", "input": [{"role": "user", "content": responses_parts}]}
+    estimate = tokenizer.estimate_prompt(Endpoint.RESPONSES, body)
+    assert estimate.unsized == ("input_file part",)
+    for reason in estimate.unsized:  # names kinds of input, never what the client sent
+        assert "secret" not in reason and "http" not in reason and "JVBER" not in reason
+
+
+def test_earlier_audio_and_generated_images_are_unsized(tokenizer: Tokenizer) -> None:
+    messages = [
+        {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "audio": {"id": "audio_abc"}},
+        {"role": "user", "content": "Again"},
+    ]
+    estimate = tokenizer.estimate_prompt(Endpoint.CHAT, chat("gpt-4o-audio-preview", messages))
+    assert estimate.unsized == ("assistant audio",)
+    item = {"type": "image_generation_call", "id": "ig_1", "status": "completed", "result": "iVBO"}
+    body = {"model": "gpt-4.1", "input": [item]}
+    assert tokenizer.estimate_prompt(Endpoint.RESPONSES, body).unsized == (
+        "image_generation_call item",
+    )
+
+
+def test_a_computer_screenshot_is_an_image(tokenizer: Tokenizer) -> None:
+    screenshot = {"type": "computer_screenshot", "image_url": data_url(png(1024, 768))}
+    output = {"type": "computer_call_output", "call_id": "c1", "output": screenshot}
+    body = {"model": "computer-use-preview", "input": [output]}
+    estimate = tokenizer.estimate_prompt(Endpoint.RESPONSES, body)
+    # 1024 x 768: short side already 768, 2 x 2 tiles.
+    assert estimate == PromptEstimate(3 + 65 + 4 * 129 + 3, ())
+    by_file = {**output, "output": {"type": "computer_screenshot", "file_id": "file-1"}}
+    estimate = tokenizer.estimate_prompt(Endpoint.RESPONSES, {**body, "input": [by_file]})
+    assert estimate == PromptEstimate(3 + 65 + 8 * 129 + 3, ())
+
+
+def test_many_large_inline_images_are_sized(tokenizer: Tokenizer) -> None:
+    # Only each image's header is decoded (a KiB of it), not its 4 MB.
+    url = data_url(png(2000, 1000) + bytes(4 << 20))
+    body = chat("gpt-4o", user(*[image_url(url)] * 500))
+    estimate = tokenizer.estimate_prompt(Endpoint.CHAT, body)
+    # 2000 x 1000 -> 1536 x 768: 3 x 2 tiles.
+    assert estimate == PromptEstimate(3 + 1 + 500 * (85 + 6 * 170) + 3, ())
 
 
 # --- untrusted bodies --------------------------------------------------------------------------
@@ -550,6 +756,10 @@ JUNK: list[Any] = [
     [{"role": ["x"], "content": [{"type": "text", "text": None}], "tool_calls": {"a": 1}}],
     [{"tool_calls": [1, None, {"function": 2}, {"function": {"name": [], "arguments": {}}}]}],
     [{"function_call": "x", "name": None, "output": [1, {}], "summary": 3}],
+    [{"type": "input_image", "image_url": {"url": 5, "detail": []}, "detail": {}}],
+    [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!", "detail": 1}}],
+    [{"type": ["image_url"], "content": {"type": "computer_screenshot", "image_url": None}}],
+    [{"type": "input_file"}, {"type": "file", "file": None}, {"role": "x", "audio": {}}],
     float("nan"),
 ]
 KEYS = ["model", "messages", "tools", "functions", "response_format", "prompt", "suffix"]
@@ -567,6 +777,9 @@ def test_bad_bodies_never_raise(tokenizer: Tokenizer, endpoint: Endpoint) -> Non
         assert tokenizer.estimate(endpoint, body) == 1
 
 
+TINY_PNG = data_url(png(3, 2))
+
+
 def random_json(rng: random.Random, depth: int = 0) -> Any:
     kind = rng.randrange(8 if depth < 4 else 5)
     if kind == 0:
@@ -574,12 +787,18 @@ def random_json(rng: random.Random, depth: int = 0) -> Any:
     if kind == 1:
         return rng.choice([True, False, 0, -7, 2.5, 10**30])
     if kind in (2, 3):
-        return rng.choice(["text", "image_url", "input_image", "function", "low", "", "🎉"])
+        return rng.choice(
+            [
+                *("text", "image_url", "input_image", "function", "low", "", "🎉", "input_file"),
+                *("computer_screenshot", "data:image/png;base64,iVBORw0KGgo", "https://e.com/a"),
+                *(TINY_PNG, "gpt-4o-mini", "o4-mini", "input_audio"),
+            ]
+        )
     if kind == 4:
-        return rng.choice(["type", "text", "role", "content", "name", "detail"])
+        return rng.choice(["type", "text", "role", "content", "name", "detail", "url", "audio"])
     if kind == 5:
         return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
-    keys = ["type", "text", "role", "content", "name", "function", "image_url", "detail"]
+    keys = ["type", "text", "role", "content", "name", "function", "image_url", "detail", "url"]
     keys += ["tool_calls", "arguments", "parameters", "properties", "enum", "output", "summary"]
     return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randrange(5))}
 
@@ -589,7 +808,9 @@ def test_random_bodies_never_raise(tokenizer: Tokenizer) -> None:
     for _ in range(3000):
         body = {key: random_json(rng) for key in rng.sample(KEYS, rng.randrange(1, len(KEYS)))}
         for endpoint in Endpoint:
-            assert tokenizer.estimate(endpoint, body) >= 1
+            estimate = tokenizer.estimate_prompt(endpoint, body)
+            assert estimate.tokens >= 1
+            assert all(isinstance(reason, str) for reason in estimate.unsized)
 
 
 def test_deeply_nested_schema_never_raises(tokenizer: Tokenizer) -> None:
