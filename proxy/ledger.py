@@ -1,8 +1,15 @@
 """Reserve, then settle: the only way a request touches the spend store.
 
-    async with ledger.hold(plan, tz=tz, hold_ttl_s=ttl) as hold:   # 429 / 503 on entry
+    async with ledger.hold(plan, tz=tz, hold_ttl_s=lease) as hold:   # 429 / 503 on entry
         response = await forward(...)
         await hold.commit(cost_micros)        # not called: the hold is released on exit
+
+The hold is a lease of ``hold_ttl_s`` seconds, renewed every third of it for as long as
+the ``async with`` block runs (a task owned by the block: stopped by ``commit`` or on
+exit, and awaited on exit). A proxy that dies leaves holds that end, and are charged as
+spent, one lease later; if it was only stalled, its settle replaces that charge by the
+actual cost. A renewal the store cannot take is logged and tried again at the next tick;
+it never fails the request.
 
 A settle the store cannot take right now (Redis went away after the request was
 admitted) is kept in a bounded queue and retried until it lands; settles are
@@ -28,6 +35,10 @@ from proxy.store import Counter, CounterState, Store
 
 log = logging.getLogger("capproxy.ledger")
 
+# A lease is renewed this many times per lease period: two renewals may fail in a row
+# before it runs out.
+RENEWALS_PER_LEASE = 3
+
 
 @dataclass(slots=True)
 class LedgerStats:
@@ -36,6 +47,8 @@ class LedgerStats:
     fail_open_admitted: int = 0
     settles_deferred: int = 0
     settles_dropped: int = 0
+    renewals_failed: int = 0  # renew calls the store could not take (retried next tick)
+    leases_lapsed: int = 0  # holds found gone while their request ran (charged at expiry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +58,7 @@ class _Pending:
     counters: tuple[Counter, ...]
     actual_micros: int
     tz: ZoneInfo
-    hold_ttl_s: int
+    hold_ttl_s: float
     # The reserve call failed: it may still have run in the store (a reply lost to a
     # timeout), so this rid is written even at zero, which clears any such hold.
     reserve_failed: bool = False
@@ -61,11 +74,12 @@ class Hold:
     now: float
     _ledger: Ledger
     _tz: ZoneInfo
-    _hold_ttl_s: int
+    _hold_ttl_s: float
     # Shadow mode: the rejection the caps would have given (the request went ahead).
     would_reject: BudgetExceeded | None = None
     reserve_failed: bool = False  # admitted fail-open after the store did not answer
     settled: bool = field(default=False)
+    _renewal: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def admitted_without_store(self) -> bool:
@@ -76,6 +90,8 @@ class Hold:
         if self.settled:
             return
         self.settled = True
+        if self._renewal is not None:
+            self._renewal.cancel()  # the lease is no longer needed; awaited on exit
         pending = _Pending(
             self.rid,
             self.states,
@@ -111,10 +127,16 @@ class Ledger:
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._settling: set[asyncio.Task[None]] = set()
+        self._renewing: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def renewing(self) -> int:
+        """Holds whose lease is being renewed now (one per request in flight)."""
+        return len(self._renewing)
 
     @asynccontextmanager
     async def hold(
@@ -122,14 +144,15 @@ class Ledger:
         plan: BudgetPlan,
         *,
         tz: ZoneInfo,
-        hold_ttl_s: int,
+        hold_ttl_s: float,
         enforce: bool = True,
         on_reject: RejectHook | None = None,
     ) -> AsyncIterator[Hold]:
         """Reserve ``plan`` (429 ``BudgetExceeded`` / 503 ``StoreUnavailable``), yield the hold.
 
-        With ``enforce=False`` (shadow mode) a refused reservation admits the request
-        anyway, without a hold, and its cost is recorded when it is committed.
+        ``hold_ttl_s`` is the hold's lease, renewed every third of it while the block
+        runs. With ``enforce=False`` (shadow mode) a refused reservation admits the
+        request anyway, without a hold, and its cost is recorded when it is committed.
         """
         rid = uuid.uuid4().hex
         states: tuple[CounterState, ...] = ()
@@ -151,7 +174,8 @@ class Ledger:
                 reserve_failed = True
                 if not self.fail_open:
                     # The script may yet run (or have run) in the store: clear that hold
-                    # once the store answers, so it cannot block others until it expires.
+                    # once the store answers (refunding it, if its lease ran out first and
+                    # it was charged): this request never goes out.
                     self._defer(
                         _Pending(rid, (), plan.counters, 0, tz, hold_ttl_s, reserve_failed=True)
                     )
@@ -168,11 +192,46 @@ class Ledger:
                 else:
                     states, now = result.states, result.now
         hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s, would_reject, reserve_failed)
+        if states:
+            renewal = asyncio.create_task(self._renew(hold), name=f"capproxy-lease-{rid}")
+            hold._renewal = renewal
+            self._renewing.add(renewal)
+            renewal.add_done_callback(self._renewing.discard)
         try:
             yield hold
         finally:
-            if not hold.settled:
-                await hold.commit(0)
+            try:
+                if not hold.settled:
+                    await hold.commit(0)
+            finally:
+                if hold._renewal is not None:
+                    hold._renewal.cancel()
+                    await asyncio.wait([hold._renewal])
+
+    async def _renew(self, hold: Hold) -> None:
+        """Renew ``hold``'s lease every third of it until cancelled or the hold is gone."""
+        interval = hold._hold_ttl_s / RENEWALS_PER_LEASE
+        logged = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await self.store.renew(hold.rid, hold.states, hold_ttl_s=hold._hold_ttl_s)
+            except Exception as exc:  # never into the request: try again at the next tick
+                self.stats.renewals_failed += 1
+                if not logged:
+                    logged = True
+                    log.warning("hold %s: lease renewal failed (%r), retrying", hold.rid, exc)
+                continue
+            if not held:
+                # Its lease ran out (the store was unreachable for a whole lease, or the
+                # loop stalled): the hold was charged in full, and the settle corrects it.
+                self.stats.leases_lapsed += 1
+                log.warning(
+                    "hold %s: lease ran out while the request ran; charged in full until "
+                    "its settle replaces the charge",
+                    hold.rid,
+                )
+                return
 
     async def settle(self, pending: _Pending) -> None:
         """Apply a settle in a task of its own, so that cancelling the request that waits
@@ -204,7 +263,9 @@ class Ledger:
     def _defer(self, pending: _Pending) -> None:
         release_only = pending.reserve_failed and pending.actual_micros == 0 and not pending.states
         if release_only and len(self._pending) >= self._max_pending // 2:
-            return  # never crowd out settles that carry spend: a stray hold expires anyway
+            # Never crowd out settles that carry spend: a stray hold is charged when its
+            # lease ends (an overcount, never an undercount).
+            return
         self.stats.settles_deferred += 1
         if len(self._pending) >= self._max_pending:
             self._pending.popleft()

@@ -1,10 +1,12 @@
 """Spend counters: reserve an estimate in every budget window at once, then settle it.
 
     store = RedisStore.from_url("redis://localhost:6379/0", timeout_s=0.5)
-    result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=600)
+    result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=30)
     if result.ok:
-        ...  # forward the request
-        await store.settle(rid, result.states, 9_870, hold_ttl_s=600)
+        ...  # forward the request, and every 10 s while it runs:
+        await store.renew(rid, result.states, hold_ttl_s=30)
+        ...
+        await store.settle(rid, result.states, 9_870, hold_ttl_s=30)
 
 Amounts are integer micro-USD. A *counter* is one window (hourly, daily, ...) of one
 scope (a tenant, or one agent of a tenant); for each period of its window it keeps the
@@ -12,15 +14,28 @@ amount ``spent`` and the amount ``held`` by in-flight reservations. ``reserve`` 
 hold in all counters or in none; ``settle`` replaces the hold by the actual cost exactly
 once per request id (``rid``); ``record`` adds spend without a prior hold.
 
+A hold is a *lease* of ``hold_ttl_s`` that ``renew`` extends while its request runs. A
+lease that runs out (its proxy died, or stalled) is *charged*: the hold's amount moves
+from held to spent, since the upstream may have billed up to it, and the amount so
+charged is kept per rid. A late ``settle`` of that rid replaces the charge by the actual
+cost (spent += actual - charged), still exactly once. So a hold's room comes back only
+with its settle, which knows the cost, and a dead proxy's holds block others for at most
+one lease. Expired leases are charged by ``reserve`` and ``renew`` when they find them;
+``snapshot`` counts them as spent already. Each state reports ``holds_end``, the latest
+lease expiry among its live holds: when the holds in the way end at the latest (the
+basis of ``Retry-After``).
+
 Two implementations share these semantics: ``MemoryStore`` (one process, one event loop)
 and ``RedisStore`` (shared by every proxy instance).
 
 Redis key layout (``P`` = prefix, ``T`` = tenant id, ``A`` = agent id, ``W`` = window
 name, ``S`` = period start in epoch seconds)::
 
-    P:{T}:t:W:S            HASH  tenant-wide counter: spent, held, h:<rid> = held amount
+    P:{T}:t:W:S            HASH  tenant-wide counter: spent, held, h:<rid> = held amount,
+                                 x:<rid> = amount charged when rid's lease ran out
+                                 (removed by rid's settle, else expires with the key)
     P:{T}:a:A:W:S          HASH  agent counter, same fields
-    <counter key>:holds    ZSET  rid -> hold expiry (epoch ms, Redis clock)
+    <counter key>:holds    ZSET  rid -> lease expiry (epoch ms, Redis clock)
     P:{T}:settled:<rid>    STRING marker making settle/record idempotent,
                            TTL max(2 x hold TTL, 60 s)
 
@@ -96,12 +111,18 @@ class Counter:
 
 @dataclass(frozen=True, slots=True)
 class CounterState:
-    """A counter in one period: ``held`` counts in-flight reservations."""
+    """A counter in one period: ``held`` counts in-flight reservations.
+
+    ``holds_end`` is the latest lease expiry among those holds (epoch seconds, store
+    clock): by then every hold now in ``held`` has been settled or charged, unless its
+    request renews it. None when nothing is held (or the state was not read from a store).
+    """
 
     counter: Counter
     period: Period
     spent_micros: int
     held_micros: int
+    holds_end: float | None = None
 
     @property
     def room_micros(self) -> int:
@@ -114,7 +135,7 @@ class ReserveResult:
     """The decision of ``reserve``.
 
     ``states`` has one entry per counter, in order: after the hold when ``ok``, as found
-    (nothing changed) when rejected.
+    when rejected (nothing held; expired leases found were charged).
     """
 
     ok: bool
@@ -148,8 +169,19 @@ class Store(Protocol):
     ) -> ReserveResult:
         """Hold ``amount_micros`` in every counter's current period, or in none.
 
-        Allowed when spent + held + amount <= limit in every counter. Repeating a
-        reserve with a ``rid`` that already holds is answered ``ok`` without a second hold.
+        Allowed when spent + held + amount <= limit in every counter, after charging
+        the expired leases found. The hold is a lease of ``hold_ttl_s``. Repeating a
+        reserve with a ``rid`` that already holds is answered ``ok`` without a second
+        hold; a ``rid`` already settled, or whose lease ran out, is refused and holds
+        nothing.
+        """
+        ...
+
+    async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
+        """Extend ``rid``'s lease to now + ``hold_ttl_s`` in the given periods.
+
+        False when the hold is gone: settled, or its lease ran out and it was charged
+        (a later settle still replaces that charge by the actual cost).
         """
         ...
 
@@ -163,7 +195,9 @@ class Store(Protocol):
     ) -> None:
         """Replace ``rid``'s hold by the actual cost in the given periods, once per rid.
 
-        0 releases, negative counts as 0, an expired hold still gets the spend added.
+        0 releases, negative counts as 0. A hold whose lease ran out was charged its
+        amount; the settle replaces that charge by the actual cost (spent += actual -
+        charged, which lowers spent when the actual cost is below the hold).
         """
         ...
 
@@ -176,13 +210,15 @@ class Store(Protocol):
         tz: ZoneInfo,
         hold_ttl_s: float,
     ) -> None:
-        """Add spend without a hold in the current periods (fail-open), once per rid."""
+        """Add spend without a hold in the current periods (fail-open), once per rid;
+        like ``settle``, it replaces a hold of ``rid`` there, or the charge of its lease."""
         ...
 
     async def snapshot(
         self, counters: Sequence[Counter], *, tz: ZoneInfo
     ) -> tuple[CounterState, ...]:
-        """The counters in their current periods; expired holds are not counted."""
+        """The counters in their current periods; holds whose lease ran out count as
+        spent, as they will once charged."""
         ...
 
     async def now(self) -> float:
@@ -251,12 +287,20 @@ def _check_ttl(hold_ttl_s: float) -> int:
 class _Bucket:
     spent: int = 0
     holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # rid -> (amount, exp)
+    charged: dict[str, int] = field(default_factory=dict)  # rid -> charged at lease expiry
     expires_at: float = 0.0
 
-    def held(self, now: float) -> int:
+    def charge_expired(self, now: float) -> None:
+        """Move the holds whose lease ran out to spent, remembering what each was charged."""
         for rid in [r for r, (_, exp) in self.holds.items() if exp <= now]:
-            del self.holds[rid]
-        return sum(amount for amount, _ in self.holds.values())
+            amount, _ = self.holds.pop(rid)
+            self.spent += amount
+            self.charged[rid] = amount
+
+    def state(self, counter: Counter, period: Period) -> CounterState:
+        held = sum(amount for amount, _ in self.holds.values())
+        end = max((exp for _, exp in self.holds.values()), default=None)
+        return CounterState(counter, period, self.spent, held, end)
 
 
 _BucketKey = tuple[str, str | None, Window, int]
@@ -267,8 +311,9 @@ class MemoryStore:
 
         store = MemoryStore(clock=fake_clock)
 
-    Atomic because nothing awaits between check and update. Expired holds drop out, and
-    counters of ended periods are pruned about once a minute.
+    Atomic because nothing awaits between check and update. Leases expire on ``clock``
+    and are charged when a reserve, renew or snapshot finds them; counters of ended
+    periods are pruned about once a minute.
     """
 
     def __init__(
@@ -301,29 +346,42 @@ class MemoryStore:
         self._prune(now)
         periods = [period_of(c.window, now, tz) for c in counters]
         buckets = [self._bucket(c, p) for c, p in zip(counters, periods, strict=True)]
-        helds = [b.held(now) for b in buckets]
+        for b in buckets:
+            b.charge_expired(now)
         replay = rid in buckets[0].holds
-        settled = self._settled.get((tenant, rid), 0.0) > now  # released before it arrived
-        ok = not settled and (
+        # Settled or released before it arrived, or its lease already ran out: over.
+        over = self._settled.get((tenant, rid), 0.0) > now or rid in buckets[0].charged
+        ok = not over and (
             replay
             or all(
-                b.spent + h + amount_micros <= c.limit_micros
-                for c, b, h in zip(counters, buckets, helds, strict=True)
+                b.spent + sum(a for a, _ in b.holds.values()) + amount_micros <= c.limit_micros
+                for c, b in zip(counters, buckets, strict=True)
             )
         )
-        if ok and not replay:
-            for i, b in enumerate(buckets):
-                if rid not in b.holds:
-                    b.holds[rid] = (amount_micros, now + hold_ttl_s)
-                    helds[i] += amount_micros
         if ok:
             for b, p in zip(buckets, periods, strict=True):
+                if not replay and rid not in b.holds:
+                    b.holds[rid] = (amount_micros, now + hold_ttl_s)
                 b.expires_at = max(b.expires_at, p.end + hold_ttl_s + self._margin_s)
-        states = tuple(
-            CounterState(c, p, b.spent, h)
-            for c, p, b, h in zip(counters, periods, buckets, helds, strict=True)
-        )
+        states = tuple(b.state(c, p) for c, p, b in zip(counters, periods, buckets, strict=True))
         return ReserveResult(ok, now, states, amount_micros)
+
+    async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
+        _check_rid(rid)
+        _check_counters([s.counter for s in states])
+        _check_ttl(hold_ttl_s)
+        now = self._clock()
+        held = False
+        for s in states:
+            b = self._buckets.get(self._key(s.counter, s.period))
+            if b is None:
+                continue
+            b.charge_expired(now)
+            if rid in b.holds:
+                amount, _ = b.holds[rid]
+                b.holds[rid] = (amount, now + hold_ttl_s)
+                held = True
+        return held
 
     async def settle(
         self,
@@ -365,8 +423,11 @@ class MemoryStore:
         for c in counters:
             period = period_of(c.window, now, tz)
             b = self._buckets.get(self._key(c, period))
-            spent, held = (b.spent, b.held(now)) if b is not None else (0, 0)
-            states.append(CounterState(c, period, spent, held))
+            if b is None:
+                states.append(CounterState(c, period, 0, 0))
+                continue
+            b.charge_expired(now)
+            states.append(b.state(c, period))
         return tuple(states)
 
     async def now(self) -> float:
@@ -409,7 +470,8 @@ class MemoryStore:
                     continue
                 b = self._bucket(counter, period)
             b.holds.pop(rid, None)
-            b.spent += actual
+            # A lease that ran out was charged its hold: the actual cost replaces that.
+            b.spent += actual - b.charged.pop(rid, 0)
             b.expires_at = max(b.expires_at, period.end + hold_ttl_s + self._margin_s)
 
     @staticmethod
@@ -437,14 +499,59 @@ class MemoryStore:
 
 # --- Redis store -------------------------------------------------------------------------
 
+# Shared by the scripts that write: charge the holds of one counter whose lease ran out
+# (at most PURGE_LIMIT per call): their amounts move from held to spent, and x:<rid>
+# keeps what each was charged until its settle replaces it by the actual cost.
+_CHARGE_EXPIRED_LUA = """
+local function charge_expired(key, holds, now_ms)
+  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now_ms, 'LIMIT', 0, PURGE_LIMIT)
+  if #expired == 0 then
+    return
+  end
+  local fields = {}
+  for j, r in ipairs(expired) do fields[j] = 'h:' .. r end
+  local amounts = redis.call('HMGET', key, unpack(fields))
+  local total, charged = 0, {}
+  for j = 1, #expired do
+    if amounts[j] then
+      total = total + tonumber(amounts[j])
+      charged[#charged + 1] = 'x:' .. expired[j]
+      charged[#charged + 1] = amounts[j]
+    end
+  end
+  redis.call('HDEL', key, unpack(fields))
+  redis.call('ZREM', holds, unpack(expired))
+  if #charged > 0 then
+    redis.call('HSET', key, unpack(charged))
+  end
+  if total ~= 0 then
+    redis.call('HINCRBY', key, 'held', string.format('%d', -total))
+    redis.call('HINCRBY', key, 'spent', string.format('%d', total))
+  end
+end
+
+-- The latest lease expiry among a counter's live holds (epoch ms), '0' when none.
+local function holds_end(holds, now_ms)
+  local last = redis.call('ZRANGE', holds, -1, -1, 'WITHSCORES')
+  if last[2] and tonumber(last[2]) > now_ms then
+    return last[2]
+  end
+  return '0'
+end
+""".replace("PURGE_LIMIT", str(PURGE_LIMIT))
+
 # KEYS: per counter its hash and holds zset (K1, Z1, K2, Z2, ...), then the rid's settled
 #       marker: a reserve that arrives after its rid was settled or released (its reply was
-#       lost to a timeout and the ledger released it) holds nothing.
+#       lost to a timeout and the ledger released it) holds nothing; nor does one whose
+#       rid's lease already ran out (x:<rid> in the first counter).
 # ARGV: rid, amount, hold ttl ms, then per counter: limit, period start, period end,
 #       key expiry (epoch ms).
 # Returns {'skew', sec, usec} |
-#         {'ok'|'rejected'|'settled', sec, usec, spent1, held1, spent2, ...}.
-_RESERVE_LUA = """
+#         {'ok'|'rejected'|'settled', sec, usec, spent1, held1, end1, spent2, ...}
+#         (end = latest lease expiry in epoch ms, '0' when nothing is held).
+_RESERVE_LUA = (
+    _CHARGE_EXPIRED_LUA
+    + """
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -461,28 +568,14 @@ local amount = tonumber(ARGV[2])
 local spent, held = {}, {}
 for i = 1, n do
   local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
-  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now_ms, 'LIMIT', 0, PURGE_LIMIT)
-  if #expired > 0 then
-    local fields = {}
-    for j, r in ipairs(expired) do fields[j] = 'h:' .. r end
-    local amounts = redis.call('HMGET', key, unpack(fields))
-    local total = 0
-    for j = 1, #amounts do
-      if amounts[j] then total = total + tonumber(amounts[j]) end
-    end
-    redis.call('HDEL', key, unpack(fields))
-    redis.call('ZREM', holds, unpack(expired))
-    if total ~= 0 then
-      redis.call('HINCRBY', key, 'held', string.format('%d', -total))
-    end
-  end
+  charge_expired(key, holds, now_ms)
   local v = redis.call('HMGET', key, 'spent', 'held')
   spent[i] = tonumber(v[1] or '0')
   held[i] = tonumber(v[2] or '0')
 end
 local status = 'ok'
 local replay = redis.call('HEXISTS', KEYS[1], field) == 1
-if redis.call('EXISTS', KEYS[#KEYS]) == 1 then
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 or redis.call('HEXISTS', KEYS[1], 'x:' .. rid) == 1 then
   status = 'settled'
 elseif not replay then
   for i = 1, n do
@@ -510,13 +603,40 @@ local out = {status, t[1], t[2]}
 for i = 1, n do
   out[#out + 1] = string.format('%d', spent[i])
   out[#out + 1] = string.format('%d', held[i])
+  out[#out + 1] = holds_end(KEYS[2 * i], now_ms)
 end
 return out
-""".replace("PURGE_LIMIT", str(PURGE_LIMIT))
+"""
+)
+
+# KEYS: per counter its hash and holds zset. ARGV: rid, hold ttl ms.
+# Charges the expired leases of each counter, then moves rid's lease expiry to now + ttl
+# wherever rid still holds. Returns {'ok'|'gone', sec, usec} ('gone': it held nowhere).
+_RENEW_LUA = (
+    _CHARGE_EXPIRED_LUA
+    + """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rid = ARGV[1]
+local field = 'h:' .. rid
+local expiry = string.format('%d', now_ms + tonumber(ARGV[2]))
+local status = 'gone'
+for i = 1, #KEYS / 2 do
+  local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
+  charge_expired(key, holds, now_ms)
+  if redis.call('HEXISTS', key, field) == 1 then
+    redis.call('ZADD', holds, 'XX', expiry, rid)
+    status = 'ok'
+  end
+end
+return {status, t[1], t[2]}
+"""
+)
 
 # KEYS: settled marker, then per counter its hash and holds zset.
 # ARGV: rid, actual, marker ttl ms, check ('1' = verify periods against TIME), then per
 #       counter: period start, period end, key expiry (epoch ms).
+# Removes rid's hold; spent grows by actual, less what rid's expired lease was charged.
 # Returns {'skew', sec, usec} | {'dup'} | {'ok'}.
 _COMMIT_LUA = """
 local n = (#KEYS - 1) / 2
@@ -534,7 +654,7 @@ if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then
   return {'dup'}
 end
 local rid = ARGV[1]
-local field = 'h:' .. rid
+local field, charged = 'h:' .. rid, 'x:' .. rid
 local actual = tonumber(ARGV[2])
 for i = 1, n do
   local key, holds = KEYS[2 * i], KEYS[2 * i + 1]
@@ -546,8 +666,14 @@ for i = 1, n do
       redis.call('HINCRBY', key, 'held', string.format('%d', -tonumber(h)))
     end
   end
-  if actual > 0 then
-    redis.call('HINCRBY', key, 'spent', ARGV[2])
+  local add = actual
+  local x = redis.call('HGET', key, charged)
+  if x then
+    redis.call('HDEL', key, charged)
+    add = actual - tonumber(x)
+  end
+  if add ~= 0 then
+    redis.call('HINCRBY', key, 'spent', string.format('%d', add))
   end
   local at = ARGV[4 + (i - 1) * 3 + 3]
   redis.call('PEXPIREAT', key, at)
@@ -557,8 +683,9 @@ return {'ok'}
 """
 
 # KEYS: per counter its hash and holds zset. ARGV: per counter period start, period end.
-# Returns {'skew', sec, usec} | {'ok', sec, usec, spent1, held1, ...}; held counts only
-# holds that have not expired. Writes nothing.
+# Returns {'skew', sec, usec} | {'ok', sec, usec, spent1, held1, end1, ...}: held counts
+# the live holds, spent also the holds whose lease ran out (as their charge will), end is
+# the latest live lease expiry (epoch ms, '0' when none). Writes nothing.
 _SNAPSHOT_LUA = """
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
@@ -569,21 +696,28 @@ for i = 1, n do
     return {'skew', t[1], t[2]}
   end
 end
+local function sum(key, rids)
+  local total = 0
+  for first = 1, #rids, 500 do
+    local fields = {}
+    for j = first, math.min(first + 499, #rids) do fields[#fields + 1] = 'h:' .. rids[j] end
+    local amounts = redis.call('HMGET', key, unpack(fields))
+    for j = 1, #amounts do
+      if amounts[j] then total = total + tonumber(amounts[j]) end
+    end
+  end
+  return total
+end
 local out = {'ok', t[1], t[2]}
 for i = 1, n do
   local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
-  local live = redis.call('ZRANGEBYSCORE', holds, '(' .. now_ms, '+inf')
-  local held = 0
-  for first = 1, #live, 500 do
-    local fields = {}
-    for j = first, math.min(first + 499, #live) do fields[#fields + 1] = 'h:' .. live[j] end
-    local amounts = redis.call('HMGET', key, unpack(fields))
-    for j = 1, #amounts do
-      if amounts[j] then held = held + tonumber(amounts[j]) end
-    end
-  end
-  out[#out + 1] = redis.call('HGET', key, 'spent') or '0'
+  local expired = sum(key, redis.call('ZRANGEBYSCORE', holds, '-inf', now_ms))
+  local held = sum(key, redis.call('ZRANGEBYSCORE', holds, '(' .. now_ms, '+inf'))
+  local spent = tonumber(redis.call('HGET', key, 'spent') or '0') + expired
+  local last = redis.call('ZRANGE', holds, -1, -1, 'WITHSCORES')
+  out[#out + 1] = string.format('%d', spent)
   out[#out + 1] = string.format('%d', held)
+  out[#out + 1] = (last[2] and tonumber(last[2]) > now_ms) and last[2] or '0'
 end
 return out
 """
@@ -595,6 +729,18 @@ def _text(value: Any) -> str:
 
 def _redis_time(sec: Any, usec: Any) -> float:
     return int(_text(sec)) + int(_text(usec)) / 1_000_000
+
+
+def _states(
+    counters: Sequence[Counter], periods: Sequence[Period], values: Sequence[Any]
+) -> tuple[CounterState, ...]:
+    """The states in a script's reply: spent, held, latest lease end (ms, 0 = none)."""
+    states = []
+    for i, (c, p) in enumerate(zip(counters, periods, strict=True)):
+        spent, held, end_ms = values[3 * i : 3 * i + 3]
+        end = float(_text(end_ms)) / 1000
+        states.append(CounterState(c, p, int(_text(spent)), int(_text(held)), end or None))
+    return tuple(states)
 
 
 # Connections kept open for the scripts between calls (more are opened under a burst).
@@ -674,6 +820,7 @@ class RedisStore:
         self._local_clock = local_clock
         self._offset = 0.0  # Redis time - local time, learned from script replies
         self._reserve = _Script(_RESERVE_LUA)
+        self._renew = _Script(_RENEW_LUA)
         self._commit = _Script(_COMMIT_LUA)
         self._snapshot = _Script(_SNAPSHOT_LUA)
         self._idle: list[AbstractConnection] = []  # connections for the scripts, last used first
@@ -754,14 +901,26 @@ class RedisStore:
             keys.append(self.settled_key(tenant, rid))
             reply = await self._eval(self._reserve, keys, args)
             status, now = self._status(reply)
-            values = [int(_text(v)) for v in reply[3:]]
-            states = tuple(
-                CounterState(c, p, values[2 * i], values[2 * i + 1])
-                for i, (c, p) in enumerate(zip(counters, periods, strict=True))
-            )
+            states = _states(counters, periods, reply[3:])
             return ReserveResult(status == "ok", now, states, amount_micros)
 
         return await self._guard(lambda: self._with_periods(attempt))
+
+    async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
+        _check_rid(rid)
+        _check_counters([s.counter for s in states])
+        ttl_ms = _check_ttl(hold_ttl_s)
+        keys: list[str] = []
+        for s in states:
+            key = self.counter_key(s.counter, s.period)
+            keys += [key, key + ":holds"]
+
+        async def renew() -> bool:
+            reply = await self._eval(self._renew, keys, [rid, ttl_ms])
+            status, _ = self._status(reply)
+            return status == "ok"
+
+        return await self._guard(renew)
 
     async def settle(
         self,
@@ -813,11 +972,7 @@ class RedisStore:
                 args += [p.start, p.end]
             reply = await self._eval(self._snapshot, keys, args)
             self._status(reply)
-            values = [int(_text(v)) for v in reply[3:]]
-            return tuple(
-                CounterState(c, p, values[2 * i], values[2 * i + 1])
-                for i, (c, p) in enumerate(zip(counters, periods, strict=True))
-            )
+            return _states(counters, periods, reply[3:])
 
         return await self._guard(lambda: self._with_periods(attempt))
 

@@ -1,8 +1,10 @@
-"""Holds, settles, the fail-open policy and the retry queue, over an in-memory store."""
+"""Holds, lease renewals, settles, the fail-open policy and the retry queue, over an
+in-memory store."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -49,17 +51,24 @@ class FakeStore:
         store.failing_rids.add(rid)     # settles and records of ``rid`` fail
         store.lose_reserve_reply = True # reserve runs, then its reply is "lost"
         store.gate = asyncio.Event()    # settles and records wait for it
+        store.renew_fails = True        # renewals fail
+        store.renew_step_s = 5.0        # the store clock moves on this much before each renewal
+        await store.renewals(n)         # wait until ``n`` renewals were tried
 
-    ``calls`` lists the calls that reached the store, in order.
+    ``calls`` lists the calls that reached the store, in order; ``now_s`` is its clock.
     """
 
     def __init__(self) -> None:
-        self.memory = MemoryStore(clock=lambda: T0)
+        self.now_s = T0
+        self.memory = MemoryStore(clock=lambda: self.now_s)
         self.down = False
         self.failing_rids: set[str] = set()
         self.lose_reserve_reply = False
         self.gate: asyncio.Event | None = None
         self.commit_started = asyncio.Event()
+        self.renew_fails = False
+        self.renew_step_s = 0.0
+        self._renewed = asyncio.Event()
         self.calls: list[Call] = []
 
     def _check(self, rid: str = "") -> None:
@@ -88,6 +97,21 @@ class FakeStore:
         if self.lose_reserve_reply:
             raise StoreUnavailable()
         return result
+
+    async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
+        self.now_s += self.renew_step_s
+        self.calls.append(Call("renew", rid, 0))
+        self._renewed.set()
+        if self.renew_fails:
+            raise StoreUnavailable()
+        self._check()
+        return await self.memory.renew(rid, states, hold_ttl_s=hold_ttl_s)
+
+    async def renewals(self, n: int) -> None:
+        """Wait until ``n`` renewals were tried (the last one has run once this returns)."""
+        while len(self.ops("renew")) < n:
+            self._renewed.clear()
+            await self._renewed.wait()
 
     async def settle(
         self,
@@ -127,7 +151,7 @@ class FakeStore:
 
     async def now(self) -> float:
         self._check()
-        return T0
+        return self.now_s
 
     async def ping(self) -> None:
         self._check()
@@ -232,6 +256,83 @@ async def test_a_plan_without_counters_never_touches_the_store(store: FakeStore)
     assert store.calls == []
     assert ledger.pending == 0
     assert ledger.stats.fail_open_admitted == 0
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+LEASE = 0.03  # renewed every 10 ms of real time
+
+
+async def test_renewals_keep_a_long_requests_hold_across_several_leases(
+    store: FakeStore,
+) -> None:
+    ledger = ledger_for(store)
+    store.renew_step_s = LEASE / 2  # the store's time moves on between renewals
+    async with ledger.hold(plan(1000), tz=UTC, hold_ttl_s=LEASE) as hold:
+        assert ledger.renewing == 1
+        await store.renewals(6)
+        assert store.now_s >= T0 + 3 * LEASE  # the first lease is long over
+        assert await store.totals() == [(0, 1000), (0, 1000)]  # still held, not charged
+        await hold.commit(700)
+    assert ledger.renewing == 0
+    renewed = len(store.ops("renew"))
+    assert store.ops("settle", "record") == [Call("settle", hold.rid, 700)]
+    assert await store.totals() == [(700, 0), (700, 0)]
+    assert ledger.stats.leases_lapsed == 0
+    # Left the block: no renewal is scheduled any more.
+    async with ledger.hold(plan(1000), tz=UTC, hold_ttl_s=LEASE) as other:
+        await store.renewals(renewed + 1)
+    assert ledger.renewing == 0
+    assert {c.rid for c in store.ops("renew")[renewed:]} == {other.rid}
+
+
+async def test_a_renewal_error_does_not_break_the_request(
+    store: FakeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = ledger_for(store)
+    store.renew_fails = True
+    with caplog.at_level(logging.WARNING, logger="capproxy.ledger"):
+        async with ledger.hold(plan(1000), tz=UTC, hold_ttl_s=LEASE) as hold:
+            await store.renewals(3)  # tried again at every tick
+            store.renew_fails = False
+            await store.renewals(4)
+            await hold.commit(700)
+    assert ledger.stats.renewals_failed >= 3
+    assert ledger.stats.leases_lapsed == 0
+    assert await store.totals() == [(700, 0), (700, 0)]
+    failures = [r for r in caplog.records if "renewal failed" in r.getMessage()]
+    assert len(failures) == 1  # logged once per hold, not once per tick
+    assert ledger.pending == 0
+
+
+async def test_a_lapsed_lease_is_charged_and_the_commit_replaces_the_charge(
+    store: FakeStore,
+) -> None:
+    ledger = ledger_for(store)
+    store.renew_fails = True
+    async with ledger.hold(plan(1000), tz=UTC, hold_ttl_s=LEASE) as hold:
+        await store.renewals(1)
+        store.now_s += LEASE  # the store was out of reach for a whole lease
+        store.renew_fails = False
+        await store.renewals(2)  # answered: the hold is gone, charged in full
+        assert ledger.stats.leases_lapsed == 1
+        assert await store.totals() == [(1000, 0), (1000, 0)]
+        await hold.commit(300)  # the actual cost replaces the charge
+    assert len(store.ops("renew")) == 2  # no renewal after the hold was found gone
+    assert await store.totals() == [(300, 0), (300, 0)]
+
+
+async def test_holds_without_a_reservation_are_not_renewed(store: FakeStore) -> None:
+    ledger = ledger_for(store, fail_open=True)
+    store.down = True
+    async with ledger.hold(plan(1000), tz=UTC, hold_ttl_s=LEASE) as hold:
+        assert hold.admitted_without_store
+        assert ledger.renewing == 0
+    store.down = False
+    async with ledger.hold(plan(10_000_001), tz=UTC, hold_ttl_s=LEASE, enforce=False) as hold:
+        assert hold.would_reject is not None
+        assert ledger.renewing == 0
+    assert store.ops("renew") == []
 
 
 # --- rejection and shadow mode -------------------------------------------------------------
@@ -455,7 +556,7 @@ async def test_a_full_queue_drops_the_oldest(store: FakeStore) -> None:
         Call("settle", rids[2], 300),
         Call("settle", rids[3], 400),
     ]
-    # The dropped settle's hold stays until it expires.
+    # The dropped settle's hold stays until its lease ends; then it is charged in full.
     assert await store.totals() == [(900, 1000), (900, 1000)]
 
 
@@ -578,9 +679,11 @@ async def test_a_request_cancelled_inside_the_hold_releases_it(store: FakeStore)
     task = asyncio.create_task(request())
     await inside.wait()
     assert await store.totals() == [(0, 1000), (0, 1000)]
+    assert ledger.renewing == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert ledger.renewing == 0
     assert await store.totals() == [(0, 0), (0, 0)]
 
 

@@ -116,6 +116,15 @@ class Harness:
         else:
             await asyncio.sleep(seconds)
 
+    async def run_past(self, moment: float) -> None:
+        """Let the store clock pass ``moment`` (epoch s): set on the fake clock, polled on
+        Redis's clock (its lease expiries are in whole milliseconds)."""
+        if self.clock is not None:
+            self.clock.now = max(self.clock.now, moment + 0.001)
+            return
+        while await self.store.now() <= moment + 0.001:
+            await asyncio.sleep(0.01)
+
 
 @pytest.fixture(params=["memory", "redis"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
@@ -148,8 +157,17 @@ def amounts(states: tuple[CounterState, ...]) -> list[tuple[int, int]]:
     return [(s.spent_micros, s.held_micros) for s in states]
 
 
-async def reserve(h: Harness, rid: str, counters: list[Counter], amount: int) -> ReserveResult:
-    return await h.store.reserve(rid, counters, amount, tz=UTC, hold_ttl_s=TTL)
+async def reserve(
+    h: Harness, rid: str, counters: list[Counter], amount: int, *, ttl: float = TTL
+) -> ReserveResult:
+    return await h.store.reserve(rid, counters, amount, tz=UTC, hold_ttl_s=ttl)
+
+
+def lease_end(result: ReserveResult) -> float:
+    """When the holds in ``result`` end, unless renewed (the latest over its counters)."""
+    ends = [s.holds_end for s in result.states]
+    assert all(end is not None for end in ends)
+    return max(end for end in ends if end is not None)
 
 
 # --- contract, both stores -----------------------------------------------------------------
@@ -252,16 +270,174 @@ async def test_concurrent_reserves_never_overbook(harness: Harness) -> None:
     assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 10_000)] * 2
 
 
-async def test_expired_hold_drops_out_and_late_settle_still_counts(harness: Harness) -> None:
+# --- leases --------------------------------------------------------------------------------
+
+LEASE = 0.2  # short leases, so that Redis's own clock runs past them in a test
+
+
+async def test_a_lease_not_renewed_is_charged_at_expiry(harness: Harness) -> None:
     counters = [tenant(1000), agent(1000)]
-    short = await harness.store.reserve("r1", counters, 1000, tz=UTC, hold_ttl_s=0.2)
-    assert short.ok
-    assert not (await reserve(harness, "r2", counters, 1)).ok
-    await harness.elapse(0.3)
-    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 0)] * 2
-    assert (await reserve(harness, "r3", counters, 600)).ok
+    first = await reserve(harness, "r1", counters, 400, ttl=LEASE)
+    assert first.ok
+    await harness.run_past(lease_end(first))
+    # The upstream may have billed up to the hold: it is spent, not given back.
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(400, 0)] * 2
+    assert not (await reserve(harness, "r2", counters, 601)).ok
+    assert amounts((await reserve(harness, "r3", counters, 600)).states) == [(400, 600)] * 2
+
+
+async def test_a_renewed_lease_outlives_several_leases(harness: Harness) -> None:
+    counters = [tenant(1000), agent(1000)]
+    lease = 0.5
+    result = await reserve(harness, "r1", counters, 300, ttl=lease)
+    first_end = end = lease_end(result)
+    while end < first_end + 2 * lease + 0.3:
+        await harness.run_past(end - 0.3)  # renew with time to spare
+        assert await harness.store.renew("r1", result.states, hold_ttl_s=lease)
+        states = await harness.store.snapshot(counters, tz=UTC)
+        assert amounts(states) == [(0, 300)] * 2
+        assert all(s.holds_end is not None and s.holds_end > end for s in states)
+        end = min(s.holds_end or 0 for s in states)
+    await harness.run_past(first_end + 2 * lease)  # three first leases later
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 300)] * 2
+    await harness.store.settle("r1", result.states, 120, hold_ttl_s=lease)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(120, 0)] * 2
+
+
+@pytest.mark.parametrize("actual", [0, 250, 1000, 1200])
+@pytest.mark.parametrize("charged_by", ["reserve", "renew", "nothing"])
+async def test_a_late_settle_replaces_the_expiry_charge_once(
+    harness: Harness, actual: int, charged_by: str
+) -> None:
+    # The proxy was alive but stalled past its lease: its settle brings the actual cost,
+    # whether or not the expired hold was charged before the settle arrived.
+    counters = [tenant(1000), agent(1000)]
+    short = await reserve(harness, "r1", counters, 1000, ttl=LEASE)
+    await harness.run_past(lease_end(short))
+    if charged_by == "reserve":
+        rejected = await reserve(harness, "r2", counters, 1)
+        assert not rejected.ok and amounts(rejected.states) == [(1000, 0)] * 2
+    elif charged_by == "renew":
+        assert not await harness.store.renew("r1", short.states, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(1000, 0)] * 2
+    for _ in range(2):  # a replayed settle changes nothing
+        await harness.store.settle("r1", short.states, actual, hold_ttl_s=TTL)
+        assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(actual, 0)] * 2
+    await harness.store.settle("r1", short.states, 999, hold_ttl_s=TTL)
+    await harness.store.record("r1", counters, 999, tz=UTC, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(actual, 0)] * 2
+
+
+async def test_a_late_settle_after_expiry_leaves_other_holds_alone(harness: Harness) -> None:
+    counters = [tenant(1000), agent(1000)]
+    short = await reserve(harness, "r1", counters, 1000, ttl=LEASE)
+    await harness.run_past(lease_end(short))
+    assert not (await reserve(harness, "r2", counters, 600)).ok  # the charge fills the cap
     await harness.store.settle("r1", short.states, 250, hold_ttl_s=TTL)
-    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(250, 600)] * 2
+    third = await reserve(harness, "r3", counters, 600)
+    assert third.ok and amounts(third.states) == [(250, 600)] * 2
+    await harness.store.settle("r3", third.states, 100, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(350, 0)] * 2
+
+
+async def test_a_release_by_record_refunds_an_expired_lease(harness: Harness) -> None:
+    # A reserve whose reply was lost is released by rid (the request never went out),
+    # possibly only after its lease ran out and it was charged.
+    counters = [tenant(1000), agent(1000)]
+    lost = await reserve(harness, "r1", counters, 400, ttl=LEASE)
+    await harness.run_past(lease_end(lost))
+    assert not (await reserve(harness, "r2", counters, 601)).ok
+    await harness.store.record("r1", counters, 0, tz=UTC, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 0)] * 2
+    await harness.store.record("r1", counters, 0, tz=UTC, hold_ttl_s=TTL)
+    assert (await reserve(harness, "r3", counters, 1000)).ok
+
+
+async def test_renew_of_a_settled_rid_returns_false_and_holds_nothing(harness: Harness) -> None:
+    counters = [tenant(1000), agent(1000)]
+    result = await reserve(harness, "r1", counters, 300)
+    await harness.store.settle("r1", result.states, 200, hold_ttl_s=TTL)
+    assert not await harness.store.renew("r1", result.states, hold_ttl_s=TTL)
+    assert not await harness.store.renew("never-reserved", result.states, hold_ttl_s=TTL)
+    states = await harness.store.snapshot(counters, tz=UTC)
+    assert amounts(states) == [(200, 0)] * 2
+    assert [s.holds_end for s in states] == [None, None]
+
+
+async def test_renew_of_an_expired_lease_returns_false_and_charges_it(harness: Harness) -> None:
+    counters = [tenant(1000), agent(1000)]
+    short = await reserve(harness, "r1", counters, 300, ttl=LEASE)
+    await harness.run_past(lease_end(short))
+    assert not await harness.store.renew("r1", short.states, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(300, 0)] * 2
+    assert not await harness.store.renew("r1", short.states, hold_ttl_s=TTL)  # gone for good
+
+
+async def test_a_rid_whose_lease_ran_out_cannot_hold_again(harness: Harness) -> None:
+    # A retried reserve arriving after its lease ran out must not hold a second time.
+    counters = [tenant(1000), agent(1000)]
+    short = await reserve(harness, "r1", counters, 300, ttl=LEASE)
+    await harness.run_past(lease_end(short))
+    again = await reserve(harness, "r1", counters, 300)
+    assert not again.ok
+    assert amounts(again.states) == [(300, 0)] * 2
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(300, 0)] * 2
+
+
+async def test_states_report_when_the_holds_end(harness: Harness) -> None:
+    counters = [tenant(1000), agent(1000)]
+    empty = await harness.store.snapshot(counters, tz=UTC)
+    assert [s.holds_end for s in empty] == [None, None]
+    r1 = await reserve(harness, "r1", counters, 400, ttl=60)
+    assert [s.holds_end for s in r1.states] == [pytest.approx(r1.now + 60, abs=0.002)] * 2
+    r2 = await reserve(harness, "r2", counters[:1], 400, ttl=120)
+    assert r2.states[0].holds_end == pytest.approx(r2.now + 120, abs=0.002)
+    # A 429 says when the holds in its way end at the latest: the basis of Retry-After.
+    refused = await reserve(harness, "r3", counters, 300)
+    assert not refused.ok and refused.exceeded == (refused.states[0],)
+    assert [s.holds_end for s in refused.states] == [
+        pytest.approx(r2.now + 120, abs=0.002),
+        pytest.approx(r1.now + 60, abs=0.002),
+    ]
+    await harness.store.settle("r2", r2.states, 0, hold_ttl_s=TTL)
+    ends = [s.holds_end for s in await harness.store.snapshot(counters, tz=UTC)]
+    assert ends == [pytest.approx(r1.now + 60, abs=0.002)] * 2
+    assert await harness.store.renew("r1", r1.states, hold_ttl_s=90)
+    now = await harness.store.now()
+    ends = [s.holds_end for s in await harness.store.snapshot(counters, tz=UTC)]
+    assert ends == [pytest.approx(now + 90, abs=0.1)] * 2
+    await harness.store.settle("r1", r1.states, 0, hold_ttl_s=TTL)
+    ends = [s.holds_end for s in await harness.store.snapshot(counters, tz=UTC)]
+    assert ends == [None, None]
+
+
+async def test_a_dead_proxys_holds_end_charged_one_lease_later(harness: Harness) -> None:
+    # kill -9 with 20 requests in flight: no renewals and no settles ever come. Their holds
+    # block others for one lease at most, and then count as spent: the upstream received
+    # and may have billed all 20. At no moment is room given back without spend recorded.
+    counters = [tenant(2500), agent(2500)]
+    results = await asyncio.gather(
+        *(reserve(harness, f"dead-{i}", counters, 100, ttl=LEASE) for i in range(20))
+    )
+    assert all(r.ok for r in results)
+    end = max(lease_end(r) for r in results)
+    refused = await reserve(harness, "next", counters, 600)
+    assert not refused.ok
+    assert amounts(refused.states) == [(0, 2000)] * 2
+    assert [s.holds_end for s in refused.states] == [pytest.approx(end, abs=0.002)] * 2
+    while await harness.store.now() <= end + 0.001:
+        states = await harness.store.snapshot(counters, tz=UTC)
+        assert [s.spent_micros + s.held_micros for s in states] == [2000, 2000]
+        await harness.elapse(0.02)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(2000, 0)] * 2
+    refused = await reserve(harness, "next", counters, 501)
+    assert not refused.ok and amounts(refused.states) == [(2000, 0)] * 2
+    assert [s.holds_end for s in refused.states] == [None, None]
+    assert (await reserve(harness, "fits", counters, 500)).ok
+    # A stalled (not dead) proxy's settles still land later, each once, at the actual cost.
+    for i, r in enumerate(results[:5]):
+        await harness.store.settle(f"dead-{i}", r.states, 40, hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(1700, 500)] * 2
 
 
 async def test_record_adds_spend_once(harness: Harness) -> None:
@@ -408,6 +584,20 @@ async def test_memory_prunes_ended_periods() -> None:
     assert list(store._settled) == [("acme", "late")]
 
 
+async def test_memory_drops_unsettled_charges_with_their_period() -> None:
+    clock = FakeClock(T0)
+    store = MemoryStore(clock=clock)
+    counters = [tenant(1000, Window.HOURLY)]
+    short = await store.reserve("r1", counters, 300, tz=UTC, hold_ttl_s=1)
+    clock.now += 2
+    assert amounts(await store.snapshot(counters, tz=UTC)) == [(300, 0)]
+    (bucket,) = store._buckets.values()
+    assert bucket.charged == {"r1": 300}
+    clock.now = short.states[0].period.end + 1 + DEFAULT_EXPIRY_MARGIN_S
+    await store.record("late", [tenant(10, Window.HOURLY, "other")], 1, tz=UTC, hold_ttl_s=1)
+    assert bucket not in store._buckets.values()
+
+
 # --- Redis store -----------------------------------------------------------------------------
 
 COUNTER_KEY = re.compile(
@@ -463,6 +653,50 @@ async def test_redis_key_layout_and_expiry(redis_harness: Harness) -> None:
     assert 0 < await h.raw.call("PTTL", settled_key) <= 2 * TTL * 1000
     assert await h.raw.call("PTTL", hour_key) > 0
     assert await hgetall(h.raw, hour_key) == {"held": "0", "spent": "40"}
+
+
+async def test_redis_expiry_charge_lives_in_the_counter_until_settled(
+    redis_harness: Harness,
+) -> None:
+    h = redis_harness
+    assert isinstance(h.store, RedisStore) and h.raw is not None
+    counters = [tenant(1000, Window.HOURLY)]
+    short = await reserve(h, "req-1", counters, 300, ttl=LEASE)
+    key = h.store.counter_key(counters[0], short.states[0].period)
+    await h.run_past(lease_end(short))
+    assert (await reserve(h, "req-2", counters, 100)).ok  # finds req-1's lease over
+    assert await hgetall(h.raw, key) == {
+        "spent": "300",
+        "held": "100",
+        "x:req-1": "300",
+        "h:req-2": "100",
+    }
+    assert await h.raw.call("ZRANGE", key + ":holds", 0, -1) == ["req-2"]
+    await h.store.settle("req-1", short.states, 120, hold_ttl_s=TTL)
+    assert await hgetall(h.raw, key) == {"spent": "120", "held": "100", "h:req-2": "100"}
+    assert await h.raw.call("PTTL", key) > 0  # an unsettled charge expires with its counter
+
+
+async def test_redis_reserve_renew_and_settle_are_one_script_call_each(
+    redis_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = redis_harness
+    assert isinstance(h.store, RedisStore)
+    store = h.store
+    scripts: list[Any] = []
+    evaluate = store._eval
+
+    async def counted(script: Any, keys: Any, args: Any) -> Any:
+        scripts.append(script)
+        return await evaluate(script, keys, args)
+
+    monkeypatch.setattr(store, "_eval", counted)
+    counters = [tenant(1000, Window.HOURLY), agent(1000, window=Window.DAILY)]
+    await store.now()  # learn Redis's clock first, so no call is a skew retry
+    result = await reserve(h, "r1", counters, 10)
+    assert await store.renew("r1", result.states, hold_ttl_s=TTL)
+    await store.settle("r1", result.states, 5, hold_ttl_s=TTL)
+    assert scripts == [store._reserve, store._renew, store._commit]
 
 
 async def test_redis_keys_hold_only_ids(redis_harness: Harness) -> None:
