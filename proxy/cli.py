@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.config import (
@@ -23,6 +24,7 @@ from proxy.config import (
     TokenCap,
     load_settings,
 )
+from proxy.pricing import ModelPrice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,16 +140,23 @@ def describe(settings: Settings) -> list[str]:
         lines.append(f"  {agent.agent_id}: {_caps(budget, tokens)}")
     lines.append("pricing overrides (USD per 1M tokens):")
     for model, price in settings.pricing.models.items():
-        lines.append(f"  {model}: {_fields(price.model_dump(exclude_none=True))}")
+        lines.append(f"  {model}: {_fields(_price_fields(price))}")
+    for tool, tool_price in settings.pricing.tools.items():
+        lines.append(f"  tool {tool}: per_call_usd={tool_price.per_call_usd}")
     default = settings.pricing.default
     lines.append(
-        f"  other models: {_fields(default.model_dump(exclude_none=True))}"
+        f"  other models: {_fields(_price_fields(default))}"
         if default
         else "  models not priced: refused"
     )
     for glob, encoding in settings.tokenizer.encodings.items():
         lines.append(f"tokenizer: {glob} -> {encoding}")
     return lines
+
+
+def _price_fields(price: ModelPrice) -> dict[str, Any]:
+    """A price entry's fields as the caps file set them (defaults left out)."""
+    return price.model_dump(exclude_none=True, exclude_defaults=True)
 
 
 def _caps(budget: Sequence[BudgetCap], tokens: TokenCap | None) -> str:

@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from proxy.pricing import ModelPrice
+from proxy.pricing import ModelPrice, ToolPrice
 from proxy.windows import Window
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -126,6 +126,9 @@ class AgentCostCap(_Model):
     agent_id: str = Field(pattern=AGENT_ID_PATTERN)
     budget_caps: BudgetCaps = ()
     token_cap: TokenCap | None = None
+    # Only keys bound to this agent (``api_keys: [{key, agent}]``) may act as it; a header
+    # naming it from any other key is refused (403).
+    bound_keys_only: bool = False
 
 
 class CostCapConfig(_Model):
@@ -145,6 +148,11 @@ class CostCapConfig(_Model):
     default_budget_caps: BudgetCaps = ()
     default_token_cap: TokenCap | None = None
     agents: tuple[AgentCostCap, ...] = ()
+    # Input the proxy cannot size (server-side state, files, image URLs on unknown models):
+    # hold the model's whole input context (``max_input_tokens`` of its price), or refuse it.
+    unsized_input: Literal["hold_context", "reject"] = "hold_context"
+    # Hosted tool calls held per enabled tool when the request sets no ``max_tool_calls``.
+    default_max_tool_calls: int = Field(default=4, ge=1, le=1000)
     _by_id: dict[str, AgentCostCap] = PrivateAttr(default_factory=dict)
 
     @field_validator("agents")
@@ -171,35 +179,65 @@ class CostCapConfig(_Model):
         agent = self._by_id.get(agent_id)
         return agent.token_cap if agent and agent.token_cap else self.default_token_cap
 
+    def bound_keys_only(self, agent_id: str) -> bool:
+        """Whether only keys bound to ``agent_id`` may act as it."""
+        agent = self._by_id.get(agent_id)
+        return agent is not None and agent.bound_keys_only
+
+
+class BoundKey(_Model):
+    """A proxy key bound to one agent: its requests are that agent whatever the agent
+    header says."""
+
+    key: SecretStr
+    agent: str = Field(pattern=AGENT_ID_PATTERN)
+
 
 class TenantConfig(_Model):
-    """A tenant: its proxy keys (a literal, or ``"sha256:<64 hex>"`` of one) and the caps that
-    bound all of its agents together. Compare ``key_digests()``, never the literals."""
+    """A tenant: its proxy keys (a literal, or ``"sha256:<64 hex>"`` of one, optionally
+    bound to an agent as ``{key, agent}``) and the caps that bound all of its agents
+    together. Compare ``key_digests()``, never the literals."""
 
     id: str = Field(pattern=ID_PATTERN)
-    api_keys: tuple[SecretStr, ...] = ()
+    api_keys: tuple[SecretStr | BoundKey, ...] = ()
     budget_caps: BudgetCaps = ()
     _digests: tuple[bytes, ...] = PrivateAttr(default=())
+    _agents: tuple[str | None, ...] = PrivateAttr(default=())
 
     @field_validator("api_keys")
     @classmethod
-    def _well_formed(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for i, key in enumerate(keys):
-            value = key.get_secret_value()
+    def _well_formed(
+        cls, keys: tuple[SecretStr | BoundKey, ...]
+    ) -> tuple[SecretStr | BoundKey, ...]:
+        for i, entry in enumerate(keys):
+            bound = isinstance(entry, BoundKey)
+            value = _key_text(entry)
+            at: tuple[int | str, ...] = (i, "key") if bound else (i,)
             if not value:
-                raise _invalid("must not be empty", i)
+                raise _invalid("must not be empty", *at)
             if value != value.strip():
-                raise _invalid("must not start or end with whitespace", i)
+                raise _invalid("must not start or end with whitespace", *at)
             if value.startswith("sha256:") and not _SHA256_KEY.fullmatch(value):
-                raise _invalid("'sha256:' must be followed by 64 hex digits", i)
+                raise _invalid("'sha256:' must be followed by 64 hex digits", *at)
         return keys
 
     def model_post_init(self, context: Any, /) -> None:
-        self._digests = tuple(_digest(key.get_secret_value()) for key in self.api_keys)
+        self._digests = tuple(_digest(_key_text(entry)) for entry in self.api_keys)
+        self._agents = tuple(
+            entry.agent if isinstance(entry, BoundKey) else None for entry in self.api_keys
+        )
 
     def key_digests(self) -> tuple[bytes, ...]:
         """The SHA-256 digest of each key, in order."""
         return self._digests
+
+    def key_agents(self) -> tuple[str | None, ...]:
+        """The agent each key is bound to (``None``: the agent header decides), in order."""
+        return self._agents
+
+
+def _key_text(entry: SecretStr | BoundKey) -> str:
+    return (entry.key if isinstance(entry, BoundKey) else entry).get_secret_value()
 
 
 def _digest(key: str) -> bytes:
@@ -209,11 +247,17 @@ def _digest(key: str) -> bytes:
 
 
 class ServerConfig(_Model):
-    """Where the proxy listens, its request body limit, and how long shutdown drains."""
+    """Where the proxy listens, its body limits, how long a client may stall a stream, and
+    how long shutdown drains."""
 
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # A non-streamed upstream answer larger than this is refused (502) and charged its hold.
+    max_upstream_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # A client that reads nothing of a stream for this long is cut (what was generated is
+    # still settled).
+    client_write_timeout_s: _Seconds = 60
     shutdown_grace_s: float = Field(default=30, ge=0, allow_inf_nan=False)
 
 
@@ -224,6 +268,9 @@ class StoreConfig(_Model):
     url: SecretStr = SecretStr("memory://")
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     timeout_ms: int = Field(default=250, gt=0)
+    # A hold is a lease renewed while its request runs: a dead proxy's holds end (and are
+    # charged as spend) within this many seconds.
+    hold_lease_s: float = Field(default=30, ge=1, le=3600, allow_inf_nan=False)
 
     @field_validator("url")
     @classmethod
@@ -293,16 +340,27 @@ class IdentityConfig(_Model):
 
 class PricingConfig(_Model):
     """USD per 1M tokens by model name, over the built-in table; ``default`` prices unknown
-    models (``None``: they are refused)."""
+    models (``None``: they are refused). ``tools``: USD per hosted tool call by tool name
+    (``web_search``, ``file_search``, ``code_interpreter``, ``code_interpreter_4g``, ...),
+    over the built-in prices; a tool priced nowhere costs the dearest known tool."""
 
     models: dict[_Glob, ModelPrice] = Field(default_factory=dict)
     default: ModelPrice | None = None
+    tools: dict[str, ToolPrice] = Field(default_factory=dict)
 
 
 class TokenizerConfig(_Model):
     """Which tiktoken encoding estimates prompts, by model glob."""
 
     encodings: dict[_Glob, Literal["o200k_base", "cl100k_base"]] = Field(default_factory=dict)
+
+
+class StreamingConfig(_Model):
+    """What a metered stream does when its client goes away: ``drain`` keeps reading the
+    upstream (discarding it) until its usage arrives, within the request's timeout, then
+    settles the real usage; ``close`` stops the upstream at once and charges the whole hold."""
+
+    on_client_disconnect: Literal["drain", "close"] = "drain"
 
 
 class AlertsConfig(_Model):
@@ -327,6 +385,7 @@ class Settings(_Model):
     cost_caps: CostCapConfig = Field(default_factory=CostCapConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     _tenants: dict[str, TenantConfig] = PrivateAttr(default_factory=dict)
 
@@ -362,6 +421,25 @@ class Settings(_Model):
                     raise _invalid(f"duplicate api key (also {owners[digest]})", i, "api_keys", j)
                 owners[digest] = f"tenants[{i}].api_keys[{j}]"
         return tenants
+
+    @field_validator("cost_caps")
+    @classmethod
+    def _bound_agents_reachable(cls, caps: CostCapConfig, info: ValidationInfo) -> CostCapConfig:
+        bound = {
+            agent
+            for tenant in info.data.get("tenants", ())
+            for agent in tenant.key_agents()
+            if agent is not None
+        }
+        for i, agent in enumerate(caps.agents):
+            if agent.bound_keys_only and agent.agent_id not in bound:
+                raise _invalid(
+                    "bound_keys_only, but no tenant key is bound to this agent",
+                    "agents",
+                    i,
+                    "bound_keys_only",
+                )
+        return caps
 
     def model_post_init(self, context: Any, /) -> None:
         self._tenants = {tenant.id: tenant for tenant in self.tenants}

@@ -9,8 +9,11 @@ and ``headers``. Third-party exceptions are translated at the boundary
     ├── BadRequest                 400 invalid_request_error
     │   ├── InvalidJSON            400 code=invalid_json
     │   ├── MissingModel           400 code=missing_model
-    │   └── ModelNotPriced         400 code=model_not_priced
+    │   ├── ModelNotPriced         400 code=model_not_priced
+    │   ├── UnsizedInput           400 code=unsized_input
+    │   └── UnsupportedParameter   400 code=unsupported_parameter
     ├── Unauthorized               401 code=invalid_api_key
+    ├── Forbidden                  403 code=forbidden
     ├── NotFound                   404 code=unknown_url
     ├── MethodNotAllowed           405 code=method_not_allowed
     ├── PayloadTooLarge            413 code=request_too_large
@@ -20,6 +23,7 @@ and ``headers``. Third-party exceptions are translated at the boundary
     │   └── TokenCapExceeded       code=token_cap_exceeded
     ├── StoreUnavailable           503 code=store_unavailable (Retry-After)
     ├── UpstreamError              502 code=upstream_unreachable
+    │   ├── UpstreamTooLarge       502 code=upstream_response_too_large
     │   └── UpstreamTimeout        504 code=upstream_timeout
     ├── ServiceUnavailable         503 code=shutting_down / not_ready
     └── InternalError              500 code=internal_error (never carries details)
@@ -77,6 +81,16 @@ class MissingModel(BadRequest):
 
 class ModelNotPriced(BadRequest):
     code = "model_not_priced"
+
+
+class UnsizedInput(BadRequest):
+    """The request brings input the proxy cannot size, so no hold can bound its cost."""
+
+    code = "unsized_input"
+
+
+class UnsupportedParameter(BadRequest):
+    code = "unsupported_parameter"
 
 
 class Unauthorized(ProxyError):
@@ -162,6 +176,10 @@ class UpstreamError(ProxyError):
     def __init__(self, message: str, *, sent: bool = True) -> None:
         super().__init__(message)
         self.sent = sent
+
+
+class UpstreamTooLarge(UpstreamError):
+    code = "upstream_response_too_large"
 
 
 class UpstreamTimeout(UpstreamError):

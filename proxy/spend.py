@@ -50,7 +50,8 @@ def is_admin(settings: Settings, headers: Mapping[str, str]) -> bool:
     token, key = settings.auth.admin_token, bearer_key(headers)
     if token is None or key is None:
         return False
-    given = hashlib.sha256(key.encode()).digest()
+    # Header bytes that are not UTF-8 arrive as surrogates: hash them as the bytes they were.
+    given = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
     return hmac.compare_digest(given, hashlib.sha256(token.get_secret_value().encode()).digest())
 
 

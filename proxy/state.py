@@ -40,7 +40,11 @@ class Runtime:
         return cls(
             settings=settings,
             auth=Authenticator(settings),
-            prices=PriceTable(overrides=settings.pricing.models, default=settings.pricing.default),
+            prices=PriceTable(
+                overrides=settings.pricing.models,
+                default=settings.pricing.default,
+                tools=settings.pricing.tools,
+            ),
             tokenizer=Tokenizer(overrides=settings.tokenizer.encodings),
             tenant_ids=frozenset(t.id for t in settings.tenants),
             agent_ids=settings.cost_caps.agent_ids,
