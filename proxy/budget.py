@@ -10,18 +10,28 @@ Pure decisions over config and counter states; the store does the atomic part.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from proxy.config import BudgetCap, Settings, TokenCap
+from proxy.config import DEFAULT_AGENT, BudgetCap, Settings, TokenCap
 from proxy.errors import BudgetExceeded, TokenCapExceeded
-from proxy.pricing import micros_to_usd, usd_to_micros
+from proxy.pricing import (
+    ModelPrice,
+    ToolPrice,
+    estimate_micros,
+    micros_to_usd,
+    tool_call_micros,
+    usd_to_micros,
+)
 from proxy.store import Counter, CounterState, ReserveResult
 
-DEFAULT_AGENT = "_default"
+__all__ = ["DEFAULT_AGENT", "BudgetPlan", "hold_micros", "plan_budget", "rejection", "status"]
 # A hold larger than the room a quick retry could free is hopeless within this many seconds.
 RETRY_HORIZON_S = 60
-# Retry-After when only other requests' holds stand in the way: they settle within seconds.
+# Retry-After when only other requests' holds stand in the way and the store did not say
+# when their leases end.
 HELD_RETRY_AFTER_S = 2
 # Holds are clamped here so absurd token counts stay within the store's 64-bit counters
 # (any real cap is far smaller, so such a request is refused as usual).
@@ -57,6 +67,28 @@ def plan_budget(
     )
 
 
+def hold_micros(
+    *,
+    prompt_tokens: int,
+    output_tokens: int,
+    choices: int,
+    price: ModelPrice,
+    tool_calls: Mapping[str, int],
+    tool_prices: Mapping[str, ToolPrice],
+) -> int:
+    """The most a request can cost: every prompt token at the full input price (whether it
+    hits the cache is unknown until the upstream answers), its output limit for each of its
+    ``choices`` at the output price, and each enabled hosted tool at its per-call price for
+    as many calls as it may make. With hosted tools, each call can re-read the prompt (the
+    tool's results come back as input), so the prompt is held once more per call.
+
+    ``price`` is the highest service tier the request can land on."""
+    calls = sum(tool_calls.values())
+    return estimate_micros(
+        prompt_tokens * (1 + calls), output_tokens * choices, price
+    ) + tool_call_micros(tool_calls, tool_prices)
+
+
 def _scope(counter: Counter) -> str:
     if counter.agent_id is None:
         return f"tenant '{counter.tenant_id}'"
@@ -90,8 +122,9 @@ def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded:
             f"{_usd4(amount)} this request > {_usd2(counter.limit_micros)} limit"
         )
         if state.spent_micros + amount <= counter.limit_micros:
-            # Only in-flight holds are in the way; they settle within seconds.
-            wait = min(HELD_RETRY_AFTER_S, state.period.resets_in(result.now))
+            # Only in-flight holds are in the way: they end when their requests do, and at
+            # the latest when their leases run out.
+            wait = min(_holds_end_in(state, result.now), state.period.resets_in(result.now))
         else:
             wait = state.period.resets_in(result.now)
             hopeless = hopeless or amount > counter.limit_micros
@@ -103,6 +136,13 @@ def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded:
         retry_after_s=retry_after,
         should_retry=not hopeless and retry_after <= RETRY_HORIZON_S,
     )
+
+
+def _holds_end_in(state: CounterState, now: float) -> int:
+    """Seconds until the holds in ``state`` end (their latest lease expiry)."""
+    if state.holds_end is None:
+        return HELD_RETRY_AFTER_S
+    return max(1, math.ceil(state.holds_end - now))
 
 
 @dataclass(frozen=True, slots=True)

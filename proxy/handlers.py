@@ -1,14 +1,16 @@
 """The request flow, top to bottom; the only place that calls the steps in sequence.
 
 authenticate -> read body -> estimate tokens -> token caps -> plan hold
-  -> reserve -> forward -> usage -> cost -> commit -> budget headers
+  -> reserve -> forward -> usage -> charge.amount_due -> commit -> budget headers
+
+Every request that was admitted is settled once, in one ``finally``: what it is charged
+is decided by ``proxy.charge`` from how it ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from aiohttp import web
 
 from proxy import budget, headers, upstream
 from proxy.auth import Identity
+from proxy.charge import Bill, Ending, Tariff, amount_due
 from proxy.config import UpstreamConfig
 from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
@@ -34,33 +37,42 @@ from proxy.errors import (
     StoreUnavailable,
     TokenCapExceeded,
     Unauthorized,
+    UnsizedInput,
     UnsupportedMediaType,
+    UnsupportedParameter,
     UpstreamError,
 )
 from proxy.ledger import Hold
 from proxy.logs import log_request
 from proxy.metrics import Outcome, RequestRecord
-from proxy.pricing import ModelPrice, cost_micros, estimate_micros
+from proxy.pricing import ModelPrice, hold_price
 from proxy.relay import StreamEnd, StreamTap, relay_stream
 from proxy.spend import is_admin
 from proxy.state import ALERTER, LEDGER, LIFECYCLE, METRICS, RUNTIME, SESSION, Runtime
-from proxy.usage import InvalidParam, Usage, choice_count, extract_usage, output_limit
+from proxy.tokens import PromptEstimate
+from proxy.usage import (
+    InvalidParam,
+    Usage,
+    choice_count,
+    container_memory,
+    extract_usage,
+    hosted_tools,
+    inject_max_tool_calls,
+    inject_output_limit,
+    is_background,
+    max_tool_calls,
+    output_limit,
+    unreported_tool_calls,
+    unsized_state,
+)
 
 # Bodies above this size are parsed and tokenized in a worker thread.
 OFFLOAD_BYTES = 64 * 1024
-# Output tokens assumed for the hold when neither the request, a cap nor the price
-# table bounds them.
+# The output limit injected (and held) when neither the request, a cap nor the price
+# table bounds a request's output.
 FALLBACK_OUTPUT_TOKENS = 16_384
-# Price factor for `"service_tier": "priority"` requests.
-PRIORITY_FACTOR = 2
 # No real model name comes near this; longer ones are refused before any lookup.
 MAX_MODEL_CHARS = 256
-# Where each endpoint takes its output limit, when the proxy has to set one.
-OUTPUT_PARAM = {
-    Endpoint.CHAT: "max_completion_tokens",
-    Endpoint.COMPLETIONS: "max_tokens",
-    Endpoint.RESPONSES: "max_output_tokens",
-}
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -110,7 +122,7 @@ async def _offload(raw: bytes, fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-@dataclass(slots=True)
+@dataclass(kw_only=True, slots=True)
 class Admission:
     """Everything decided about a request before the upstream sees it."""
 
@@ -118,10 +130,10 @@ class Admission:
     runtime: Runtime
     identity: Identity
     model: str
-    price: ModelPrice
+    tariff: Tariff
     route: UpstreamConfig
     raw: bytes
-    prompt_tokens: int
+    prompt_tokens: int  # as estimated (or bounded, for input the proxy cannot size)
     plan: budget.BudgetPlan
     stream: bool
     strip_usage_chunk: bool
@@ -146,6 +158,12 @@ async def admit(
     stream = body.get("stream") is True
     if stream and not endpoint.streams:
         raise BadRequest(f"'stream' is not supported on /v1/{endpoint.value}.", param="stream")
+    if is_background(endpoint, body):
+        raise UnsupportedParameter(
+            "'background' responses are not supported: their cost arrives after the request "
+            "ends, so no cap can hold it.",
+            param="background",
+        )
     price = rt.prices.lookup(model)
     if price is None:
         raise ModelNotPriced(
@@ -153,19 +171,23 @@ async def admit(
             "(or set pricing.default).",
             param="model",
         )
-    if body.get("service_tier") == "priority":
-        price = _priority(price)
     route = settings.upstream_for(model)
     if route is None:
         raise BadRequest(f"No upstream serves model '{model[:128]}'.", param="model")
+    caps = settings.cost_caps
     try:
         requested_output = output_limit(endpoint, body)
         n = choice_count(endpoint, body)
+        tools = hosted_tools(endpoint, body)
+        tool_limit = max_tool_calls(body) if endpoint is Endpoint.RESPONSES else None
     except InvalidParam as exc:
         raise BadRequest(str(exc), param=exc.param) from exc
 
-    prompt: int = await _offload(raw, rt.tokenizer.estimate, endpoint, body)
-    caps = settings.cost_caps
+    estimate: PromptEstimate = await _offload(raw, rt.tokenizer.estimate_prompt, endpoint, body)
+    unsized = (*estimate.unsized, *unsized_state(endpoint, body))
+    if tools:
+        unsized += tuple(f"hosted tool '{tool}'" for tool in tools)
+    prompt = _bounded_prompt(estimate.tokens, unsized, price, caps.unsized_input, model)
     token_cap = caps.token_cap_for(identity.agent_id) if caps.enabled else None
     try:
         decision = budget.check_tokens(token_cap, prompt=prompt, output=requested_output, choices=n)
@@ -175,29 +197,54 @@ async def admit(
         # Shadow mode: note it, and leave the request exactly as the client sent it.
         rec.would_reject = exc.code
         decision = budget.TokenDecision(requested_output, inject=False)
-    if decision.inject and endpoint in OUTPUT_PARAM:
-        body[OUTPUT_PARAM[endpoint]] = decision.output_limit
+    output = decision.output_limit
+    if output is None and endpoint is not Endpoint.EMBEDDINGS and caps.enforce:
+        # Nothing bounds the output: run the request with the limit its hold assumes.
+        output = price.max_output_tokens or FALLBACK_OUTPUT_TOKENS
+        decision = budget.TokenDecision(output, inject=True)
+    if decision.inject and decision.output_limit is not None:
+        inject_output_limit(endpoint, body, decision.output_limit)
+    calls_per_tool = 0
+    if tools:
+        calls_per_tool = tool_limit or caps.default_max_tool_calls
+        if tool_limit is None and endpoint is Endpoint.RESPONSES and caps.enforce:
+            # Hosted tool calls bounded by what the hold assumes.
+            inject_max_tool_calls(body, calls_per_tool)
     strip_usage_chunk = False
     if stream and endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS):
         strip_usage_chunk = _ask_for_usage(body)
     # The upstream gets the body the proxy judged, never the client's bytes: a parser
     # that reads duplicate keys differently (first wins) must not see another request.
     raw = await _offload(raw, encode_json, body)
-    hold_output = decision.output_limit
-    if hold_output is None:
-        hold_output = price.max_output_tokens or FALLBACK_OUTPUT_TOKENS
+    held_at = hold_price(price, body.get("service_tier"))
+    tool_prices = rt.prices.tool_prices_for(container_memory=container_memory(endpoint, body))
+    tariff = Tariff(
+        price=price,
+        hold_price=held_at,
+        tool_prices=tool_prices,
+        min_tool_calls=unreported_tool_calls(endpoint, body),
+        prompt_tokens=prompt,
+        tools_enabled=bool(tools),
+    )
     plan = budget.plan_budget(
         settings,
         identity.tenant_id,
         identity.agent_id,
-        amount_micros=estimate_micros(prompt, hold_output * n, price),
+        amount_micros=budget.hold_micros(
+            prompt_tokens=prompt,
+            output_tokens=output or 0,
+            choices=n,
+            price=held_at,
+            tool_calls={tool: calls_per_tool for tool in tools},
+            tool_prices=tool_prices,
+        ),
     )
     return Admission(
         endpoint=endpoint,
         runtime=rt,
         identity=identity,
         model=model,
-        price=price,
+        tariff=tariff,
         route=route,
         raw=raw,
         prompt_tokens=prompt,
@@ -207,20 +254,26 @@ async def admit(
     )
 
 
-def _priority(price: ModelPrice) -> ModelPrice:
-    """OpenAI bills priority processing above the standard price (up to about 2x): hold and
-    charge it at twice the listed price, never less than it may cost."""
-    return price.model_copy(
-        update={
-            "input_per_mtok": price.input_per_mtok * PRIORITY_FACTOR,
-            "cached_input_per_mtok": (
-                None
-                if price.cached_input_per_mtok is None
-                else price.cached_input_per_mtok * PRIORITY_FACTOR
-            ),
-            "output_per_mtok": price.output_per_mtok * PRIORITY_FACTOR,
-        }
-    )
+def _bounded_prompt(
+    tokens: int, unsized: tuple[str, ...], price: ModelPrice, policy: str, model: str
+) -> int:
+    """The prompt tokens a hold can rely on: the estimate, or for input the proxy cannot
+    size, the model's whole input context (``unsized_input: hold_context``)."""
+    if not unsized:
+        return tokens
+    what = ", ".join(dict.fromkeys(unsized))
+    if policy == "reject":
+        raise UnsizedInput(
+            f"The request brings input the proxy cannot size ({what}), and "
+            "cost_caps.unsized_input is 'reject'.",
+        )
+    if price.max_input_tokens is None:
+        raise UnsizedInput(
+            f"The request brings input the proxy cannot size ({what}), and model "
+            f"'{model[:128]}' has no max_input_tokens in its price to hold instead.",
+            param="model",
+        )
+    return max(tokens, price.max_input_tokens)
 
 
 def _ask_for_usage(body: dict[str, Any]) -> bool:
@@ -289,11 +342,11 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
     send_headers = _send_headers(request, rt, adm.identity, adm.route)
     alerter = request.app[ALERTER]
     metrics = request.app[METRICS]
-    hold_ttl_s = math.ceil(adm.route.timeout_s) + 60
+    bill = Bill()
     async with request.app[LEDGER].hold(
         adm.plan,
         tz=settings.tz,
-        hold_ttl_s=hold_ttl_s,
+        hold_ttl_s=settings.store.hold_lease_s,
         enforce=settings.cost_caps.enforce,
         on_reject=alerter.observe_rejection,
     ) as hold:
@@ -303,37 +356,18 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
         if hold.states:
             metrics.hold_started()
         try:
-            sent = time.perf_counter()
-            async with upstream.send(
-                request.app[SESSION],
-                adm.route,
-                endpoint.value,
-                method="POST",
-                headers=send_headers,
-                body=adm.raw,
-            ) as resp:
-                rec.upstream_s = time.perf_counter() - sent
-                if not 200 <= resp.status < 300:
-                    # Not billed by the upstream: relay it; leaving releases the hold.
-                    data = await upstream.read_body(resp, adm.route)
-                    return _relay(resp, data, adm.identity)
-                content_type = resp.headers.get("Content-Type", "")
-                if adm.stream and content_type.startswith("text/event-stream"):
-                    out: web.StreamResponse = await _stream(request, adm, hold, resp, rec)
-                else:
-                    out = await _json(adm, hold, resp, rec)
+            out = await _forward(request, adm, hold, bill, rec, send_headers)
         except UpstreamError as exc:
-            if exc.sent:
-                # Timed out or cut off after the request went out: the upstream may have
-                # billed it, so the hold is charged. Unreachable: the hold is released.
-                await hold.commit(adm.plan.amount_micros)
-            raise
-        except asyncio.CancelledError:
-            # Cancelled (shutdown deadline) after the upstream got the request: it may be
-            # billing, so charge the hold rather than release it.
-            await hold.commit(adm.plan.amount_micros)
+            if not exc.sent:
+                bill.ending = Ending.NOT_SENT
             raise
         finally:
+            # Every way a request ends passes here, once: an error of the proxy's own, a
+            # cancellation or a client gone after the request went out leaves the bill at
+            # CUT, which charges the whole hold.
+            charged = _due(adm, bill)
+            await hold.commit(charged)
+            _settled(rec, adm, charged, bill)
             if hold.states:
                 metrics.hold_ended()
     if hold.states and rec.cost_micros is not None:
@@ -341,35 +375,55 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
     return out
 
 
-def _settled(rec: RequestRecord, adm: Admission, charged: int, usage: Usage | None) -> None:
+def _due(adm: Admission, bill: Bill) -> int:
+    return amount_due(bill, adm.tariff, hold_micros=adm.plan.amount_micros)
+
+
+async def _forward(
+    request: web.Request,
+    adm: Admission,
+    hold: Hold,
+    bill: Bill,
+    rec: RequestRecord,
+    send_headers: list[tuple[str, str]],
+) -> web.StreamResponse:
+    sent = time.perf_counter()
+    async with upstream.send(
+        request.app[SESSION],
+        adm.route,
+        adm.endpoint.value,
+        method="POST",
+        headers=send_headers,
+        body=adm.raw,
+    ) as resp:
+        rec.upstream_s = time.perf_counter() - sent
+        limit = adm.runtime.settings.server.max_upstream_body_bytes
+        if not 200 <= resp.status < 300:
+            # Not billed by the upstream: relay it; the hold is released.
+            bill.ending = Ending.REFUSED
+            data = await upstream.read_body(resp, adm.route, limit=limit)
+            return _relay(resp, data, adm.identity)
+        content_type = resp.headers.get("Content-Type", "")
+        if adm.stream and content_type.startswith("text/event-stream"):
+            return await _stream(request, adm, hold, resp, bill, rec)
+        data = await upstream.read_body(resp, adm.route, limit=limit)
+        bill.usage = await _offload(data, _usage_of, adm.endpoint, data)
+        bill.ending = Ending.ANSWERED
+        out = _relay(resp, data, adm.identity)
+        out.headers.update(_budget_headers(adm, hold, _due(adm, bill)))
+        _shadow_header(out, rec)
+        return out
+
+
+def _settled(rec: RequestRecord, adm: Admission, charged: int, bill: Bill) -> None:
     rec.cost_micros = charged
-    rec.usage_missing = usage is None
-    if usage is not None:
-        rec.prompt_tokens = usage.prompt_tokens
-        rec.completion_tokens = usage.completion_tokens
+    rec.usage_missing = bill.usage is None
+    if bill.usage is not None:
+        rec.prompt_tokens = bill.usage.prompt_tokens
+        rec.completion_tokens = bill.usage.completion_tokens
     else:
         rec.prompt_tokens = adm.prompt_tokens
-
-
-async def _json(
-    adm: Admission, hold: Hold, resp: aiohttp.ClientResponse, rec: RequestRecord
-) -> web.Response:
-    try:
-        data = await upstream.read_body(resp, adm.route)
-    except ProxyError:
-        # The upstream answered 2xx and may have billed: charge the hold.
-        await hold.commit(adm.plan.amount_micros)
-        _settled(rec, adm, adm.plan.amount_micros, None)
-        raise
-    charged, usage = await _offload(
-        data, _charge, adm.endpoint, data, adm.price, adm.plan.amount_micros
-    )
-    await hold.commit(charged)
-    _settled(rec, adm, charged, usage)
-    out = _relay(resp, data, adm.identity)
-    out.headers.update(_budget_headers(adm, hold, charged))
-    _shadow_header(out, rec)
-    return out
+        rec.completion_tokens = bill.counted_output
 
 
 async def _stream(
@@ -377,6 +431,7 @@ async def _stream(
     adm: Admission,
     hold: Hold,
     resp: aiohttp.ClientResponse,
+    bill: Bill,
     rec: RequestRecord,
 ) -> web.StreamResponse:
     rec.streamed = True
@@ -387,22 +442,36 @@ async def _stream(
     # Sent before usage is known: the budget as if this request cost its whole hold.
     out.headers.update(_budget_headers(adm, hold, adm.plan.amount_micros))
     _shadow_header(out, rec)
+    settings = adm.runtime.settings
     tap = StreamTap(adm.endpoint, strip_usage_chunk=adm.strip_usage_chunk)
-    end = StreamEnd.UPSTREAM_BROKEN
+    end = StreamEnd.CLIENT_GONE
+    drain = settings.streaming.on_client_disconnect == "drain"
     started = time.perf_counter() - rec.upstream_s if rec.upstream_s else time.perf_counter()
     try:
-        await out.prepare(request)
-        rec.first_byte_s = time.perf_counter() - started
-        end = await relay_stream(resp, out, tap)
+        try:
+            await out.prepare(request)
+            client_gone = False
+            rec.first_byte_s = time.perf_counter() - started
+        except (ConnectionError, RuntimeError):
+            client_gone = True  # gone before the first byte: still drained, if asked
+        if drain or not client_gone:
+            end = await relay_stream(
+                resp,
+                out,
+                tap,
+                write_timeout_s=settings.server.client_write_timeout_s,
+                drain=drain,
+                client_gone=client_gone,
+            )
     except (ConnectionError, RuntimeError):
         end = StreamEnd.CLIENT_GONE
     finally:
-        # Whatever happened, the upstream generated (and billed) this much: settle it once.
-        charged, output = await asyncio.shield(_stream_charge(adm, tap))
-        await hold.commit(charged)
-        _settled(rec, adm, charged, tap.usage)
-        if tap.usage is None:
-            rec.completion_tokens = output
+        # Whatever happened, this is what the upstream said it billed (the handler settles).
+        bill.usage = tap.billed_usage()
+        if end is StreamEnd.COMPLETE and tap.finished:
+            bill.ending = Ending.STREAM_COMPLETE
+        if bill.usage is None:
+            bill.counted_output = await asyncio.shield(_count_output(adm, tap))
     if end is StreamEnd.COMPLETE:
         await out.write_eof()
         return out
@@ -418,18 +487,15 @@ def _shadow_header(out: web.StreamResponse, rec: RequestRecord) -> None:
         out.headers["x-budget-would-reject"] = rec.would_reject
 
 
-async def _stream_charge(adm: Admission, tap: StreamTap) -> tuple[int, int]:
-    """A stream's cost and output tokens: its usage priced; else prompt + counted output."""
-    if tap.usage is not None:
-        return cost_micros(tap.usage, adm.price), tap.usage.completion_tokens
+async def _count_output(adm: Admission, tap: StreamTap) -> int:
+    """Output tokens counted from a stream's relayed text (when usage never came)."""
     text = tap.text()
     tokenizer = adm.runtime.tokenizer
     if len(text) > OFFLOAD_BYTES:
         loop = asyncio.get_running_loop()
-        output = await loop.run_in_executor(None, tokenizer.count, adm.model, text)
-    else:
-        output = tokenizer.count(adm.model, text)
-    return estimate_micros(adm.prompt_tokens, output, adm.price), output
+        count: int = await loop.run_in_executor(None, tokenizer.count, adm.model, text)
+        return count
+    return tokenizer.count(adm.model, text)
 
 
 def _budget_headers(adm: Admission, hold: Hold, charged_micros: int) -> Mapping[str, str]:
@@ -440,18 +506,13 @@ def _budget_headers(adm: Admission, hold: Hold, charged_micros: int) -> Mapping[
     )
 
 
-def _charge(
-    endpoint: Endpoint, data: bytes, price: ModelPrice, hold_micros: int
-) -> tuple[int, Usage | None]:
-    """The cost of a successful response: its usage priced, else the whole hold."""
+def _usage_of(endpoint: Endpoint, data: bytes) -> Usage | None:
+    """The usage a successful non-streamed answer reports, or ``None``."""
     try:
         parsed = json.loads(data)
     except ValueError:
-        parsed = None
-    usage = extract_usage(endpoint, parsed) if isinstance(parsed, dict) else None
-    if usage is None:
-        return hold_micros, None
-    return cost_micros(usage, price), usage
+        return None
+    return extract_usage(endpoint, parsed) if isinstance(parsed, dict) else None
 
 
 def _secret(value: Any) -> str | None:

@@ -1,20 +1,28 @@
 """Relaying a metered SSE stream: bytes go through unchanged, a tap reads a copy.
 
     tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
-    end = await relay_stream(upstream_resp, client_resp, tap)
-    usage = tap.usage            # the last usage seen, or None
+    end = await relay_stream(upstream_resp, client_resp, tap, write_timeout_s=60, drain=True)
+    usage = tap.billed_usage()   # the last usage seen (with the tier and hosted tool calls
+                                 # the stream reported), or None
+    tap.finished                 # [DONE] / response.completed seen
     text = tap.text()            # generated text, to count when usage never came
 
 Frames are written as soon as they are complete, byte for byte; the only frame ever
 held back is the usage-only chat chunk that the proxy itself asked for (when the client
 did not), so the client's stream is what it would have been without the proxy.
 ``StreamResponse.write`` waits for the client to drain, and the next upstream read waits
-for that, so a slow client slows the upstream read instead of filling memory.
+for that, so a slow client slows the upstream read instead of filling memory; a client
+that reads nothing for ``write_timeout_s`` is treated as gone. When the client is gone and
+``drain`` is set, the upstream is read to its end (through the tap, nothing written) so
+that its usage still arrives; the upstream's own timeout bounds that.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+from collections import Counter
 from enum import StrEnum
 
 import aiohttp
@@ -22,7 +30,14 @@ from aiohttp import web
 
 from proxy.endpoints import Endpoint
 from proxy.sse import Frame, SSEDecoder
-from proxy.usage import Usage, extract_stream_usage, is_usage_only_chunk, stream_text
+from proxy.usage import (
+    Usage,
+    extract_stream_usage,
+    is_usage_only_chunk,
+    stream_service_tier,
+    stream_text,
+    stream_tool_calls,
+)
 
 # An upstream event larger than this (still unterminated) ends the stream.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
@@ -33,7 +48,7 @@ class StreamEnd(StrEnum):
 
     COMPLETE = "complete"  # the upstream ended its stream
     UPSTREAM_BROKEN = "upstream_broken"  # the upstream connection failed or timed out
-    CLIENT_GONE = "client_gone"  # the client went away; the upstream read was stopped
+    CLIENT_GONE = "client_gone"  # the client went away or stalled (drained, if asked)
     EVENT_TOO_LARGE = "event_too_large"
 
 
@@ -45,6 +60,9 @@ class StreamTap:
         self.strip_usage_chunk = strip_usage_chunk
         self.usage: Usage | None = None
         self.events = 0
+        self.finished = False  # the stream's own ending ([DONE], response.completed) seen
+        self.service_tier: str | None = None
+        self._tool_calls: Counter[str] = Counter()
         self._texts: list[str] = []
 
     def select(self, frames: list[Frame]) -> list[bytes]:
@@ -60,7 +78,10 @@ class StreamTap:
         if event is None:
             return True
         data = event.data
-        if not data or data == "[DONE]" or data[0] != "{":
+        if data == "[DONE]":
+            self.finished = True
+            return True
+        if not data or data[0] != "{":
             return True
         self.events += 1
         try:
@@ -72,6 +93,14 @@ class StreamTap:
         text = stream_text(self.endpoint, parsed)
         if text:
             self._texts.append(text)
+        if "service_tier" in parsed:
+            self.service_tier = stream_service_tier(self.endpoint, parsed) or self.service_tier
+        if "item" in parsed:
+            tool = stream_tool_calls(self.endpoint, parsed)
+            if tool is not None:
+                self._tool_calls[tool] += 1
+        if parsed.get("type") == "response.completed":
+            self.finished = True
         if "usage" in data or "response" in parsed:
             usage = extract_stream_usage(self.endpoint, parsed)
             if usage is not None:
@@ -83,25 +112,55 @@ class StreamTap:
     def text(self) -> str:
         return "".join(self._texts)
 
+    def billed_usage(self) -> Usage | None:
+        """The usage to bill: the last one seen, at the service tier the stream reported,
+        with at least the hosted tool calls the stream's items showed."""
+        usage = self.usage
+        if usage is None:
+            return None
+        calls = Counter(dict(usage.tool_calls))
+        for name, count in self._tool_calls.items():
+            calls[name] = max(calls[name], count)
+        return dataclasses.replace(
+            usage,
+            service_tier=usage.service_tier or self.service_tier,
+            tool_calls=tuple(sorted(calls.items())),
+        )
+
+
+async def _write(client: web.StreamResponse, data: bytes, timeout_s: float) -> bool:
+    """Send ``data``; False when the client is gone or read nothing for ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.write(data)
+    except (ConnectionError, RuntimeError, TimeoutError):
+        return False
+    return True
+
 
 async def relay_stream(
     upstream: aiohttp.ClientResponse,
     client: web.StreamResponse,
     tap: StreamTap,
     *,
+    write_timeout_s: float,
+    drain: bool,
+    client_gone: bool = False,
     max_event_bytes: int = MAX_EVENT_BYTES,
 ) -> StreamEnd:
-    """Copy the upstream's SSE body to the prepared client response, through ``tap``."""
+    """Copy the upstream's SSE body to the prepared client response, through ``tap``
+    (``client_gone``: the client left before the response could start; only drain)."""
     decoder = SSEDecoder()
+    gone = client_gone
     try:
         async for chunk in upstream.content.iter_any():
             frames = decoder.feed(chunk)
             if frames:
                 out = tap.select(frames)
-                if out:
-                    try:
-                        await client.write(out[0] if len(out) == 1 else b"".join(out))
-                    except (ConnectionError, RuntimeError):
+                if out and not gone:
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    gone = not await _write(client, data, write_timeout_s)
+                    if gone and not drain:
                         return StreamEnd.CLIENT_GONE
             if decoder.buffered > max_event_bytes:
                 return StreamEnd.EVENT_TOO_LARGE
@@ -111,9 +170,6 @@ async def relay_stream(
     out = tap.select(frames)
     if leftover:
         out.append(leftover)  # an unterminated last event: pass on what arrived
-    if out:
-        try:
-            await client.write(b"".join(out))
-        except (ConnectionError, RuntimeError):
-            return StreamEnd.CLIENT_GONE
-    return StreamEnd.COMPLETE
+    if out and not gone:
+        gone = not await _write(client, b"".join(out), write_timeout_s)
+    return StreamEnd.CLIENT_GONE if gone else StreamEnd.COMPLETE

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import aiohttp
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamTooLarge
 
 
 def new_session(*, limit: int = 0) -> aiohttp.ClientSession:
@@ -78,11 +78,28 @@ async def send(
         resp.release()
 
 
-async def read_body(resp: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
-    """The whole response body; a broken or stalled body is an upstream error."""
+async def read_body(
+    resp: aiohttp.ClientResponse, upstream: UpstreamConfig, *, limit: int | None = None
+) -> bytes:
+    """The whole response body, at most ``limit`` bytes (``UpstreamTooLarge`` beyond it);
+    a broken or stalled body is an upstream error."""
+    too_large = UpstreamTooLarge(
+        f"Upstream '{upstream.name}' answered with a body over the proxy's limit of {limit} bytes."
+    )
+    if limit is not None and resp.content_length is not None and resp.content_length > limit:
+        resp.close()
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return await resp.read()
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                resp.close()
+                raise too_large
+            chunks.append(chunk)
     except TimeoutError as exc:
         raise UpstreamTimeout(f"Upstream '{upstream.name}' timed out") from exc
     except aiohttp.ClientError as exc:
         raise UpstreamError(f"Upstream '{upstream.name}' broke off its response") from exc
+    return b"".join(chunks)

@@ -3,10 +3,11 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
@@ -69,6 +70,15 @@ async def redis_store(redis_url: str, key_prefix: str) -> AsyncIterator[RedisSto
         await store.aclose()
 
 
+class ServedLikeProduction(TestServer):
+    """The app served as ``capproxy serve`` serves it: a client that goes away does not
+    cancel its handler (aiohttp's test server cancels by default; ``web.run_app`` does not)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
+
+
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
@@ -79,6 +89,9 @@ def make_client(aiohttp_client: AiohttpClient) -> MakeClient:
     async def make(
         settings: Settings, store: Store | None = None
     ) -> TestClient[web.Request, web.Application]:
-        return await aiohttp_client(create_app(settings, store=store))
+        client: TestClient[web.Request, None] = await aiohttp_client(
+            ServedLikeProduction(create_app(settings, store=store))
+        )
+        return cast(TestClient[web.Request, web.Application], client)
 
     return make

@@ -70,6 +70,23 @@ class FakeUpstream:
     streamed: list[bytearray] = field(default_factory=list)  # the bytes sent, per stream
     stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
     blocked_since: float | None = None  # when the current write started waiting
+    # Merged into every answer, every chat/completions chunk and the Responses response
+    # object (e.g. {"service_tier": "priority"}).
+    answer_extra: dict[str, Any] = field(default_factory=dict)
+    # Extra Responses output items (hosted tool calls), before the message.
+    output_items: list[dict[str, Any]] = field(default_factory=list)
+    finished: int = 0  # answers and streams written to their end
+    _finished_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_for(self, n: int) -> None:
+        """Until ``n`` answers or streams have been written to their end."""
+        while self.finished < n:
+            self._finished_event.clear()
+            await self._finished_event.wait()
+
+    def _finish(self) -> None:
+        self.finished += 1
+        self._finished_event.set()
 
     @property
     def count(self) -> int:
@@ -100,6 +117,7 @@ class FakeUpstream:
         if self.raw_body is not None:
             return web.Response(body=self.raw_body, content_type="application/json")
         answer = self.answer(request.path, body)
+        self._finish()
         return web.json_response(answer, headers={"x-request-id": "req_123", **self.extra_headers})
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
@@ -124,6 +142,7 @@ class FakeUpstream:
                 self.blocked_since = None
                 sent += event
             await resp.write_eof()
+            self._finish()
         finally:
             self.stream_closed.set()
         return resp
@@ -136,7 +155,7 @@ class FakeUpstream:
         chat = path.endswith("/chat/completions")
         opts = body.get("stream_options")
         asked = isinstance(opts, dict) and opts.get("include_usage") is True
-        base = {"id": "chatcmpl-s", "created": 1, "model": body.get("model")}
+        base = {"id": "chatcmpl-s", "created": 1, "model": body.get("model"), **self.answer_extra}
         base["object"] = "chat.completion.chunk" if chat else "text_completion"
         every = self.stream_usage == "every" and usage is not None
         chunks: list[dict[str, Any]] = []
@@ -178,12 +197,18 @@ class FakeUpstream:
             "status": "in_progress",
             "output": [],
             "usage": None,
+            **self.answer_extra,
         }
         item = {"id": "msg_s", "type": "message", "role": "assistant", "status": "in_progress"}
         part = {"type": "output_text", "text": "", "annotations": []}
         events: list[dict[str, Any]] = [
             {"type": "response.created", "response": response},
             {"type": "response.in_progress", "response": response},
+        ]
+        for tool_item in self.output_items:
+            events.append({"type": "response.output_item.added", "item": tool_item})
+            events.append({"type": "response.output_item.done", "item": tool_item})
+        events += [
             {
                 "type": "response.output_item.added",
                 "output_index": 0,
@@ -228,7 +253,7 @@ class FakeUpstream:
             },
             {"type": "response.output_item.done", "output_index": 0, "item": done_item},
         ]
-        final = {**response, "status": "completed", "output": [done_item]}
+        final = {**response, "status": "completed", "output": [*self.output_items, done_item]}
         if usage is not None and self.stream_usage != "none":
             final["usage"] = usage
         events.append({"type": "response.completed", "response": final})
@@ -255,13 +280,14 @@ class FakeUpstream:
                 "status": "completed",
                 "model": model,
                 "output": [
+                    *self.output_items,
                     {
                         "type": "message",
                         "id": "msg_1",
                         "role": "assistant",
                         "status": "completed",
                         "content": [{"type": "output_text", "text": "Hi!", "annotations": []}],
-                    }
+                    },
                 ],
             }
         elif path.endswith("/completions") and "chat" not in path:
@@ -287,7 +313,7 @@ class FakeUpstream:
             }
         if usage is not None:
             answer["usage"] = usage
-        return answer
+        return {**answer, **self.answer_extra}
 
 
 def dumps(obj: Any) -> bytes:

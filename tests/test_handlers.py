@@ -172,15 +172,31 @@ async def test_cost_of_each_endpoint(
     assert await spent(redis_store, "acme", "_default") == (expected, Decimal(0))
 
 
-async def test_priority_processing_is_charged_at_twice_the_price(
-    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+@pytest.mark.parametrize(
+    ("requested", "served", "expected"),
+    [
+        # (1000 x $1 + 1000 x $2) per 1M tokens, twice.
+        ("priority", "priority", Decimal("0.006")),
+        # Asked for priority, served at the standard tier: billed as served.
+        ("priority", "default", Decimal("0.003")),
+        # Asked for nothing, served at priority (a project default): billed as served.
+        (None, "priority", Decimal("0.006")),
+    ],
+)
+async def test_the_tier_the_response_reports_is_charged(
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    redis_store: RedisStore,
+    requested: str | None,
+    served: str,
+    expected: Decimal,
 ) -> None:
     upstream.usage = lambda _p, _b: {"prompt_tokens": 1000, "completion_tokens": 1000}
+    upstream.answer_extra = {"service_tier": served}
     client = await make_client(settings_for(upstream.url), store=redis_store)
-    body = chat(max_tokens=1000, service_tier="priority")
+    body = chat(max_tokens=1000, service_tier=requested)
     assert (await client.post("/v1/chat/completions", json=body, headers=auth())).status == 200
-    # (1000 x $1 + 1000 x $2) per 1M tokens, twice.
-    assert await spent(redis_store, "acme", "_default") == (Decimal("0.006"), Decimal(0))
+    assert await spent(redis_store, "acme", "_default") == (expected, Decimal(0))
 
 
 async def test_models_is_forwarded_unmetered(

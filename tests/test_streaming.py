@@ -137,7 +137,7 @@ async def test_stream_without_usage_charges_prompt_plus_counted_output(
     assert await spent(redis_store) == (Decimal(prompt * 1 + output * 2) / 1_000_000, Decimal(0))
 
 
-async def test_upstream_cut_mid_stream_ends_the_client_stream_abnormally(
+async def test_upstream_cut_mid_stream_ends_the_client_stream_abnormally_and_charges_the_hold(
     usage_upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
 ) -> None:
     usage_upstream.cut_after = 4  # keep-alive, role chunk, "Hel", "lo"
@@ -151,16 +151,18 @@ async def test_upstream_cut_mid_stream_ends_the_client_stream_abnormally(
             received += chunk
     assert b"[DONE]" not in received
     assert bytes(received) == usage_upstream.streamed[0]
+    # No usage: the upstream may have billed anything up to the hold (prompt + 600 out).
     prompt = Tokenizer().estimate(Endpoint.CHAT, body)
-    output = Tokenizer().count("test-model", "Hello")
-    assert await spent(redis_store) == (Decimal(prompt + output * 2) / 1_000_000, Decimal(0))
+    assert await spent(redis_store) == (Decimal(prompt + 600 * 2) / 1_000_000, Decimal(0))
 
 
-async def test_client_disconnect_settles_once_and_never_zero(
-    usage_upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+@pytest.mark.parametrize("mode", ["drain", "close"])
+async def test_client_disconnect_settles_once_and_never_below_the_bill(
+    usage_upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore, mode: str
 ) -> None:
     usage_upstream.pause_after = 4
-    client = await make_client(settings_for(usage_upstream.url), store=redis_store)
+    settings = settings_for(usage_upstream.url, streaming={"on_client_disconnect": mode})
+    client = await make_client(settings, store=redis_store)
     body = chat(stream=True, max_tokens=600)
     resp = await client.post("/v1/chat/completions", json=body, headers=auth())
     seen = b""
@@ -168,12 +170,20 @@ async def test_client_disconnect_settles_once_and_never_zero(
         seen += await resp.content.readany()
     assert (await spent(redis_store))[1] > 0  # the hold is in place mid-stream
     resp.close()  # the client goes away
+    if mode == "close":
+        # One event per read, so the proxy meets the gone client before the usage chunk.
+        usage_upstream.event_delay_s = 0.02
     usage_upstream.resume.set()
     await asyncio.wait_for(usage_upstream.stream_closed.wait(), 5)
-    # The proxy stops the upstream and charges prompt + the output it relayed.
-    prompt = Tokenizer().estimate(Endpoint.CHAT, body)
-    output = Tokenizer().count("test-model", "Hello")
-    expected = Decimal(prompt + output * 2) / 1_000_000
+    if mode == "drain":
+        # The proxy read the upstream to its end: the usage it reported is charged.
+        assert usage_upstream.finished == 1
+        expected = USAGE_COST
+    else:
+        # The proxy stopped the upstream: it may have billed up to the whole hold.
+        assert usage_upstream.finished == 0
+        prompt = Tokenizer().estimate(Endpoint.CHAT, body)
+        expected = Decimal(prompt + 600 * 2) / 1_000_000
     for _ in range(200):
         if (await spent(redis_store))[1] == 0:
             break
