@@ -57,6 +57,7 @@ class FakeUpstream:
     usage: UsageFn = default_usage
     raw_body: bytes | None = None  # replaces the JSON answer when set
     gate: asyncio.Event | None = None  # when set, answers wait for it
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by each POST
     delay_s: float = 0.0
     extra_headers: dict[str, str] = field(default_factory=dict)
     # Streaming: "openai" sends the usage-only chunk only when asked (include_usage),
@@ -106,6 +107,7 @@ class FakeUpstream:
         raw = await request.read()
         body = json.loads(raw)
         self.received.append(Received("POST", request.path, dict(request.headers), body, raw))
+        self.arrived.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.delay_s:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -99,3 +102,37 @@ async def spent(
     """(spent, held) in USD of one counter (``agent=None``: tenant-wide) in its period now."""
     (state,) = await store.snapshot([Counter(tenant, agent, window, 1)], tz=ZoneInfo("UTC"))
     return micros_to_usd(state.spent_micros), micros_to_usd(state.held_micros)
+
+
+class AccessLog(logging.Handler):
+    """Collects ``capproxy.access`` lines by agent; ``line(agent)`` waits for one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: dict[str, dict[str, Any]] = {}
+        self._events: dict[str, asyncio.Event] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping) and isinstance(fields.get("agent"), str):
+            agent = fields["agent"]
+            self.lines[agent] = dict(fields)
+            self._events.setdefault(agent, asyncio.Event()).set()
+
+    async def line(self, agent: str) -> dict[str, Any]:
+        await self._events.setdefault(agent, asyncio.Event()).wait()
+        return self.lines[agent]
+
+
+@contextlib.contextmanager
+def access_log() -> Iterator[AccessLog]:
+    logger = logging.getLogger("capproxy.access")
+    handler = AccessLog()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -21,11 +21,10 @@ import base64
 import contextlib
 import itertools
 import json
-import logging
 import random
 import struct
 import zlib
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
@@ -55,7 +54,7 @@ from tests.billing_upstream import (
     PromptCounter,
 )
 from tests.conftest import ServedLikeProduction
-from tests.harness import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, auth
+from tests.harness import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, AccessLog, access_log, auth
 
 UTC = ZoneInfo("UTC")
 # Only a guard against a hang (a request that never settles); nothing here waits on time.
@@ -258,40 +257,6 @@ class RecordingRedisStore(RedisStore):
     ) -> None:
         await super().record(rid, counters, actual_micros, **kw)
         self.book.on_settle(rid, counters, actual_micros)
-
-
-class AccessLog(logging.Handler):
-    """Collects ``capproxy.access`` lines by agent; ``line(agent)`` waits for one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: dict[str, dict[str, Any]] = {}
-        self._events: dict[str, asyncio.Event] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping) and isinstance(fields.get("agent"), str):
-            agent = fields["agent"]
-            self.lines[agent] = dict(fields)
-            self._events.setdefault(agent, asyncio.Event()).set()
-
-    async def line(self, agent: str) -> dict[str, Any]:
-        await self._events.setdefault(agent, asyncio.Event()).wait()
-        return self.lines[agent]
-
-
-@contextlib.contextmanager
-def access_log() -> Iterator[AccessLog]:
-    logger = logging.getLogger("capproxy.access")
-    handler = AccessLog()
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 async def spend_all_of_globex(store: Store) -> None:
