@@ -39,16 +39,20 @@ class Identity:
     client_key: str | None
 
 
+# Only spaces and tabs surround a key; any other byte is part of it (and makes it malformed).
+_BLANKS = " \t"
+
+
 def bearer_key(headers: Mapping[str, str]) -> str | None:
     """The credential from ``Authorization: Bearer`` or ``x-api-key``."""
     value = headers.get("Authorization")
     if value is not None:
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        scheme, _, token = value.strip(_BLANKS).partition(" ")
+        if scheme.lower() == "bearer" and token.strip(_BLANKS):
+            return token.strip(_BLANKS)
         return None
     key = headers.get("x-api-key")
-    return key.strip() or None if key is not None else None
+    return key.strip(_BLANKS) or None if key is not None else None
 
 
 class Authenticator:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -178,8 +178,14 @@ def _tokens(cap: TokenCap | None) -> str:
     return f"tokens {_fields(limits)}" if limits else "no token cap"
 
 
-def _fields(values: dict[str, object]) -> str:
-    return " ".join(f"{name}={value}" for name, value in values.items())
+def _fields(values: Mapping[str, object], prefix: str = "") -> str:
+    """``name=value`` pairs; a nested entry (a tier's prices) as ``tier.name=value``."""
+    return " ".join(
+        _fields(value, f"{prefix}{name}.")
+        if isinstance(value, Mapping)
+        else f"{prefix}{name}={value}"
+        for name, value in values.items()
+    )
 
 
 def _is_set(secret: object) -> str:

@@ -31,9 +31,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
     SecretStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -193,13 +195,26 @@ class BoundKey(_Model):
     agent: str = Field(pattern=AGENT_ID_PATTERN)
 
 
+def _key_kind(entry: object) -> str:
+    return _BOUND_TAG if isinstance(entry, (dict, BoundKey)) else _PLAIN_TAG
+
+
+# A key entry is a string or a {key, agent} mapping, told apart by its shape (so an error
+# in one names the entry's own fields, not both union members).
+_PLAIN_TAG, _BOUND_TAG = "<plain key>", "<bound key>"
+_KeyEntry = Annotated[
+    Annotated[SecretStr, Tag(_PLAIN_TAG)] | Annotated[BoundKey, Tag(_BOUND_TAG)],
+    Discriminator(_key_kind),
+]
+
+
 class TenantConfig(_Model):
     """A tenant: its proxy keys (a literal, or ``"sha256:<64 hex>"`` of one, optionally
     bound to an agent as ``{key, agent}``) and the caps that bound all of its agents
     together. Compare ``key_digests()``, never the literals."""
 
     id: str = Field(pattern=ID_PATTERN)
-    api_keys: tuple[SecretStr | BoundKey, ...] = ()
+    api_keys: tuple[_KeyEntry, ...] = ()
     budget_caps: BudgetCaps = ()
     _digests: tuple[bytes, ...] = PrivateAttr(default=())
     _agents: tuple[str | None, ...] = PrivateAttr(default=())
@@ -346,7 +361,9 @@ class PricingConfig(_Model):
 
     models: dict[_Glob, ModelPrice] = Field(default_factory=dict)
     default: ModelPrice | None = None
-    tools: dict[str, ToolPrice] = Field(default_factory=dict)
+    tools: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], ToolPrice] = Field(
+        default_factory=dict
+    )
 
 
 class TokenizerConfig(_Model):
@@ -425,16 +442,15 @@ class Settings(_Model):
     @field_validator("cost_caps")
     @classmethod
     def _bound_agents_reachable(cls, caps: CostCapConfig, info: ValidationInfo) -> CostCapConfig:
-        bound = {
-            agent
-            for tenant in info.data.get("tenants", ())
-            for agent in tenant.key_agents()
-            if agent is not None
-        }
+        tenants = info.data.get("tenants")
+        if tenants is None:
+            return caps  # the tenants have errors of their own; this cannot be judged
+        bound = {agent for tenant in tenants for agent in tenant.key_agents() if agent is not None}
         for i, agent in enumerate(caps.agents):
             if agent.bound_keys_only and agent.agent_id not in bound:
                 raise _invalid(
-                    "bound_keys_only, but no tenant key is bound to this agent",
+                    f"agent '{agent.agent_id}' is bound_keys_only, but no tenant key is "
+                    "bound to it",
                     "agents",
                     i,
                     "bound_keys_only",
@@ -608,10 +624,13 @@ def _yaml_error(exc: yaml.YAMLError, source: str, text: str) -> str:
     return f"{source}:1: <yaml>: invalid YAML"
 
 
+_UNION_TAGS = frozenset({_PLAIN_TAG, _BOUND_TAG})
+
+
 def _validation_errors(exc: ValidationError, source: str, lines: dict[_Path, int]) -> list[str]:
     found: list[tuple[int, str]] = []
     for error in exc.errors(include_url=False, include_input=False):
-        loc: _Path = tuple(error["loc"])
+        loc: _Path = tuple(part for part in error["loc"] if part not in _UNION_TAGS)
         if error["type"] == _ERROR_TYPE:
             loc += tuple(error.get("ctx", {}).get("at", ()))
         if loc and loc[-1] == "[key]":

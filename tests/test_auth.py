@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import json
 import re
 from typing import Any
 
@@ -13,8 +15,10 @@ from multidict import CIMultiDict
 from proxy.auth import Authenticator, Identity, bearer_key
 from proxy.budget import DEFAULT_AGENT
 from proxy.config import Settings
-from proxy.errors import BadRequest, Unauthorized
-from tests.harness import OTHER_KEY, TENANT_KEY, settings_for
+from proxy.errors import BadRequest, Forbidden, Unauthorized
+from tests.conftest import MakeClient
+from tests.fake_upstream import FakeUpstream
+from tests.harness import OTHER_KEY, TENANT_KEY, chat, settings_for
 
 HASHED_KEY = "sk-hashed-only-key"
 
@@ -251,3 +255,193 @@ def test_agent_is_read_in_passthrough_mode_too() -> None:
 def test_agent_header_is_checked_only_after_the_key() -> None:
     # An unauthenticated caller learns nothing about the agent header.
     unauthorized(Authenticator(keys_settings()), headers(x_agent_id="no good"))
+
+
+# --- malformed keys ------------------------------------------------------------------------
+
+MALFORMED_KEYS = [
+    pytest.param("\xff", id="latin-1-byte"),
+    # aiohttp hands header bytes that are not UTF-8 over as lone surrogates.
+    pytest.param("\udcff\udcfe", id="undecodable-bytes"),
+    pytest.param(f"{TENANT_KEY}\udcff", id="valid-key-then-undecodable-byte"),
+    pytest.param("sk-clé", id="non-ascii-letter"),
+    pytest.param("sk-a b", id="inner-space"),
+    pytest.param("sk-a\tb", id="inner-tab"),
+    pytest.param("sk-\x00key", id="nul"),
+    pytest.param("sk-\x01key", id="control-char"),
+    pytest.param("sk-\x7fkey", id="del"),
+    pytest.param("a" * 4097, id="longer-than-4096"),
+]
+
+
+@pytest.mark.parametrize("mode", ["keys", "passthrough"])
+@pytest.mark.parametrize("via", ["Authorization", "x-api-key"])
+@pytest.mark.parametrize("key", MALFORMED_KEYS)
+def test_a_key_outside_visible_ascii_is_unauthorized_never_an_error(
+    key: str, via: str, mode: str
+) -> None:
+    auth = Authenticator(keys_settings(auth={"mode": mode}))
+    value = f"Bearer {key}" if via == "Authorization" else key
+    exc = unauthorized(auth, CIMultiDict({via: value}))
+    assert exc.message == "Malformed API key: use visible ASCII characters only."
+    assert key not in str(exc.body())
+    assert exc.headers == {}
+
+
+@pytest.mark.parametrize("mode", ["keys", "passthrough"])
+def test_a_key_of_exactly_4096_visible_characters_is_not_malformed(mode: str) -> None:
+    key = "k" * 4095 + "~"
+    auth = Authenticator(keys_settings(auth={"mode": mode}))
+    if mode == "keys":
+        assert unauthorized(auth, headers(x_api_key=key)).message == "Incorrect API key provided."
+    else:
+        assert auth.authenticate(headers(x_api_key=key)).client_key == key
+
+
+def test_every_visible_ascii_character_may_be_part_of_a_key() -> None:
+    key = "".join(map(chr, range(0x21, 0x7F)))
+    identity = passthrough().authenticate(headers(Authorization=f"Bearer {key}"))
+    assert identity.client_key == key
+
+
+# --- keys bound to agents ------------------------------------------------------------------
+
+BOUND_KEY = "sk-acme-premium-bound"
+VIP_KEY = "sk-acme-vip-bound"
+VIP_DIGEST = "sha256:" + hashlib.sha256(VIP_KEY.encode()).hexdigest()
+
+
+def bound_settings(**over: Any) -> Settings:
+    """acme: a plain key, a key bound to premium-agent, and a sha256 key bound to ``vip``
+    (only its bound keys may act as ``vip``); globex: a plain key."""
+    tenants = [
+        {
+            "id": "acme",
+            "api_keys": [
+                TENANT_KEY,
+                {"key": BOUND_KEY, "agent": "premium-agent"},
+                {"key": VIP_DIGEST, "agent": "vip"},
+            ],
+        },
+        {"id": "globex", "api_keys": [OTHER_KEY]},
+    ]
+    agents = [{"agent_id": "premium-agent"}, {"agent_id": "vip", "bound_keys_only": True}]
+    return settings(tenants=tenants, cost_caps={"agents": agents}, **over)
+
+
+def forbidden(auth: Authenticator, hdrs: CIMultiDict[str]) -> Forbidden:
+    with pytest.raises(Forbidden) as info:
+        auth.authenticate(hdrs)
+    assert info.value.status == 403
+    assert info.value.code == "forbidden"
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "agent_header",
+    [
+        pytest.param(None, id="no-header"),
+        pytest.param("", id="empty-header"),
+        pytest.param("premium-agent", id="its-own-agent"),
+        pytest.param("planner", id="another-agent"),
+        pytest.param("vip", id="a-bound-only-agent"),
+        pytest.param("not an agent id", id="an-invalid-agent-id"),
+    ],
+)
+def test_a_bound_key_is_its_agent_whatever_the_agent_header_says(
+    agent_header: str | None,
+) -> None:
+    auth = Authenticator(bound_settings())
+    hdrs = headers(Authorization=f"Bearer {BOUND_KEY}")
+    if agent_header is not None:
+        hdrs["X-Agent-Id"] = agent_header
+    assert auth.authenticate(hdrs) == Identity("acme", "premium-agent", client_key=None)
+
+
+def test_a_bound_key_given_as_sha256_acts_as_its_bound_only_agent() -> None:
+    auth = Authenticator(bound_settings())
+    for hdrs in (
+        headers(x_api_key=VIP_KEY),
+        headers(Authorization=f"Bearer {VIP_KEY}", x_agent_id="premium-agent"),
+    ):
+        assert auth.authenticate(hdrs) == Identity("acme", "vip", client_key=None)
+    # The configured digest is not itself a key.
+    unauthorized(auth, headers(x_api_key=VIP_DIGEST, x_agent_id="vip"))
+
+
+@pytest.mark.parametrize("key", [TENANT_KEY, OTHER_KEY])
+def test_an_unbound_key_naming_a_bound_only_agent_is_forbidden(key: str) -> None:
+    exc = forbidden(Authenticator(bound_settings()), headers(x_api_key=key, x_agent_id="vip"))
+    assert exc.param == "X-Agent-Id"
+    assert exc.message == "Agent 'vip' is reachable only through keys bound to it."
+    assert key not in str(exc.body())
+
+
+def test_an_unbound_key_still_names_ordinary_agents() -> None:
+    auth = Authenticator(bound_settings())
+    assert auth.authenticate(headers(x_api_key=TENANT_KEY)).agent_id == DEFAULT_AGENT
+    assert auth.authenticate(headers(x_api_key=TENANT_KEY, x_agent_id="planner")) == Identity(
+        "acme", "planner", client_key=None
+    )
+    # A listed agent that is not bound-only is open to every key, bound keys exist or not.
+    identity = auth.authenticate(headers(x_api_key=OTHER_KEY, x_agent_id="premium-agent"))
+    assert identity == Identity("globex", "premium-agent", client_key=None)
+
+
+def test_the_key_is_checked_before_a_bound_only_agent_is_refused() -> None:
+    # An unauthenticated caller learns nothing about which agents are bound-only.
+    auth = Authenticator(bound_settings())
+    exc = unauthorized(auth, headers(x_api_key="sk-unknown", x_agent_id="vip"))
+    assert exc.message == "Incorrect API key provided."
+    malformed = unauthorized(auth, headers(x_api_key="sk-\udcff", x_agent_id="vip"))
+    assert malformed.message.startswith("Malformed API key")
+
+
+def test_bound_keys_work_in_passthrough_mode_and_unknown_keys_stay_unbound() -> None:
+    auth = Authenticator(bound_settings(auth={"mode": "passthrough"}))
+    identity = auth.authenticate(headers(x_api_key=BOUND_KEY, x_agent_id="planner"))
+    assert identity == Identity("acme", "premium-agent", client_key=BOUND_KEY)
+    assert auth.authenticate(headers(x_api_key=VIP_KEY)).agent_id == "vip"
+    stranger = headers(x_api_key="sk-stranger-own-key", x_agent_id="vip")
+    forbidden(auth, stranger)
+    del stranger["X-Agent-Id"]
+    assert auth.authenticate(stranger).agent_id == DEFAULT_AGENT
+
+
+def test_the_agent_header_alone_cannot_reach_a_bound_only_agent() -> None:
+    auth = Authenticator(bound_settings())
+    with pytest.raises(Forbidden) as info:
+        auth.agent(headers(x_agent_id="vip"))
+    assert info.value.param == "X-Agent-Id"
+    assert auth.agent(headers(x_agent_id="vip"), bound="vip") == "vip"
+    assert auth.agent(headers(x_agent_id="planner"), bound="premium-agent") == "premium-agent"
+
+
+# --- over the wire -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw_key",
+    # (aiohttp itself answers 400 to control characters in a header, before the app.)
+    [b"\xff\xfe", TENANT_KEY.encode() + b"\xc3", b"sk-cl\xc3\xa9", b"a" * 4097],
+)
+async def test_a_malformed_key_on_the_wire_is_a_401_not_a_500(
+    upstream: FakeUpstream, make_client: MakeClient, raw_key: bytes
+) -> None:
+    client = await make_client(settings_for(upstream.url))
+    body = json.dumps(chat()).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nAuthorization: Bearer " + raw_key + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 401 Unauthorized"
+    assert json.loads(payload)["error"]["code"] == "invalid_api_key"
+    assert raw_key not in response
+    assert upstream.count == 0

@@ -92,6 +92,38 @@ def test_check_prints_effective_caps_without_secrets(
         assert expected in lines
 
 
+def test_check_prints_tool_price_overrides_as_configured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """\
+        upstreams: [{name: up, base_url: 'http://h'}]
+        pricing:
+          models:
+            m: {input_per_mtok: 1, output_per_mtok: 2}
+          tools:
+            web_search: {per_call_usd: 0.025}
+            my_tool: {per_call_usd: 0}
+        """,
+    )
+    assert main(["check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    start = lines.index("pricing overrides (USD per 1M tokens):")
+    assert lines[start + 1 : start + 5] == [
+        "  m: input_per_mtok=1 output_per_mtok=2",
+        "  tool web_search: per_call_usd=0.025",
+        "  tool my_tool: per_call_usd=0",
+        "  models not priced: refused",
+    ]
+    # Without overrides, no tool line at all.
+    path = write(tmp_path, "upstreams: [{name: up, base_url: 'http://h'}]\n")
+    assert main(["check", str(path)]) == 0
+    assert "tool " not in capsys.readouterr().out
+
+
 def test_check_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(
         tmp_path,

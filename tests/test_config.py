@@ -10,6 +10,8 @@ from pydantic import SecretStr, ValidationError
 
 from proxy.config import (
     DEFAULT_AGENT,
+    AgentCostCap,
+    BoundKey,
     BudgetCap,
     ConfigError,
     CostCapConfig,
@@ -20,6 +22,7 @@ from proxy.config import (
     load_settings,
     parse_settings,
 )
+from proxy.pricing import ToolPrice
 from proxy.windows import Window
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -190,6 +193,151 @@ def test_settings_build_in_code() -> None:
     assert settings.tz.key == "Europe/Paris"
     with pytest.raises(ValidationError):
         settings.server.__setattr__("port", 1)
+
+
+# --- Keys bound to agents ------------------------------------------------------------------
+
+BOUND_DIGEST = hashlib.sha256(b"sk-vip-hashed").hexdigest()
+BOUND = (
+    UPSTREAM
+    + f"""
+tenants:
+  - id: acme
+    api_keys:
+      - sk-plain
+      - {{key: sk-premium, agent: premium-agent}}
+      - {{key: "sha256:{BOUND_DIGEST}", agent: vip}}
+  - id: globex
+    api_keys: [sk-globex]
+cost_caps:
+  agents:
+    - agent_id: premium-agent
+    - agent_id: vip
+      bound_keys_only: true
+"""
+)
+
+
+def test_api_keys_mix_plain_and_bound_keys_in_order() -> None:
+    acme = parse(BOUND).tenant("acme")
+    assert acme is not None
+    assert acme.key_agents() == (None, "premium-agent", "vip")
+    assert acme.key_digests() == (
+        hashlib.sha256(b"sk-plain").digest(),
+        hashlib.sha256(b"sk-premium").digest(),
+        hashlib.sha256(b"sk-vip-hashed").digest(),
+    )
+    bound = acme.api_keys[1]
+    assert isinstance(bound, BoundKey)
+    assert bound.key.get_secret_value() == "sk-premium"
+    assert "sk-premium" not in repr(acme)
+
+
+def test_plain_keys_are_bound_to_no_agent() -> None:
+    globex = parse(BOUND).tenant("globex")
+    assert globex is not None
+    assert globex.key_agents() == (None,)
+    assert TenantConfig(id="empty").key_agents() == ()
+
+
+def test_bound_keys_only_is_off_unless_set() -> None:
+    caps = parse(BOUND).cost_caps
+    assert caps.bound_keys_only("vip")
+    assert not caps.bound_keys_only("premium-agent")
+    assert not caps.bound_keys_only("unlisted")
+    assert not caps.bound_keys_only(DEFAULT_AGENT)
+    assert parse(CAPS).cost_caps.agents[0].bound_keys_only is False
+
+
+def test_bound_keys_only_is_satisfied_by_a_key_of_any_tenant() -> None:
+    settings = parse(f"""
+        {UPSTREAM}
+        tenants:
+          - id: a
+            api_keys: [sk-a]
+          - id: b
+          - id: c
+            api_keys: [sk-c, {{key: sk-c-vip, agent: vip}}]
+        cost_caps:
+          agents: [{{agent_id: vip, bound_keys_only: true}}]
+    """)
+    assert settings.cost_caps.bound_keys_only("vip")
+
+
+def test_bound_keys_only_without_a_bound_key_is_an_error_at_that_agent() -> None:
+    # A key bound to another agent does not count, nor does a plain key.
+    text = """\
+        upstreams: [{name: up, base_url: 'http://h'}]
+        tenants:
+          - id: a
+            api_keys: [sk-a, {key: sk-b, agent: vip}]
+        cost_caps:
+          agents:
+            - agent_id: vip
+              bound_keys_only: true
+            - agent_id: lonely
+              bound_keys_only: true
+        """
+    assert only_error(text) == (
+        "caps.yaml:10: cost_caps.agents[1].bound_keys_only: "
+        "agent 'lonely' is bound_keys_only, but no tenant key is bound to it"
+    )
+
+
+def test_bound_keys_only_is_checked_in_code_too() -> None:
+    lonely = CostCapConfig(agents=(AgentCostCap(agent_id="lonely", bound_keys_only=True),))
+    upstreams = (UpstreamConfig(name="up", base_url="http://h"),)
+    with pytest.raises(
+        ValidationError, match="agent 'lonely' is bound_keys_only, but no tenant key is bound to it"
+    ):
+        Settings(upstreams=upstreams, cost_caps=lonely)
+    key = BoundKey(key=SecretStr("sk-lonely"), agent="lonely")
+    settings = Settings(
+        upstreams=upstreams, tenants=(TenantConfig(id="t", api_keys=(key,)),), cost_caps=lonely
+    )
+    assert settings.cost_caps.bound_keys_only("lonely")
+    assert settings.tenants[0].key_agents() == ("lonely",)
+
+
+# --- Defaults and bounds of the request-handling knobs -------------------------------------
+
+
+def test_handling_knobs_have_their_documented_defaults() -> None:
+    settings = parse(UPSTREAM)
+    assert settings.cost_caps.unsized_input == "hold_context"
+    assert settings.cost_caps.default_max_tool_calls == 4
+    assert settings.server.max_upstream_body_bytes == 64 * 1024 * 1024
+    assert settings.server.client_write_timeout_s == 60
+    assert settings.store.hold_lease_s == 30
+    assert settings.streaming.on_client_disconnect == "drain"
+    assert settings.pricing.tools == {}
+
+
+def test_handling_knobs_accept_values_within_their_bounds() -> None:
+    settings = parse(f"""
+        {UPSTREAM}
+        cost_caps: {{unsized_input: reject, default_max_tool_calls: 1000}}
+        server: {{max_upstream_body_bytes: 1, client_write_timeout_s: 0.5}}
+        store: {{hold_lease_s: 3600}}
+        streaming: {{on_client_disconnect: close}}
+        pricing:
+          tools:
+            web_search: {{per_call_usd: 0.01}}
+            my_tool: {{per_call_usd: 0}}
+    """)
+    assert settings.cost_caps.unsized_input == "reject"
+    assert settings.cost_caps.default_max_tool_calls == 1000
+    assert settings.server.max_upstream_body_bytes == 1
+    assert settings.server.client_write_timeout_s == 0.5
+    assert settings.store.hold_lease_s == 3600
+    assert settings.streaming.on_client_disconnect == "close"
+    assert settings.pricing.tools == {
+        "web_search": ToolPrice(per_call_usd=Decimal("0.01")),
+        "my_tool": ToolPrice(per_call_usd=Decimal(0)),
+    }
+    assert str(settings.pricing.tools["web_search"].per_call_usd) == "0.01"  # exact
+    low = parse(UPSTREAM + "cost_caps: {default_max_tool_calls: 1}\nstore: {hold_lease_s: 1}\n")
+    assert (low.cost_caps.default_max_tool_calls, low.store.hold_lease_s) == (1, 1)
 
 
 # --- Exact decimals and YAML scalars -------------------------------------------------------
@@ -471,6 +619,104 @@ def test_env_malformed_reference() -> None:
             "caps.yaml:3: tokenizer.encodings['gpt-*']: Input should be 'o200k_base' or",
             id="tokenizer-encoding",
         ),
+        pytest.param(
+            UPSTREAM
+            + "tenants:\n  - id: a\n    api_keys:\n      - {key: 'sha256:12ab', agent: x}\n",
+            "caps.yaml:5: tenants[0].api_keys[0].key: 'sha256:' must be followed by 64 hex digits",
+            id="bound-key-bad-digest",
+        ),
+        pytest.param(
+            UPSTREAM + "tenants:\n  - id: a\n    api_keys:\n      - {key: 'k ', agent: x}\n",
+            "caps.yaml:5: tenants[0].api_keys[0].key: must not start or end with whitespace",
+            id="bound-key-whitespace",
+        ),
+        pytest.param(
+            UPSTREAM + "tenants:\n  - id: a\n    api_keys:\n      - {key: '', agent: x}\n",
+            "caps.yaml:5: tenants[0].api_keys[0].key: must not be empty",
+            id="bound-key-empty",
+        ),
+        pytest.param(
+            UPSTREAM
+            + "tenants:\n  - id: a\n    api_keys:\n      - k1\n  - id: b\n    api_keys:\n"
+            + "      - {key: k1, agent: x}\n",
+            "caps.yaml:8: tenants[1].api_keys[0]: duplicate api key (also tenants[0].api_keys[0])",
+            id="bound-key-duplicates-plain-key",
+        ),
+        pytest.param(
+            UPSTREAM + "cost_caps:\n  agents:\n    - {agent_id: vip, bound_keys_only: true}\n",
+            "caps.yaml:4: cost_caps.agents[0].bound_keys_only: agent 'vip' is bound_keys_only, "
+            "but no tenant key is bound to it",
+            id="bound-keys-only-unreachable",
+        ),
+        pytest.param(
+            UPSTREAM + "cost_caps:\n  unsized_input: ignore\n",
+            "caps.yaml:3: cost_caps.unsized_input: Input should be 'hold_context' or 'reject'",
+            id="unsized-input",
+        ),
+        pytest.param(
+            UPSTREAM + "cost_caps:\n  default_max_tool_calls: 0\n",
+            "caps.yaml:3: cost_caps.default_max_tool_calls: Input should be greater than or equal "
+            "to 1",
+            id="max-tool-calls-zero",
+        ),
+        pytest.param(
+            UPSTREAM + "cost_caps:\n  default_max_tool_calls: 1001\n",
+            "caps.yaml:3: cost_caps.default_max_tool_calls: Input should be less than or equal "
+            "to 1000",
+            id="max-tool-calls-above-1000",
+        ),
+        pytest.param(
+            UPSTREAM + "server:\n  max_upstream_body_bytes: 0\n",
+            "caps.yaml:3: server.max_upstream_body_bytes: Input should be greater than 0",
+            id="upstream-body-limit-not-positive",
+        ),
+        pytest.param(
+            UPSTREAM + "server:\n  client_write_timeout_s: 0\n",
+            "caps.yaml:3: server.client_write_timeout_s: Input should be greater than 0",
+            id="client-write-timeout-not-positive",
+        ),
+        pytest.param(
+            UPSTREAM + "server:\n  client_write_timeout_s: .inf\n",
+            "caps.yaml:3: server.client_write_timeout_s: Input should be a finite number",
+            id="client-write-timeout-infinite",
+        ),
+        pytest.param(
+            UPSTREAM + "store:\n  hold_lease_s: 0.5\n",
+            "caps.yaml:3: store.hold_lease_s: Input should be greater than or equal to 1",
+            id="hold-lease-below-1s",
+        ),
+        pytest.param(
+            UPSTREAM + "store:\n  hold_lease_s: 3601\n",
+            "caps.yaml:3: store.hold_lease_s: Input should be less than or equal to 3600",
+            id="hold-lease-above-1h",
+        ),
+        pytest.param(
+            UPSTREAM + "streaming:\n  on_client_disconnect: abort\n",
+            "caps.yaml:3: streaming.on_client_disconnect: Input should be 'drain' or 'close'",
+            id="on-client-disconnect",
+        ),
+        pytest.param(
+            UPSTREAM + "pricing:\n  tools:\n    web_search: {per_call_usd: -0.01}\n",
+            "caps.yaml:4: pricing.tools.web_search.per_call_usd: Input should be greater than or "
+            "equal to 0",
+            id="tool-price-negative",
+        ),
+        pytest.param(
+            UPSTREAM + "pricing:\n  tools:\n    web_search: {per_call_usd: 1000.01}\n",
+            "caps.yaml:4: pricing.tools.web_search.per_call_usd: Input should be less than or "
+            "equal to 1000",
+            id="tool-price-above-1000",
+        ),
+        pytest.param(
+            UPSTREAM + "pricing:\n  tools:\n    web_search: {per_call_usd: .nan}\n",
+            "caps.yaml:4: pricing.tools.web_search.per_call_usd: Input should be a finite number",
+            id="tool-price-nan",
+        ),
+        pytest.param(
+            UPSTREAM + "pricing:\n  tools:\n    web_search: {}\n",
+            "caps.yaml:4: pricing.tools.web_search.per_call_usd: Field required",
+            id="tool-price-missing",
+        ),
     ],
 )
 def test_validation_error_names_line_and_path(text: str, prefix: str) -> None:
@@ -567,6 +813,11 @@ def test_load_settings_reports_path_and_accepts_bom(tmp_path: Path) -> None:
     [
         UPSTREAM + "tenants: [{id: t, api_keys: ['sha256:hunter2hunter2']}]\n",
         UPSTREAM + "tenants: [{id: t, api_keys: [' hunter2hunter2']}]\n",
+        UPSTREAM + "tenants: [{id: t, api_keys: [{key: 'sha256:hunter2hunter2', agent: a}]}]\n",
+        UPSTREAM + "tenants: [{id: t, api_keys: [{key: 'hunter2hunter2 ', agent: a}]}]\n",
+        UPSTREAM + "tenants: [{id: t, api_keys: [{key: hunter2hunter2, agent: 'not an id'}]}]\n",
+        UPSTREAM + "tenants: [{id: t, api_keys: [{key: hunter2hunter2}]}]\n",
+        UPSTREAM + "tenants: [{id: t, api_keys: [{key: hunter2hunter2, agent: a, x: 1}]}]\n",
         UPSTREAM + "store: {url: 'http://user:hunter2hunter2@h:6379'}\n",
         UPSTREAM + "auth: {admin_token: 123, tenant_hash_key: [hunter2hunter2]}\n",
         "upstreams:\n  - name: up\n    base_url: http://h\n    api_key: 'hunter2hunter2\n",
@@ -585,3 +836,40 @@ def test_validation_error_in_code_hides_secret() -> None:
     with pytest.raises(ValidationError) as info:
         TenantConfig(id="t", api_keys=(SecretStr("sha256:hunter2hunter2"),))
     assert "hunter2" not in str(info.value)
+    bound = BoundKey(key=SecretStr(" hunter2hunter2"), agent="a")
+    with pytest.raises(ValidationError) as info:
+        TenantConfig(id="t", api_keys=(bound,))
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ValidationError) as info:
+        BoundKey.model_validate({"key": "hunter2hunter2", "agent": "not an id"})
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "path"),
+    [
+        ("{key: sk-a, agent: 'bad agent'}", "tenants[0].api_keys[0].agent"),
+        ("{key: sk-a}", "tenants[0].api_keys[0].agent"),
+        ("{key: sk-a, agent: vip, extra: 1}", "tenants[0].api_keys[0].extra"),
+    ],
+)
+def test_a_bad_bound_key_entry_is_one_error_at_its_own_field(entry: str, path: str) -> None:
+    text = UPSTREAM + f"tenants:\n  - id: a\n    api_keys: [{entry}]\n"
+    error = only_error(text)
+    assert error.startswith(f"caps.yaml:4: {path}: "), error
+    assert "sk-a" not in error
+
+
+def test_bad_tenants_do_not_also_fail_the_bound_keys_only_check() -> None:
+    text = (
+        "upstreams: [{name: up, base_url: 'http://h'}]\n"
+        "tenants:\n  - id: 'bad id'\n    api_keys: [{key: sk-a, agent: vip}]\n"
+        "cost_caps:\n  agents:\n    - {agent_id: vip, bound_keys_only: true}\n"
+    )
+    assert "tenants[0].id" in only_error(text)
+
+
+@pytest.mark.parametrize("name", ["", "web search", "x" * 65])
+def test_a_tool_price_name_must_be_a_plain_identifier(name: str) -> None:
+    text = UPSTREAM + f"pricing:\n  tools:\n    '{name}': {{per_call_usd: 1}}\n"
+    assert "pricing.tools" in only_error(text)
