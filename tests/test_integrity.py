@@ -170,6 +170,21 @@ async def test_a_reasoning_stream_that_ends_without_usage_is_charged_its_hold(
     )
 
 
+async def test_a_stream_cut_at_an_oversized_event_is_charged_its_hold(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore, log: AccessLog
+) -> None:
+    upstream.usage = lambda _p, _b: {"prompt_tokens": 10, "completion_tokens": 20}
+    upstream.deltas = ("Hel", "x" * (5 * 1024 * 1024))  # one event over the 4 MiB limit
+    client = await make_client(settings_for(upstream.url), store=redis_store)
+    body = chat(stream=True, max_tokens=600)
+    resp = await client.post(CHAT, json=body, headers=auth())
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    await settled(log)
+    # The usage chunk behind it was never read: the whole hold, not "Hel".
+    assert await spent(redis_store) == (usd(estimate(Endpoint.CHAT, body) + 600 * 2), Decimal(0))
+
+
 # --- 2. legacy completions with several prompts ---------------------------------------
 
 
