@@ -26,7 +26,8 @@ client does next (OpenAI bills what it generates, even for a client that went aw
   reasoning (reported in the usage details, never in a delta);
 * hosted tools (Responses ``web_search``, ``file_search``, ``code_interpreter``): up to
   ``max_tool_calls`` calls in all, else up to ``DEFAULT_CALLS_PER_TOOL`` per tool, each at
-  its per-call price (code interpreter by its container's ``memory_limit``); a chat
+  its per-call price (code interpreter by its container's ``memory_limit``, an automatic
+  container billed once even when the model never calls it); a chat
   request with ``web_search_options`` searches once, always; each search's results are
   read as input (hidden input, as above), and only Responses reports calls as items;
 * ``service_tier``: ``"priority"`` only when a chat or Responses request asked for it
@@ -297,6 +298,22 @@ def _tool_calls(endpoint: str, body: Mapping[str, Any], rng: random.Random) -> d
     return {name: count for name, count in calls.items() if count}
 
 
+def _container_sessions(endpoint: str, body: Mapping[str, Any]) -> dict[str, int]:
+    """The automatic code interpreter container a Responses request starts (and is billed
+    for) whether or not the model calls the tool, by the name it is priced under."""
+    tools = _parts(body.get("tools"))
+    automatic = any(
+        isinstance(t, dict)
+        and t.get("type") == "code_interpreter"
+        and isinstance(t.get("container"), dict)
+        for t in tools
+    )
+    if endpoint != "responses" or not automatic:
+        return {}
+    memory = _container_memory(tools) or "1g"
+    return {"code_interpreter" if memory == "1g" else f"code_interpreter_{memory}": 1}
+
+
 def tool_kind(name: str) -> str:
     """The tool a priced name belongs to (``code_interpreter_4g`` -> ``code_interpreter``)."""
     return "code_interpreter" if name.startswith("code_interpreter") else name
@@ -490,7 +507,7 @@ class BillingUpstream:
             cached=cached,
             completion=completion,
             tier=tier,
-            tool_calls=calls,
+            tool_calls={**_container_sessions(endpoint, body), **calls},
             tool_prices=self.tool_prices,
         )
         return Charge(
