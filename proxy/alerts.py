@@ -64,8 +64,8 @@ import aiohttp
 
 from proxy.budget import BudgetPlan
 from proxy.config import AlertsConfig, BudgetCap
+from proxy.counters import CounterState
 from proxy.pricing import micros_to_usd, usd_to_micros
-from proxy.store import CounterState
 
 __all__ = ["BUDGET_80_PERCENT", "HARD_LIMIT", "SOFT_LIMIT", "Alert", "Alerter", "Claim"]
 

@@ -22,11 +22,14 @@ from aiohttp import web
 from proxy import handlers, logs, spend
 from proxy.alerts import Alerter
 from proxy.config import Settings
+from proxy.counters import Store
 from proxy.endpoints import Endpoint
 from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError
 from proxy.ledger import Ledger
 from proxy.logs import log_event
+from proxy.memory_store import MemoryStore
 from proxy.metrics import Metrics
+from proxy.redis_store import RedisStore
 from proxy.reload import Reloader
 from proxy.state import (
     ALERTER,
@@ -39,7 +42,6 @@ from proxy.state import (
     Runtime,
     RuntimeRef,
 )
-from proxy.store import MemoryStore, RedisStore, Store
 from proxy.upstream import new_session
 
 log = logging.getLogger("capproxy")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from proxy.config import DEFAULT_AGENT, BudgetCap, Settings, TokenCap
+from proxy.counters import Counter, CounterState, ReserveResult
 from proxy.errors import BudgetExceeded, TokenCapExceeded
 from proxy.pricing import (
     ModelPrice,
@@ -25,7 +26,6 @@ from proxy.pricing import (
     tool_call_micros,
     usd_to_micros,
 )
-from proxy.store import Counter, CounterState, ReserveResult
 
 __all__ = ["DEFAULT_AGENT", "BudgetPlan", "hold_micros", "plan_budget", "rejection", "status"]
 # A hold larger than the room a quick retry could free is hopeless within this many seconds.

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from proxy.budget import BudgetPlan, rejection
+from proxy.counters import Counter, CounterState, Store
 from proxy.errors import BudgetExceeded, StoreUnavailable
-from proxy.store import Counter, CounterState, Store
 
 log = logging.getLogger("capproxy.ledger")
 

@@ -31,10 +31,10 @@ from aiohttp import web
 from proxy.auth import AGENT_ID, bearer_key
 from proxy.budget import DEFAULT_AGENT, plan_budget
 from proxy.config import ID_PATTERN, BudgetCap, Settings, TokenCap
+from proxy.counters import CounterState, Store
 from proxy.errors import BadRequest, Forbidden
 from proxy.pricing import micros_to_usd, usd_to_micros
 from proxy.state import LEDGER, RUNTIME, Runtime
-from proxy.store import CounterState, Store
 from proxy.windows import Window
 
 PREFIX = "/api/v1"

@@ -12,7 +12,8 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.store import RedisStore, Store
+from proxy.counters import Store
+from proxy.redis_store import RedisStore
 from tests.fake_upstream import FakeUpstream
 from tests.redis_server import RedisServer
 

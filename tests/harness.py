@@ -12,8 +12,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from proxy.config import Settings
+from proxy.counters import Counter, Store
 from proxy.pricing import micros_to_usd
-from proxy.store import Counter, Store
 from proxy.windows import Window
 
 TENANT_KEY = "sk-acme-test-key"

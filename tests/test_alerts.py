@@ -20,8 +20,8 @@ from pytest_aiohttp import AiohttpServer
 from proxy.alerts import Alert, Alerter
 from proxy.budget import BudgetPlan
 from proxy.config import AlertsConfig, BudgetCap
+from proxy.counters import Counter, CounterState
 from proxy.pricing import usd_to_micros
-from proxy.store import Counter, CounterState
 from proxy.windows import Period, Window
 
 DAY = 86_400

@@ -17,9 +17,9 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
 from proxy.config import load_settings
+from proxy.redis_store import RedisStore
 from proxy.state import METRICS as METRICS_KEY
 from proxy.state import RUNTIME
-from proxy.store import RedisStore
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
 from tests.harness import OTHER_KEY, auth, chat, settings_for, spent

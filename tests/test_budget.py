@@ -20,8 +20,8 @@ from proxy.budget import (
     status,
 )
 from proxy.config import BudgetCap, Settings, TokenCap
+from proxy.counters import Counter, CounterState, ReserveResult
 from proxy.errors import BudgetExceeded, TokenCapExceeded
-from proxy.store import Counter, CounterState, ReserveResult
 from proxy.windows import Period, Window
 from tests.harness import settings_for
 

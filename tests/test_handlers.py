@@ -13,8 +13,9 @@ import pytest
 
 from proxy.endpoints import Endpoint
 from proxy.errors import StoreUnavailable
+from proxy.memory_store import MemoryStore
+from proxy.redis_store import RedisStore
 from proxy.state import LEDGER
-from proxy.store import MemoryStore, RedisStore
 from proxy.tokens import Tokenizer
 from proxy.windows import Window
 from tests.conftest import MakeClient

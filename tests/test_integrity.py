@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from proxy import handlers
 from proxy.config import Settings
 from proxy.endpoints import Endpoint
-from proxy.store import RedisStore
+from proxy.redis_store import RedisStore
 from proxy.tokens import Tokenizer
 from proxy.windows import Window
 from tests.conftest import MakeClient

@@ -40,9 +40,11 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.counters import Counter, ReserveResult, Store
 from proxy.endpoints import endpoint_for
+from proxy.memory_store import MemoryStore
 from proxy.pricing import micros_to_usd, usd_to_micros
-from proxy.store import Counter, MemoryStore, RedisStore, ReserveResult, Store
+from proxy.redis_store import RedisStore
 from proxy.tokens import Tokenizer
 from proxy.windows import Window
 from tests.billing_upstream import (

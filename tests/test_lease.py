@@ -15,8 +15,9 @@ import pytest
 
 from proxy.budget import BudgetPlan
 from proxy.config import BudgetCap
+from proxy.counters import Counter
 from proxy.ledger import Ledger
-from proxy.store import Counter, RedisStore
+from proxy.redis_store import RedisStore
 from proxy.windows import Window
 
 UTC = ZoneInfo("UTC")
@@ -35,7 +36,7 @@ import asyncio, sys
 from zoneinfo import ZoneInfo
 
 from proxy.ledger import Ledger
-from proxy.store import RedisStore
+from proxy.redis_store import RedisStore
 from tests.test_lease import PLAN
 
 

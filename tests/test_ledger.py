@@ -15,9 +15,10 @@ import pytest
 
 from proxy.budget import BudgetPlan
 from proxy.config import BudgetCap
+from proxy.counters import Counter, CounterState, ReserveResult
 from proxy.errors import BudgetExceeded, StoreUnavailable
 from proxy.ledger import Hold, Ledger
-from proxy.store import Counter, CounterState, MemoryStore, ReserveResult
+from proxy.memory_store import MemoryStore
 from proxy.windows import Window
 
 UTC = ZoneInfo("UTC")

@@ -12,8 +12,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.config import Settings
+from proxy.counters import Counter, Store
 from proxy.pricing import micros_to_usd
-from proxy.store import Counter, RedisStore, Store
+from proxy.redis_store import RedisStore
 from proxy.windows import Window
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream

@@ -16,16 +16,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from proxy.counters import DEFAULT_EXPIRY_MARGIN_S, Counter, CounterState, ReserveResult, Store
 from proxy.errors import StoreUnavailable
-from proxy.store import (
-    DEFAULT_EXPIRY_MARGIN_S,
-    Counter,
-    CounterState,
-    MemoryStore,
-    RedisStore,
-    ReserveResult,
-    Store,
-)
+from proxy.memory_store import MemoryStore
+from proxy.redis_store import RedisStore
 from proxy.windows import Period, Window, period_of
 from tests.redis_server import RedisServer
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from proxy.endpoints import Endpoint
-from proxy.store import RedisStore
+from proxy.redis_store import RedisStore
 from proxy.tokens import Tokenizer
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream

@@ -1,0 +1,242 @@
+"""Spend counters and the store protocol: reserve an estimate in every budget window at
+once, then settle it.
+
+    store: Store = RedisStore.from_url("redis://localhost:6379/0", timeout_s=0.5)
+    result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=30)
+    if result.ok:
+        ...  # forward the request, and every 10 s while it runs:
+        await store.renew(rid, result.states, hold_ttl_s=30)
+        ...
+        await store.settle(rid, result.states, 9_870, hold_ttl_s=30)
+
+Amounts are integer micro-USD. A *counter* is one window (hourly, daily, ...) of one
+scope (a tenant, or one agent of a tenant); for each period of its window it keeps the
+amount ``spent`` and the amount ``held`` by in-flight reservations. ``reserve`` places a
+hold in all counters or in none; ``settle`` replaces the hold by the actual cost exactly
+once per request id (``rid``); ``record`` adds spend without a prior hold.
+
+A hold is a *lease* of ``hold_ttl_s`` that ``renew`` extends while its request runs. A
+lease that runs out (its proxy died, or stalled) is *charged*: the hold's amount moves
+from held to spent, since the upstream may have billed up to it, and the amount so
+charged is kept per rid. A late ``settle`` of that rid replaces the charge by the actual
+cost (spent += actual - charged), still exactly once. So a hold's room comes back only
+with its settle, which knows the cost, and a dead proxy's holds block others for at most
+one lease. Expired leases are charged by ``reserve`` and ``renew`` when they find them;
+``snapshot`` counts them as spent already. Each state reports ``holds_end``, the latest
+lease expiry among its live holds: when the holds in the way end at the latest (the
+basis of ``Retry-After``).
+
+Two implementations share these semantics: ``proxy.memory_store.MemoryStore`` (one
+process, one event loop) and ``proxy.redis_store.RedisStore`` (shared by every proxy
+instance; standalone Redis, Cluster or Sentinel). This module imports neither.
+
+Sums are exact up to 2**53 micro-USD (about $9 billion), Lua's integer range.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from proxy.windows import Period, Window
+
+__all__ = [
+    "MAX_MICROS",
+    "MIN_MARKER_TTL_S",
+    "Counter",
+    "CounterState",
+    "ReserveResult",
+    "Store",
+]
+
+MAX_MICROS = 2**53  # amounts up to this are exact in Lua's doubles
+DEFAULT_EXPIRY_MARGIN_S = 300  # counters outlive their period by the hold TTL + this
+MIN_MARKER_TTL_S = 60  # settle markers live max(2 x hold TTL, this)
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_AGENT_RE = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+_RID_RE = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One budget window of one scope."""
+
+    tenant_id: str
+    agent_id: str | None  # None = tenant-wide scope
+    window: Window
+    limit_micros: int  # hard limit
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """A counter in one period: ``held`` counts in-flight reservations.
+
+    ``holds_end`` is the latest lease expiry among those holds (epoch seconds, store
+    clock): by then every hold now in ``held`` has been settled or charged, unless its
+    request renews it. None when nothing is held (or the state was not read from a store).
+    """
+
+    counter: Counter
+    period: Period
+    spent_micros: int
+    held_micros: int
+    holds_end: float | None = None
+
+    @property
+    def room_micros(self) -> int:
+        """What may still be reserved (negative after an overspend)."""
+        return self.counter.limit_micros - self.spent_micros - self.held_micros
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """The decision of ``reserve``.
+
+    ``states`` has one entry per counter, in order: after the hold when ``ok``, as found
+    when rejected (nothing held; expired leases found were charged).
+    """
+
+    ok: bool
+    now: float  # the store clock's time used for the decision
+    states: tuple[CounterState, ...]
+    amount_micros: int = 0
+
+    @property
+    def exceeded(self) -> tuple[CounterState, ...]:
+        """The states that rejected the request (empty when ``ok``)."""
+        if self.ok:
+            return ()
+        return tuple(
+            s
+            for s in self.states
+            if s.spent_micros + s.held_micros + self.amount_micros > s.counter.limit_micros
+        )
+
+
+class Store(Protocol):
+    """Budget counters with atomic all-or-none holds; errors raise ``StoreUnavailable``."""
+
+    async def reserve(
+        self,
+        rid: str,
+        counters: Sequence[Counter],
+        amount_micros: int,
+        *,
+        tz: ZoneInfo,
+        hold_ttl_s: float,
+    ) -> ReserveResult:
+        """Hold ``amount_micros`` in every counter's current period, or in none.
+
+        Allowed when spent + held + amount <= limit in every counter, after charging
+        the expired leases found. The hold is a lease of ``hold_ttl_s``. Repeating a
+        reserve with a ``rid`` that already holds is answered ``ok`` without a second
+        hold; a ``rid`` already settled, or whose lease ran out, is refused and holds
+        nothing.
+        """
+        ...
+
+    async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
+        """Extend ``rid``'s lease to now + ``hold_ttl_s`` in the given periods.
+
+        False when the hold is gone: settled, or its lease ran out and it was charged
+        (a later settle still replaces that charge by the actual cost).
+        """
+        ...
+
+    async def settle(
+        self,
+        rid: str,
+        states: Sequence[CounterState],
+        actual_micros: int,
+        *,
+        hold_ttl_s: float,
+    ) -> None:
+        """Replace ``rid``'s hold by the actual cost in the given periods, once per rid.
+
+        0 releases, negative counts as 0. A hold whose lease ran out was charged its
+        amount; the settle replaces that charge by the actual cost (spent += actual -
+        charged, which lowers spent when the actual cost is below the hold).
+        """
+        ...
+
+    async def record(
+        self,
+        rid: str,
+        counters: Sequence[Counter],
+        actual_micros: int,
+        *,
+        tz: ZoneInfo,
+        hold_ttl_s: float,
+    ) -> None:
+        """Add spend without a hold in the current periods (fail-open), once per rid;
+        like ``settle``, it replaces a hold of ``rid`` there, or the charge of its lease."""
+        ...
+
+    async def snapshot(
+        self, counters: Sequence[Counter], *, tz: ZoneInfo
+    ) -> tuple[CounterState, ...]:
+        """The counters in their current periods; holds whose lease ran out count as
+        spent, as they will once charged."""
+        ...
+
+    async def now(self) -> float:
+        """The store clock, in epoch seconds."""
+        ...
+
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        """True for the first caller to claim ``name`` within ``ttl_s`` (every replica
+        sharing the store sees the same answer): budget alerts are sent once."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- validation shared by the stores -------------------------------------------------
+
+
+def check_rid(rid: str) -> None:
+    if not _RID_RE.fullmatch(rid):
+        raise ValueError("request id must match [A-Za-z0-9._:@/-]{1,128}")
+
+
+def check_counters(counters: Sequence[Counter]) -> str:
+    """Validate ids and return the one tenant id all counters share."""
+    if not counters:
+        raise ValueError("at least one counter is required")
+    tenant = counters[0].tenant_id
+    seen: set[tuple[str | None, Window]] = set()
+    for c in counters:
+        if c.tenant_id != tenant:
+            raise ValueError("all counters of one request must belong to one tenant")
+        if not _TENANT_RE.fullmatch(c.tenant_id):
+            raise ValueError("tenant id must match [A-Za-z0-9._-]{1,64}")
+        if c.agent_id is not None and not _AGENT_RE.fullmatch(c.agent_id):
+            raise ValueError("agent id must match [A-Za-z0-9._:@/-]{1,128}")
+        if c.limit_micros < 0:
+            raise ValueError("limit must not be negative")
+        if (c.agent_id, c.window) in seen:
+            raise ValueError("duplicate counter")
+        seen.add((c.agent_id, c.window))
+    return tenant
+
+
+def check_amount(amount_micros: int) -> None:
+    if not 0 <= amount_micros <= MAX_MICROS:
+        raise ValueError(f"amount must be in [0, {MAX_MICROS}] micro-USD")
+
+
+def clamp_actual(actual_micros: int) -> int:
+    return min(max(0, actual_micros), MAX_MICROS)
+
+
+def check_ttl(hold_ttl_s: float) -> int:
+    ttl_ms = int(hold_ttl_s * 1000)
+    if ttl_ms < 1:
+        raise ValueError("hold_ttl_s must be positive")
+    return ttl_ms

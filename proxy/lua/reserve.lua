@@ -1,0 +1,63 @@
+-- KEYS: per counter its hash and holds zset (K1, Z1, K2, Z2, ...), then the rid's settled
+--       marker: a reserve that arrives after its rid was settled or released (its reply was
+--       lost to a timeout and the ledger released it) holds nothing; nor does one whose
+--       rid's lease already ran out (x:<rid> in the first counter).
+-- ARGV: rid, amount, hold ttl ms, then per counter: limit, period start, period end,
+--       key expiry (epoch ms).
+-- Returns {'skew', sec, usec} |
+--         {'ok'|'rejected'|'settled', sec, usec, spent1, held1, end1, spent2, ...}
+--         (end = latest lease expiry in epoch ms, '0' when nothing is held).
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  local a = 3 + (i - 1) * 4
+  if now_s < tonumber(ARGV[a + 2]) or now_s >= tonumber(ARGV[a + 3]) then
+    return {'skew', t[1], t[2]}
+  end
+end
+local rid = ARGV[1]
+local field = 'h:' .. rid
+local amount = tonumber(ARGV[2])
+local spent, held = {}, {}
+for i = 1, n do
+  local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
+  charge_expired(key, holds, now_ms)
+  local v = redis.call('HMGET', key, 'spent', 'held')
+  spent[i] = tonumber(v[1] or '0')
+  held[i] = tonumber(v[2] or '0')
+end
+local status = 'ok'
+local replay = redis.call('HEXISTS', KEYS[1], field) == 1
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 or redis.call('HEXISTS', KEYS[1], 'x:' .. rid) == 1 then
+  status = 'settled'
+elseif not replay then
+  for i = 1, n do
+    if spent[i] + held[i] + amount > tonumber(ARGV[3 + (i - 1) * 4 + 1]) then
+      status = 'rejected'
+      break
+    end
+  end
+end
+if status == 'ok' then
+  local expiry = string.format('%d', now_ms + tonumber(ARGV[3]))
+  for i = 1, n do
+    local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
+    if redis.call('HSETNX', key, field, ARGV[2]) == 1 then
+      redis.call('HINCRBY', key, 'held', ARGV[2])
+      redis.call('ZADD', holds, expiry, rid)
+      held[i] = held[i] + amount
+    end
+    local at = ARGV[3 + (i - 1) * 4 + 4]
+    redis.call('PEXPIREAT', key, at)
+    redis.call('PEXPIREAT', holds, at)
+  end
+end
+local out = {status, t[1], t[2]}
+for i = 1, n do
+  out[#out + 1] = string.format('%d', spent[i])
+  out[#out + 1] = string.format('%d', held[i])
+  out[#out + 1] = holds_end(KEYS[2 * i], now_ms)
+end
+return out

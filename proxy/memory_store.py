@@ -1,0 +1,244 @@
+"""The store in process memory: one proxy instance, and tests.
+
+    store = MemoryStore()
+    result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=30)
+
+Same semantics as every ``proxy.counters.Store``; see that module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+from proxy.counters import (
+    DEFAULT_EXPIRY_MARGIN_S,
+    MIN_MARKER_TTL_S,
+    Counter,
+    CounterState,
+    ReserveResult,
+    check_amount,
+    check_counters,
+    check_rid,
+    check_ttl,
+    clamp_actual,
+)
+from proxy.windows import Period, Window, period_of
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass(slots=True)
+class _Bucket:
+    spent: int = 0
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # rid -> (amount, exp)
+    charged: dict[str, int] = field(default_factory=dict)  # rid -> charged at lease expiry
+    expires_at: float = 0.0
+
+    def charge_expired(self, now: float) -> None:
+        """Move the holds whose lease ran out to spent, remembering what each was charged."""
+        for rid in [r for r, (_, exp) in self.holds.items() if exp <= now]:
+            amount, _ = self.holds.pop(rid)
+            self.spent += amount
+            self.charged[rid] = amount
+
+    def state(self, counter: Counter, period: Period) -> CounterState:
+        held = sum(amount for amount, _ in self.holds.values())
+        end = max((exp for _, exp in self.holds.values()), default=None)
+        return CounterState(counter, period, self.spent, held, end)
+
+
+_BucketKey = tuple[str, str | None, Window, int]
+
+
+class MemoryStore:
+    """The store in process memory, for a single proxy instance and for tests.
+
+        store = MemoryStore(clock=fake_clock)
+
+    Atomic because nothing awaits between check and update. Leases expire on ``clock``
+    and are charged when a reserve, renew or snapshot finds them; counters of ended
+    periods are pruned about once a minute.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        expiry_margin_s: float = DEFAULT_EXPIRY_MARGIN_S,
+    ) -> None:
+        self._clock = clock
+        self._margin_s = expiry_margin_s
+        self._buckets: dict[_BucketKey, _Bucket] = {}
+        self._settled: dict[tuple[str, str], float] = {}  # (tenant, rid) -> marker expiry
+        self._claims: dict[str, float] = {}  # claimed name -> expiry
+        self._next_prune = 0.0
+
+    async def reserve(
+        self,
+        rid: str,
+        counters: Sequence[Counter],
+        amount_micros: int,
+        *,
+        tz: ZoneInfo,
+        hold_ttl_s: float,
+    ) -> ReserveResult:
+        check_rid(rid)
+        tenant = check_counters(counters)
+        check_amount(amount_micros)
+        check_ttl(hold_ttl_s)
+        now = self._clock()
+        self._prune(now)
+        periods = [period_of(c.window, now, tz) for c in counters]
+        buckets = [self._bucket(c, p) for c, p in zip(counters, periods, strict=True)]
+        for b in buckets:
+            b.charge_expired(now)
+        replay = rid in buckets[0].holds
+        # Settled or released before it arrived, or its lease already ran out: over.
+        over = self._settled.get((tenant, rid), 0.0) > now or rid in buckets[0].charged
+        ok = not over and (
+            replay
+            or all(
+                b.spent + sum(a for a, _ in b.holds.values()) + amount_micros <= c.limit_micros
+                for c, b in zip(counters, buckets, strict=True)
+            )
+        )
+        if ok:
+            for b, p in zip(buckets, periods, strict=True):
+                if not replay and rid not in b.holds:
+                    b.holds[rid] = (amount_micros, now + hold_ttl_s)
+                b.expires_at = max(b.expires_at, p.end + hold_ttl_s + self._margin_s)
+        states = tuple(b.state(c, p) for c, p, b in zip(counters, periods, buckets, strict=True))
+        return ReserveResult(ok, now, states, amount_micros)
+
+    async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
+        check_rid(rid)
+        check_counters([s.counter for s in states])
+        check_ttl(hold_ttl_s)
+        now = self._clock()
+        held = False
+        for s in states:
+            b = self._buckets.get(self._key(s.counter, s.period))
+            if b is None:
+                continue
+            b.charge_expired(now)
+            if rid in b.holds:
+                amount, _ = b.holds[rid]
+                b.holds[rid] = (amount, now + hold_ttl_s)
+                held = True
+        return held
+
+    async def settle(
+        self,
+        rid: str,
+        states: Sequence[CounterState],
+        actual_micros: int,
+        *,
+        hold_ttl_s: float,
+    ) -> None:
+        check_rid(rid)
+        tenant = check_counters([s.counter for s in states])
+        check_ttl(hold_ttl_s)
+        self._commit(
+            rid, tenant, [(s.counter, s.period) for s in states], actual_micros, hold_ttl_s
+        )
+
+    async def record(
+        self,
+        rid: str,
+        counters: Sequence[Counter],
+        actual_micros: int,
+        *,
+        tz: ZoneInfo,
+        hold_ttl_s: float,
+    ) -> None:
+        check_rid(rid)
+        tenant = check_counters(counters)
+        check_ttl(hold_ttl_s)
+        now = self._clock()
+        targets = [(c, period_of(c.window, now, tz)) for c in counters]
+        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s)
+
+    async def snapshot(
+        self, counters: Sequence[Counter], *, tz: ZoneInfo
+    ) -> tuple[CounterState, ...]:
+        check_counters(counters)
+        now = self._clock()
+        states = []
+        for c in counters:
+            period = period_of(c.window, now, tz)
+            b = self._buckets.get(self._key(c, period))
+            if b is None:
+                states.append(CounterState(c, period, 0, 0))
+                continue
+            b.charge_expired(now)
+            states.append(b.state(c, period))
+        return tuple(states)
+
+    async def now(self) -> float:
+        return self._clock()
+
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        now = self._clock()
+        self._prune(now)
+        if self._claims.get(name, 0.0) > now:
+            return False
+        self._claims[name] = now + ttl_s
+        return True
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def _commit(
+        self,
+        rid: str,
+        tenant: str,
+        targets: Sequence[tuple[Counter, Period]],
+        actual_micros: int,
+        hold_ttl_s: float,
+    ) -> None:
+        now = self._clock()
+        self._prune(now)
+        marker = (tenant, rid)
+        if self._settled.get(marker, 0.0) > now:
+            return
+        self._settled[marker] = now + max(2 * hold_ttl_s, MIN_MARKER_TTL_S)
+        actual = clamp_actual(actual_micros)
+        for counter, period in targets:
+            key = self._key(counter, period)
+            b = self._buckets.get(key)
+            if b is None:
+                if actual == 0:
+                    continue
+                b = self._bucket(counter, period)
+            b.holds.pop(rid, None)
+            # A lease that ran out was charged its hold: the actual cost replaces that.
+            b.spent += actual - b.charged.pop(rid, 0)
+            b.expires_at = max(b.expires_at, period.end + hold_ttl_s + self._margin_s)
+
+    @staticmethod
+    def _key(counter: Counter, period: Period) -> _BucketKey:
+        return (counter.tenant_id, counter.agent_id, counter.window, period.start)
+
+    def _bucket(self, counter: Counter, period: Period) -> _Bucket:
+        key = self._key(counter, period)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(expires_at=period.end + self._margin_s)
+        return b
+
+    def _prune(self, now: float) -> None:
+        if now < self._next_prune:
+            return
+        self._next_prune = now + 60
+        for key in [k for k, b in self._buckets.items() if b.expires_at <= now]:
+            del self._buckets[key]
+        for marker in [m for m, exp in self._settled.items() if exp <= now]:
+            del self._settled[marker]
+        for name in [n for n, exp in self._claims.items() if exp <= now]:
+            del self._claims[name]

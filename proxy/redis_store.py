@@ -1,0 +1,459 @@
+"""The store in Redis, shared by every proxy instance.
+
+    store = RedisStore.from_url("redis://localhost:6379/0", timeout_s=0.5)
+    result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=30)
+
+Semantics: ``proxy.counters``. The scripts are the package files ``proxy/lua/*.lua``.
+
+Redis key layout (``P`` = prefix, ``T`` = tenant id, ``A`` = agent id, ``W`` = window
+name, ``S`` = period start in epoch seconds)::
+
+    P:{T}:t:W:S            HASH  tenant-wide counter: spent, held, h:<rid> = held amount,
+                                 x:<rid> = amount charged when rid's lease ran out
+                                 (removed by rid's settle, else expires with the key)
+    P:{T}:a:A:W:S          HASH  agent counter, same fields
+    <counter key>:holds    ZSET  rid -> lease expiry (epoch ms, Redis clock)
+    P:{T}:settled:<rid>    STRING marker making settle/record idempotent,
+                           TTL max(2 x hold TTL, 60 s)
+
+The tenant id in braces is a Cluster hash tag, so every key of one request lives in one
+slot and each operation is one Lua script. Counter keys expire at period end + hold TTL
++ ``expiry_margin_s`` (re-applied on every reserve/settle), long enough for late settles.
+Ids are validated against narrow character sets; keys never contain secrets.
+
+Clock: Redis ``TIME``, read inside the scripts. Python computes each window's period
+(calendar arithmetic in the tenant's time zone) from its estimate of Redis time, the
+script checks that ``TIME`` falls in every period and otherwise answers ``skew`` with its
+time, and Python retries once or twice with that time. Normally: one round trip.
+
+Every Redis error or timeout becomes ``StoreUnavailable``; each call is bounded by
+``timeout_s``. Requires Redis >= 5 (scripts replicated by effects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+# This is the one module allowed to talk to Redis (the ban applies everywhere else).
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from proxy.counters import (
+    DEFAULT_EXPIRY_MARGIN_S,
+    MAX_MICROS,
+    MIN_MARKER_TTL_S,
+    Counter,
+    CounterState,
+    ReserveResult,
+    check_amount,
+    check_counters,
+    check_rid,
+    check_ttl,
+    clamp_actual,
+)
+from proxy.errors import StoreUnavailable
+from proxy.windows import Period, period_of
+
+__all__ = ["RedisStore"]
+
+SKEW_ATTEMPTS = 3
+
+_PREFIX_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+T = TypeVar("T")
+
+
+def _lua(name: str, *, with_lib: bool = False) -> str:
+    """A script of the package's ``lua/`` folder (``lib.lua`` prepended, if asked)."""
+    folder = resources.files("proxy") / "lua"
+    source = (folder / name).read_text(encoding="utf-8")
+    return (folder / "lib.lua").read_text(encoding="utf-8") + source if with_lib else source
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _redis_time(sec: Any, usec: Any) -> float:
+    return int(_text(sec)) + int(_text(usec)) / 1_000_000
+
+
+def _states(
+    counters: Sequence[Counter], periods: Sequence[Period], values: Sequence[Any]
+) -> tuple[CounterState, ...]:
+    """The states in a script's reply: spent, held, latest lease end (ms, 0 = none)."""
+    states = []
+    for i, (c, p) in enumerate(zip(counters, periods, strict=True)):
+        spent, held, end_ms = values[3 * i : 3 * i + 3]
+        end = float(_text(end_ms)) / 1000
+        states.append(CounterState(c, p, int(_text(spent)), int(_text(held)), end or None))
+    return tuple(states)
+
+
+# Connections kept open for the scripts between calls (more are opened under a burst).
+MAX_IDLE_CONNECTIONS = 32
+
+
+class _Script:
+    """A Lua script and its SHA1, packed straight into RESP."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
+
+    def packed(self, keys: list[str], args: Sequence[str | int], *, full: bool = False) -> bytes:
+        parts: list[bytes] = [b"EVAL", self.source] if full else [b"EVALSHA", self.sha]
+        parts.append(str(len(keys)).encode())
+        parts.extend(k.encode() for k in keys)
+        parts.extend(str(a).encode() for a in args)
+        out = [b"*%d\r\n" % len(parts)]
+        for part in parts:
+            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+        return b"".join(out)
+
+
+async def _call(
+    conn: AbstractConnection, script: _Script, keys: list[str], args: Sequence[str | int]
+) -> Any:
+    try:
+        await conn.send_packed_command(script.packed(keys, args), check_health=False)
+        return await conn.read_response()
+    except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
+        await conn.send_packed_command(script.packed(keys, args, full=True), check_health=False)
+        return await conn.read_response()
+
+
+def _honour_cancel() -> None:
+    """Re-raise a cancellation that the client library turned into an error or swallowed
+    (it can, when a cancel lands while it closes a connection): a cancelled caller must
+    stop, not carry on as if the store had merely failed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+class _Skew(Exception):
+    def __init__(self, redis_now: float) -> None:
+        self.redis_now = redis_now
+
+
+class RedisStore:
+    """The store in Redis, shared by every proxy instance.
+
+        store = RedisStore.from_url(url, prefix="capproxy", timeout_s=0.5)   # owns the client
+        store = RedisStore(client, timeout_s=0.5)                            # borrows it
+
+    ``local_clock`` is only a starting estimate of Redis time; decisions use ``TIME``.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = "capproxy",
+        timeout_s: float,
+        expiry_margin_s: int = DEFAULT_EXPIRY_MARGIN_S,
+        local_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not _PREFIX_RE.fullmatch(prefix):
+            raise ValueError("prefix must match [A-Za-z0-9._:-]{1,64}")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self._client = client
+        self._owns_client = False
+        self._prefix = prefix
+        self._timeout_s = timeout_s
+        self._margin_ms = int(expiry_margin_s * 1000)
+        self._local_clock = local_clock
+        self._offset = 0.0  # Redis time - local time, learned from script replies
+        self._reserve = _Script(_lua("reserve.lua", with_lib=True))
+        self._renew = _Script(_lua("renew.lua", with_lib=True))
+        self._commit = _Script(_lua("commit.lua"))
+        self._snapshot = _Script(_lua("snapshot.lua"))
+        self._idle: list[AbstractConnection] = []  # connections for the scripts, last used first
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "capproxy",
+        timeout_s: float,
+        expiry_margin_s: int = DEFAULT_EXPIRY_MARGIN_S,
+    ) -> RedisStore:
+        """A store owning a new client (closed by ``aclose``).
+
+        Socket timeouts are ``timeout_s``; a failed command is retried twice on a fresh
+        connection (safe: every script is idempotent by rid), within ``timeout_s``.
+        """
+        client = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=2),
+        )
+        store = cls(client, prefix=prefix, timeout_s=timeout_s, expiry_margin_s=expiry_margin_s)
+        store._owns_client = True
+        return store
+
+    @property
+    def client(self) -> Redis:
+        """The Redis client (owned by this store only when made by ``from_url``)."""
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    # -- keys
+
+    def counter_key(self, counter: Counter, period: Period) -> str:
+        """The HASH key of ``counter`` in ``period`` (its holds ZSET adds ``:holds``)."""
+        tag = f"{self._prefix}:{{{counter.tenant_id}}}"
+        if counter.agent_id is None:
+            return f"{tag}:t:{counter.window.value}:{period.start}"
+        return f"{tag}:a:{counter.agent_id}:{counter.window.value}:{period.start}"
+
+    def settled_key(self, tenant_id: str, rid: str) -> str:
+        return f"{self._prefix}:{{{tenant_id}}}:settled:{rid}"
+
+    def _expire_at_ms(self, period: Period, hold_ttl_ms: int) -> int:
+        return period.end * 1000 + hold_ttl_ms + self._margin_ms
+
+    # -- operations
+
+    async def reserve(
+        self,
+        rid: str,
+        counters: Sequence[Counter],
+        amount_micros: int,
+        *,
+        tz: ZoneInfo,
+        hold_ttl_s: float,
+    ) -> ReserveResult:
+        check_rid(rid)
+        tenant = check_counters(counters)
+        check_amount(amount_micros)
+        ttl_ms = check_ttl(hold_ttl_s)
+
+        async def attempt(at: float) -> ReserveResult:
+            periods = [period_of(c.window, at, tz) for c in counters]
+            keys: list[str] = []
+            args: list[str | int] = [rid, amount_micros, ttl_ms]
+            for c, p in zip(counters, periods, strict=True):
+                key = self.counter_key(c, p)
+                keys += [key, key + ":holds"]
+                limit = min(c.limit_micros, MAX_MICROS)  # beyond it, a limit is no limit
+                args += [limit, p.start, p.end, self._expire_at_ms(p, ttl_ms)]
+            keys.append(self.settled_key(tenant, rid))
+            reply = await self._eval(self._reserve, keys, args)
+            status, now = self._status(reply)
+            states = _states(counters, periods, reply[3:])
+            return ReserveResult(status == "ok", now, states, amount_micros)
+
+        return await self._guard(lambda: self._with_periods(attempt))
+
+    async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
+        check_rid(rid)
+        check_counters([s.counter for s in states])
+        ttl_ms = check_ttl(hold_ttl_s)
+        keys: list[str] = []
+        for s in states:
+            key = self.counter_key(s.counter, s.period)
+            keys += [key, key + ":holds"]
+
+        async def renew() -> bool:
+            reply = await self._eval(self._renew, keys, [rid, ttl_ms])
+            status, _ = self._status(reply)
+            return status == "ok"
+
+        return await self._guard(renew)
+
+    async def settle(
+        self,
+        rid: str,
+        states: Sequence[CounterState],
+        actual_micros: int,
+        *,
+        hold_ttl_s: float,
+    ) -> None:
+        check_rid(rid)
+        tenant = check_counters([s.counter for s in states])
+        ttl_ms = check_ttl(hold_ttl_s)
+        targets = [(s.counter, s.period) for s in states]
+        await self._guard(
+            lambda: self._run_commit(rid, tenant, targets, actual_micros, ttl_ms, check=False)
+        )
+
+    async def record(
+        self,
+        rid: str,
+        counters: Sequence[Counter],
+        actual_micros: int,
+        *,
+        tz: ZoneInfo,
+        hold_ttl_s: float,
+    ) -> None:
+        check_rid(rid)
+        tenant = check_counters(counters)
+        ttl_ms = check_ttl(hold_ttl_s)
+
+        async def attempt(at: float) -> None:
+            targets = [(c, period_of(c.window, at, tz)) for c in counters]
+            await self._run_commit(rid, tenant, targets, actual_micros, ttl_ms, check=True)
+
+        await self._guard(lambda: self._with_periods(attempt))
+
+    async def snapshot(
+        self, counters: Sequence[Counter], *, tz: ZoneInfo
+    ) -> tuple[CounterState, ...]:
+        check_counters(counters)
+
+        async def attempt(at: float) -> tuple[CounterState, ...]:
+            periods = [period_of(c.window, at, tz) for c in counters]
+            keys: list[str] = []
+            args: list[int] = []
+            for c, p in zip(counters, periods, strict=True):
+                key = self.counter_key(c, p)
+                keys += [key, key + ":holds"]
+                args += [p.start, p.end]
+            reply = await self._eval(self._snapshot, keys, args)
+            self._status(reply)
+            return _states(counters, periods, reply[3:])
+
+        return await self._guard(lambda: self._with_periods(attempt))
+
+    async def now(self) -> float:
+        async def read() -> float:
+            sec, usec = await self._client.time()
+            return self._learn(_redis_time(sec, usec))
+
+        return await self._guard(read)
+
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        async def claim() -> bool:
+            key = f"{self._prefix}:claim:{name}"
+            return bool(await self._client.set(key, b"1", nx=True, ex=max(1, ttl_s)))
+
+        return await self._guard(claim)
+
+    async def ping(self) -> None:
+        async def ping() -> None:
+            await self._client.ping()
+
+        await self._guard(ping)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- internals
+
+    async def _eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        """One script call: EVALSHA (EVAL when the server lost the script), packed here and
+        sent on a connection of this store's own.
+
+        The generic ``execute_command`` path of redis-py (command packing, pool bookkeeping,
+        retry wrapper) costs more CPU than the rest of a proxied request; the scripts are
+        the store's whole hot path, so they take this short one. A connection that failed
+        is dropped, and a request that failed before a reply is tried once more on a fresh
+        connection (safe: every script is idempotent by rid).
+        """
+        for attempt in range(2):
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                reply = await _call(conn, script, keys, args)
+            except RedisConnectionError:
+                await conn.disconnect()
+                if attempt:
+                    raise
+                continue
+            except BaseException:
+                # A timeout or cancellation mid-reply leaves the connection out of step.
+                await conn.disconnect()
+                raise
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+            else:  # a burst is over: keep a bounded set open
+                await conn.disconnect()
+            return reply
+        raise AssertionError("unreachable")
+
+    async def _connect(self) -> AbstractConnection:
+        conn: AbstractConnection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return conn
+
+    async def _run_commit(
+        self,
+        rid: str,
+        tenant: str,
+        targets: Sequence[tuple[Counter, Period]],
+        actual_micros: int,
+        ttl_ms: int,
+        *,
+        check: bool,
+    ) -> None:
+        keys = [self.settled_key(tenant, rid)]
+        marker_ttl_ms = max(2 * ttl_ms, MIN_MARKER_TTL_S * 1000)
+        args: list[str | int] = [rid, clamp_actual(actual_micros), marker_ttl_ms, int(check)]
+        for c, p in targets:
+            key = self.counter_key(c, p)
+            keys += [key, key + ":holds"]
+            args += [p.start, p.end, self._expire_at_ms(p, ttl_ms)]
+        reply = await self._eval(self._commit, keys, args)
+        self._status(reply)
+
+    def _status(self, reply: Any) -> tuple[str, float]:
+        """The reply's status and Redis time; raises ``_Skew`` for a period mismatch."""
+        status = _text(reply[0])
+        if len(reply) < 3:
+            return status, self._estimate()
+        now = self._learn(_redis_time(reply[1], reply[2]))
+        if status == "skew":
+            raise _Skew(now)
+        return status, now
+
+    def _learn(self, redis_now: float) -> float:
+        self._offset = redis_now - self._local_clock()
+        return redis_now
+
+    def _estimate(self) -> float:
+        return self._local_clock() + self._offset
+
+    async def _with_periods(self, attempt: Callable[[float], Awaitable[T]]) -> T:
+        """Run ``attempt`` at the estimated Redis time; after a skew, at Redis's time."""
+        at = self._estimate()
+        for _ in range(SKEW_ATTEMPTS - 1):
+            try:
+                return await attempt(at)
+            except _Skew as skew:
+                at = skew.redis_now
+        try:
+            return await attempt(at)
+        except _Skew as skew:
+            raise StoreUnavailable("budget store clock keeps moving across a period") from skew
+
+    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                result = await call()
+        except (RedisError, OSError) as exc:  # OSError includes TimeoutError
+            _honour_cancel()
+            raise StoreUnavailable() from exc
+        _honour_cancel()
+        return result
