@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from proxy.config import DEFAULT_AGENT, BudgetCap, Settings, TokenCap
 from proxy.counters import Counter, CounterState, ReserveResult
-from proxy.errors import BudgetExceeded, TokenCapExceeded
+from proxy.errors import BudgetExceeded, TokenCapExceeded, TooManyAgents
 from proxy.pricing import (
     ModelPrice,
     ToolPrice,
@@ -36,6 +36,7 @@ HELD_RETRY_AFTER_S = 2
 # Holds are clamped here so absurd token counts stay within the store's 64-bit counters
 # (any real cap is far smaller, so such a request is refused as usual).
 MAX_HOLD_MICROS = 2**53
+DAY_S = 86_400  # agents are counted per UTC day
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class BudgetPlan:
     counters: tuple[Counter, ...]
     caps: tuple[BudgetCap, ...]
     amount_micros: int
+    max_agents: int | None = None  # distinct agents the tenant may name a day
 
 
 def plan_budget(
@@ -64,6 +66,7 @@ def plan_budget(
         counters=tuple(c for c, _ in pairs),
         caps=tuple(cap for _, cap in pairs),
         amount_micros=min(MAX_HOLD_MICROS, max(1, amount_micros)),
+        max_agents=settings.cost_caps.max_agents_per_tenant,
     )
 
 
@@ -104,6 +107,17 @@ def _usd2(micros: int) -> str:
     usd = micros_to_usd(micros)
     cents = usd.quantize(Decimal("0.01"))
     return f"${cents}" if cents == usd else f"${usd.normalize():f}"
+
+
+def too_many_agents(plan: BudgetPlan, result: ReserveResult) -> TooManyAgents:
+    """The 429 for a request naming one agent more than its tenant may name today."""
+    tomorrow = (int(result.now // DAY_S) + 1) * DAY_S
+    return TooManyAgents(
+        f"Tenant '{plan.counters[0].tenant_id}' already named {plan.max_agents} agents "
+        "today (cost_caps.max_agents_per_tenant); use one of them.",
+        retry_after_s=math.ceil(tomorrow - result.now),
+        should_retry=False,
+    )
 
 
 def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded:

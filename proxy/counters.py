@@ -104,11 +104,16 @@ class ReserveResult:
     now: float  # the store clock's time used for the decision
     states: tuple[CounterState, ...]
     amount_micros: int = 0
+    # Refused because the tenant already named ``max_agents`` other agents today.
+    too_many_agents: bool = False
+    # The tenant's epoch in the store ('' when it has none yet): it changes only when
+    # the store lost the tenant's spend and it was started again.
+    epoch: str = ""
 
     @property
     def exceeded(self) -> tuple[CounterState, ...]:
         """The states that rejected the request (empty when ``ok``)."""
-        if self.ok:
+        if self.ok or self.too_many_agents:
             return ()
         return tuple(
             s
@@ -128,8 +133,13 @@ class Store(Protocol):
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
+        max_agents: int | None = None,
     ) -> ReserveResult:
         """Hold ``amount_micros`` in every counter's current period, or in none.
+
+        ``max_agents``: refuse (``too_many_agents``) a request naming an agent when the
+        tenant already named that many others this (UTC) day; agents whose requests
+        cost nothing are not counted.
 
         Allowed when spent + held + amount <= limit in every counter, after charging
         the expired leases found. The hold is a lease of ``hold_ttl_s``. Repeating a

@@ -20,8 +20,10 @@ and ``headers``. Third-party exceptions are translated at the boundary
     ├── UnsupportedMediaType       415 code=unsupported_content_encoding
     ├── CapExceeded                429 (Retry-After)
     │   ├── BudgetExceeded         code=budget_exceeded
-    │   └── TokenCapExceeded       code=token_cap_exceeded
+    │   ├── TokenCapExceeded       code=token_cap_exceeded
+    │   └── TooManyAgents          code=too_many_agents
     ├── StoreUnavailable           503 code=store_unavailable (Retry-After)
+    │   └── StoreDataLost          503 code=store_data_lost
     ├── UpstreamError              502 code=upstream_unreachable
     │   ├── UpstreamTooLarge       502 code=upstream_response_too_large
     │   └── UpstreamTimeout        504 code=upstream_timeout
@@ -155,6 +157,12 @@ class TokenCapExceeded(CapExceeded):
     code = "token_cap_exceeded"
 
 
+class TooManyAgents(CapExceeded):
+    """The tenant already named ``cost_caps.max_agents_per_tenant`` agents today."""
+
+    code = "too_many_agents"
+
+
 class StoreUnavailable(ProxyError):
     """The spend store did not answer in time; nothing was forwarded."""
 
@@ -164,6 +172,13 @@ class StoreUnavailable(ProxyError):
 
     def __init__(self, message: str = "budget store unavailable", *, retry_after_s: int = 1):
         super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class StoreDataLost(StoreUnavailable):
+    """The store lost the tenant's recorded spend (restarted empty, flushed): nothing is
+    admitted for it until an operator restores the spend or accepts the loss."""
+
+    code = "store_data_lost"
 
 
 class UpstreamError(ProxyError):

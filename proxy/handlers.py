@@ -36,6 +36,7 @@ from proxy.errors import (
     ServiceUnavailable,
     StoreUnavailable,
     TokenCapExceeded,
+    TooManyAgents,
     Unauthorized,
     UnsizedInput,
     UnsupportedMediaType,
@@ -321,7 +322,7 @@ async def metered(request: web.Request) -> web.StreamResponse:
 
 
 def _outcome(exc: ProxyError) -> Outcome:
-    if isinstance(exc, BudgetExceeded):
+    if isinstance(exc, (BudgetExceeded, TooManyAgents)):
         return Outcome.BUDGET_REJECTED
     if isinstance(exc, TokenCapExceeded):
         return Outcome.TOKEN_REJECTED

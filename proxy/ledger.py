@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from proxy.budget import BudgetPlan, rejection
+from proxy.budget import BudgetPlan, rejection, too_many_agents
 from proxy.counters import Counter, CounterState, Store
 from proxy.errors import BudgetExceeded, StoreUnavailable
 
@@ -162,7 +162,12 @@ class Ledger:
         if plan.counters:
             try:
                 result = await self.store.reserve(
-                    rid, plan.counters, plan.amount_micros, tz=tz, hold_ttl_s=hold_ttl_s
+                    rid,
+                    plan.counters,
+                    plan.amount_micros,
+                    tz=tz,
+                    hold_ttl_s=hold_ttl_s,
+                    max_agents=plan.max_agents,
                 )
             except asyncio.CancelledError:
                 # Cancelled with the script perhaps run: release this rid once possible.
@@ -183,6 +188,8 @@ class Ledger:
                 self.stats.fail_open_admitted += 1
                 log.warning("store unavailable: admitting request without a reservation")
             else:
+                if result.too_many_agents:
+                    raise too_many_agents(plan, result)
                 if not result.ok:
                     if on_reject is not None:
                         on_reject(plan, result.states)

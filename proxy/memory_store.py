@@ -29,6 +29,10 @@ from proxy.windows import Period, Window, period_of
 
 __all__ = ["MemoryStore"]
 
+DAY_S = 86_400
+# A store in this process's memory lives and dies with it: it has one epoch.
+MEMORY_EPOCH = "memory"
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -74,6 +78,7 @@ class MemoryStore:
         self._buckets: dict[_BucketKey, _Bucket] = {}
         self._settled: dict[tuple[str, str], float] = {}  # (tenant, rid) -> marker expiry
         self._claims: dict[str, float] = {}  # claimed name -> expiry
+        self._agents: dict[tuple[str, int], set[str]] = {}  # (tenant, UTC day) -> agents
         self._next_prune = 0.0
 
     async def reserve(
@@ -84,6 +89,7 @@ class MemoryStore:
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
+        max_agents: int | None = None,
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
@@ -105,13 +111,30 @@ class MemoryStore:
                 for c, b in zip(counters, buckets, strict=True)
             )
         )
+        agent = next((c.agent_id for c in counters if c.agent_id is not None), None)
+        agents = self._agents.setdefault((tenant, int(now // DAY_S)), set())
+        crowded = (
+            ok
+            and not replay
+            and agent is not None
+            and agent not in agents
+            and max_agents is not None
+            and len(agents) >= max_agents
+        )
+        ok = ok and not crowded
         if ok:
             for b, p in zip(buckets, periods, strict=True):
                 if not replay and rid not in b.holds:
                     b.holds[rid] = (amount_micros, now + hold_ttl_s)
                 b.expires_at = max(b.expires_at, p.end + hold_ttl_s + self._margin_s)
+            if agent is not None:
+                agents.add(agent)
         states = tuple(b.state(c, p) for c, p, b in zip(counters, periods, buckets, strict=True))
-        return ReserveResult(ok, now, states, amount_micros)
+        for key, b in zip(self._keys(counters, periods), buckets, strict=True):
+            self._drop_if_empty(key, b)
+        return ReserveResult(
+            ok, now, states, amount_micros, too_many_agents=crowded, epoch=MEMORY_EPOCH
+        )
 
     async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
         check_rid(rid)
@@ -141,9 +164,8 @@ class MemoryStore:
         check_rid(rid)
         tenant = check_counters([s.counter for s in states])
         check_ttl(hold_ttl_s)
-        self._commit(
-            rid, tenant, [(s.counter, s.period) for s in states], actual_micros, hold_ttl_s
-        )
+        targets = [(s.counter, s.period) for s in states]
+        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=False)
 
     async def record(
         self,
@@ -159,7 +181,7 @@ class MemoryStore:
         check_ttl(hold_ttl_s)
         now = self._clock()
         targets = [(c, period_of(c.window, now, tz)) for c in counters]
-        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s)
+        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=True)
 
     async def snapshot(
         self, counters: Sequence[Counter], *, tz: ZoneInfo
@@ -201,14 +223,20 @@ class MemoryStore:
         targets: Sequence[tuple[Counter, Period]],
         actual_micros: int,
         hold_ttl_s: float,
+        *,
+        check: bool,
     ) -> None:
+        """Settle (``check=False``) or record (``check=True``: the store marks every
+        record, since a release-only record may race its lost reserve)."""
         now = self._clock()
         self._prune(now)
         marker = (tenant, rid)
         if self._settled.get(marker, 0.0) > now:
             return
-        self._settled[marker] = now + max(2 * hold_ttl_s, MIN_MARKER_TTL_S)
         actual = clamp_actual(actual_micros)
+        if check or actual > 0:  # a release is idempotent as it is (as in Redis)
+            self._settled[marker] = now + max(2 * hold_ttl_s, MIN_MARKER_TTL_S)
+        agent, agent_left = None, False
         for counter, period in targets:
             key = self._key(counter, period)
             b = self._buckets.get(key)
@@ -220,6 +248,22 @@ class MemoryStore:
             # A lease that ran out was charged its hold: the actual cost replaces that.
             b.spent += actual - b.charged.pop(rid, 0)
             b.expires_at = max(b.expires_at, period.end + hold_ttl_s + self._margin_s)
+            gone = self._drop_if_empty(key, b)
+            if counter.agent_id is not None:
+                agent, agent_left = counter.agent_id, agent_left or not gone
+        if agent is not None and not agent_left:
+            # An agent that costs nothing today does not count against max_agents.
+            self._agents.get((tenant, int(now // DAY_S)), set()).discard(agent)
+
+    def _keys(self, counters: Sequence[Counter], periods: Sequence[Period]) -> list[_BucketKey]:
+        return [self._key(c, p) for c, p in zip(counters, periods, strict=True)]
+
+    def _drop_if_empty(self, key: _BucketKey, b: _Bucket) -> bool:
+        """Forget a counter that holds and spent nothing (as the Redis store deletes it)."""
+        if b.spent or b.holds or b.charged:
+            return False
+        self._buckets.pop(key, None)
+        return True
 
     @staticmethod
     def _key(counter: Counter, period: Period) -> _BucketKey:
@@ -242,3 +286,6 @@ class MemoryStore:
             del self._settled[marker]
         for name in [n for n, exp in self._claims.items() if exp <= now]:
             del self._claims[name]
+        today = int(now // DAY_S)
+        for day in [d for d in self._agents if d[1] < today]:
+            del self._agents[day]

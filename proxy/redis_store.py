@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -42,9 +43,10 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 # This is the one module allowed to talk to Redis (the ban applies everywhere else).
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
@@ -68,6 +70,7 @@ from proxy.windows import Period, period_of
 __all__ = ["RedisStore"]
 
 SKEW_ATTEMPTS = 3
+DAY_S = 86_400
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -87,6 +90,11 @@ def _text(value: Any) -> str:
 
 def _redis_time(sec: Any, usec: Any) -> float:
     return int(_text(sec)) + int(_text(usec)) / 1_000_000
+
+
+def _agent_of(counters: Sequence[Counter]) -> str:
+    """The agent a request's counters name ('' when only the tenant's)."""
+    return next((c.agent_id for c in counters if c.agent_id is not None), "")
 
 
 def _states(
@@ -159,7 +167,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         prefix: str = "capproxy",
         timeout_s: float,
@@ -191,24 +199,67 @@ class RedisStore:
         prefix: str = "capproxy",
         timeout_s: float,
         expiry_margin_s: int = DEFAULT_EXPIRY_MARGIN_S,
+        mode: str = "standalone",
+        sentinels: Sequence[str] = (),
+        service_name: str = "",
+        sentinel_password: str | None = None,
     ) -> RedisStore:
         """A store owning a new client (closed by ``aclose``).
 
-        Socket timeouts are ``timeout_s``; a failed command is retried twice on a fresh
-        connection (safe: every script is idempotent by rid), within ``timeout_s``.
+        ``mode``: ``standalone`` (``url`` is the server), ``cluster`` (``url`` is any node
+        of a Redis Cluster: the client learns the rest and follows MOVED/ASK and
+        failovers) or ``sentinel`` (the primary of ``service_name`` as ``sentinels``
+        ("host:port") name it, asked again after every failover; ``url`` gives the
+        password, database and TLS). Socket timeouts are ``timeout_s``; a failed command
+        is retried twice on a fresh connection (safe: every script is idempotent by rid),
+        within ``timeout_s``.
         """
-        client = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=2),
-        )
+        retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=2)
+        client: Redis | RedisCluster
+        if mode == "cluster":
+            client = RedisCluster.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=retry,
+                # Slots whose shard is failing over fail alone; the others keep serving.
+                require_full_coverage=False,
+                cluster_error_retry_attempts=2,
+            )
+        elif mode == "sentinel":
+            options: dict[str, Any] = dict(parse_url(url))
+            for name in ("host", "port", "path"):
+                options.pop(name, None)
+            if options.pop("connection_class", None) is not None:
+                options["ssl"] = True  # rediss://: TLS to the primary
+            nodes = [(host, int(port)) for host, _, port in (n.rpartition(":") for n in sentinels)]
+            manager = Sentinel(  # type: ignore[no-untyped-call]
+                nodes,
+                sentinel_kwargs={
+                    "password": sentinel_password,
+                    "socket_timeout": timeout_s,
+                    "socket_connect_timeout": timeout_s,
+                },
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                **options,
+            )
+            client = manager.master_for(service_name, retry=retry)
+        elif mode == "standalone":
+            client = Redis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=retry,
+            )
+        else:
+            raise ValueError(f"unknown store mode {mode!r}")
         store = cls(client, prefix=prefix, timeout_s=timeout_s, expiry_margin_s=expiry_margin_s)
         store._owns_client = True
         return store
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Redis | RedisCluster:
         """The Redis client (owned by this store only when made by ``from_url``)."""
         return self._client
 
@@ -228,6 +279,17 @@ class RedisStore:
     def settled_key(self, tenant_id: str, rid: str) -> str:
         return f"{self._prefix}:{{{tenant_id}}}:settled:{rid}"
 
+    def epoch_key(self, tenant_id: str) -> str:
+        """The tenant's epoch: set when it first records spend; gone means lost."""
+        return f"{self._prefix}:{{{tenant_id}}}:epoch"
+
+    def agents_key(self, tenant_id: str, at: float) -> str:
+        """The SET of agents the tenant named on the UTC day of ``at``."""
+        return f"{self._prefix}:{{{tenant_id}}}:agents:{int(at // DAY_S)}"
+
+    def _agents_expire_at_ms(self, at: float) -> int:
+        return (int(at // DAY_S) + 1) * DAY_S * 1000 + self._margin_ms
+
     def _expire_at_ms(self, period: Period, hold_ttl_ms: int) -> int:
         return period.end * 1000 + hold_ttl_ms + self._margin_ms
 
@@ -241,11 +303,14 @@ class RedisStore:
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
+        max_agents: int | None = None,
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
         check_amount(amount_micros)
         ttl_ms = check_ttl(hold_ttl_s)
+
+        agent = _agent_of(counters)
 
         async def attempt(at: float) -> ReserveResult:
             periods = [period_of(c.window, at, tz) for c in counters]
@@ -256,11 +321,20 @@ class RedisStore:
                 keys += [key, key + ":holds"]
                 limit = min(c.limit_micros, MAX_MICROS)  # beyond it, a limit is no limit
                 args += [limit, p.start, p.end, self._expire_at_ms(p, ttl_ms)]
-            keys.append(self.settled_key(tenant, rid))
+            keys += [self.settled_key(tenant, rid), self.epoch_key(tenant)]
+            keys.append(self.agents_key(tenant, at))
+            args += [agent, max_agents or MAX_MICROS, self._agents_expire_at_ms(at)]
             reply = await self._eval(self._reserve, keys, args)
             status, now = self._status(reply)
-            states = _states(counters, periods, reply[3:])
-            return ReserveResult(status == "ok", now, states, amount_micros)
+            states = _states(counters, periods, reply[4:])
+            return ReserveResult(
+                status == "ok",
+                now,
+                states,
+                amount_micros,
+                too_many_agents=status == "too_many_agents",
+                epoch=_text(reply[3]),
+            )
 
         return await self._guard(lambda: self._with_periods(attempt))
 
@@ -355,30 +429,34 @@ class RedisStore:
         await self._guard(ping)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect()
+        await self._drop_idle()
         if self._owns_client:
             await self._client.aclose()
 
     # -- internals
 
     async def _eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
-        """One script call: EVALSHA (EVAL when the server lost the script), packed here and
-        sent on a connection of this store's own.
+        """One script call: EVALSHA (EVAL when the server lost the script).
 
-        The generic ``execute_command`` path of redis-py (command packing, pool bookkeeping,
-        retry wrapper) costs more CPU than the rest of a proxied request; the scripts are
-        the store's whole hot path, so they take this short one. A connection that failed
-        is dropped, and a request that failed before a reply is tried once more on a fresh
-        connection (safe: every script is idempotent by rid).
+        On one server (standalone, or the primary Sentinel names) the call is packed here
+        and sent on a connection of this store's own: the generic ``execute_command`` path
+        of redis-py (command packing, pool bookkeeping, retry wrapper) costs more CPU than
+        the rest of a proxied request, and the scripts are the store's whole hot path. A
+        connection that failed is dropped with every idle one (after a restart or a
+        failover they all point at the past), and a request that failed before a reply is
+        tried once more on a fresh connection (safe: every script is idempotent by rid).
+        A Cluster client routes the call by its keys' slot (all in one) and follows
+        MOVED/ASK and topology changes itself.
         """
+        if isinstance(self._client, RedisCluster):
+            return await self._eval_cluster(self._client, script, keys, args)
         for attempt in range(2):
             conn = self._idle.pop() if self._idle else await self._connect()
             try:
                 reply = await _call(conn, script, keys, args)
             except RedisConnectionError:
                 await conn.disconnect()
+                await self._drop_idle()
                 if attempt:
                     raise
                 continue
@@ -393,7 +471,22 @@ class RedisStore:
             return reply
         raise AssertionError("unreachable")
 
+    @staticmethod
+    async def _eval_cluster(
+        client: RedisCluster, script: _Script, keys: list[str], args: Sequence[str | int]
+    ) -> Any:
+        try:
+            return await client.evalsha(script.sha.decode(), len(keys), *keys, *args)
+        except NoScriptError:  # a node new to the cluster, or restarted
+            return await client.eval(script.source.decode(), len(keys), *keys, *args)
+
+    async def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+
     async def _connect(self) -> AbstractConnection:
+        assert isinstance(self._client, Redis)
         conn: AbstractConnection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         await conn.connect()  # type: ignore[no-untyped-call]
         return conn
@@ -408,13 +501,26 @@ class RedisStore:
         *,
         check: bool,
     ) -> None:
+        """Settle (``check=False``: the periods reserved) or record (``check=True``: the
+        periods now). A settle of 0 writes no marker: releasing twice changes nothing, and
+        a release leaves no key behind."""
+        actual = clamp_actual(actual_micros)
         keys = [self.settled_key(tenant, rid)]
-        marker_ttl_ms = max(2 * ttl_ms, MIN_MARKER_TTL_S * 1000)
-        args: list[str | int] = [rid, clamp_actual(actual_micros), marker_ttl_ms, int(check)]
+        marked = check or actual > 0
+        marker_ttl_ms = max(2 * ttl_ms, MIN_MARKER_TTL_S * 1000) if marked else 0
+        args: list[str | int] = [rid, actual, marker_ttl_ms, int(check)]
         for c, p in targets:
             key = self.counter_key(c, p)
             keys += [key, key + ":holds"]
-            args += [p.start, p.end, self._expire_at_ms(p, ttl_ms)]
+            args += [
+                p.start,
+                p.end,
+                self._expire_at_ms(p, ttl_ms),
+                "t" if c.agent_id is None else "a",
+            ]
+        at = self._estimate()
+        keys += [self.epoch_key(tenant), self.agents_key(tenant, at)]
+        args += [_agent_of([c for c, _ in targets]), secrets.token_hex(8)]
         reply = await self._eval(self._commit, keys, args)
         self._status(reply)
 

@@ -317,6 +317,8 @@ async def test_a_late_settle_replaces_the_expiry_charge_once(
     for _ in range(2):  # a replayed settle changes nothing
         await harness.store.settle("r1", short.states, actual, hold_ttl_s=TTL)
         assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(actual, 0)] * 2
+    if actual == 0:
+        return  # a release writes no marker (it leaves no key): nothing settles it again
     await harness.store.settle("r1", short.states, 999, hold_ttl_s=TTL)
     await harness.store.record("r1", counters, 999, tz=UTC, hold_ttl_s=TTL)
     assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(actual, 0)] * 2
@@ -600,6 +602,7 @@ COUNTER_KEY = re.compile(
     r"(?P<start>\d+)(?P<holds>:holds)?"
 )
 SETTLED_KEY = re.compile(r"(?P<prefix>[^:{}]+):\{(?P<tenant>[A-Za-z0-9._-]+)\}:settled:(?P<rid>.+)")
+TENANT_KEY = re.compile(r"(?P<prefix>[^:{}]+):\{(?P<tenant>[A-Za-z0-9._-]+)\}:(?:epoch|agents:\d+)")
 
 
 async def hgetall(raw: RawRedis, key: str) -> dict[str, str]:
@@ -628,9 +631,11 @@ async def test_redis_key_layout_and_expiry(redis_harness: Harness) -> None:
     p_hour, p_month = (s.period for s in result.states)
     hour_key = f"{h.prefix}:{{acme}}:t:hourly:{p_hour.start}"
     month_key = f"{h.prefix}:{{acme}}:a:team/bot@x:1:monthly:{p_month.start}"
+    agents_key = f"{h.prefix}:{{acme}}:agents:{int(result.now // 86400)}"
     assert await h.raw.keys(h.prefix) == sorted(
-        [hour_key, hour_key + ":holds", month_key, month_key + ":holds"]
+        [hour_key, hour_key + ":holds", month_key, month_key + ":holds", agents_key]
     )
+    assert await h.raw.call("SMEMBERS", agents_key) == ["team/bot@x:1"]
     assert await hgetall(h.raw, hour_key) == {"held": "100", "h:req-1": "100"}
     now_ms = int(result.now * 1000)
     expiry = int(await h.raw.call("ZSCORE", hour_key + ":holds", "req-1"))
@@ -643,7 +648,11 @@ async def test_redis_key_layout_and_expiry(redis_harness: Harness) -> None:
 
     await h.store.settle("req-1", result.states, 40, hold_ttl_s=TTL)
     settled_key = f"{h.prefix}:{{acme}}:settled:req-1"
-    assert await h.raw.keys(h.prefix) == sorted([hour_key, month_key, settled_key])
+    epoch_key = f"{h.prefix}:{{acme}}:epoch"
+    assert await h.raw.keys(h.prefix) == sorted(
+        [hour_key, month_key, settled_key, epoch_key, agents_key]
+    )
+    assert await h.raw.call("PTTL", epoch_key) == -1  # kept: its absence means a loss
     assert 0 < await h.raw.call("PTTL", settled_key) <= 2 * TTL * 1000
     assert await h.raw.call("PTTL", hour_key) > 0
     assert await hgetall(h.raw, hour_key) == {"held": "0", "spent": "40"}
@@ -702,13 +711,16 @@ async def test_redis_keys_hold_only_ids(redis_harness: Harness) -> None:
     await h.store.settle("rid-9", result.states, 10, hold_ttl_s=TTL)
     await h.store.record("rid-10", counters, 10, tz=UTC, hold_ttl_s=TTL)
     keys = await h.raw.keys(h.prefix)
-    assert len(keys) == 4
+    assert len(keys) == 6  # 2 counters, 2 settled markers, the epoch, the day's agents
     for key in keys:
         assert secret not in key
-        match = COUNTER_KEY.fullmatch(key) or SETTLED_KEY.fullmatch(key)
+        match = (
+            COUNTER_KEY.fullmatch(key) or SETTLED_KEY.fullmatch(key) or TENANT_KEY.fullmatch(key)
+        )
         assert match is not None, key
         assert match["prefix"] == h.prefix and match["tenant"] == "acme"
-        assert await h.raw.call("PTTL", key) > 0, key
+        if not key.endswith(":epoch"):
+            assert await h.raw.call("PTTL", key) > 0, key
 
 
 async def test_redis_corrects_a_skewed_local_clock(
@@ -840,3 +852,62 @@ async def test_claim_is_won_once_per_ttl(harness: Harness) -> None:
     results = await asyncio.gather(*(harness.store.claim(name, 60) for _ in range(10)))
     assert sorted(results) == [False] * 9 + [True]
     assert await harness.store.claim(name + ":other", 60)
+
+
+# --- bounded keys ----------------------------------------------------------------------
+
+
+async def test_a_tenant_names_at_most_max_agents_a_day(harness: Harness) -> None:
+    def crowd(name: str) -> list[Counter]:
+        return [tenant(10_000), agent(1000, name)]
+
+    held = []
+    for name in ("a1", "a2"):
+        result = await harness.store.reserve(
+            f"r-{name}", crowd(name), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+        )
+        assert result.ok
+        held.append(result)
+    third = await harness.store.reserve(
+        "r-a3", crowd("a3"), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+    )
+    assert not third.ok and third.too_many_agents
+    assert third.exceeded == ()
+    # An agent already counted today still gets in.
+    again = await harness.store.reserve(
+        "r-a1b", crowd("a1"), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+    )
+    assert again.ok
+    # An agent whose requests all cost nothing leaves the count.
+    await harness.store.settle("r-a2", held[1].states, 0, hold_ttl_s=TTL)
+    late = await harness.store.reserve(
+        "r-a3b", crowd("a3"), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+    )
+    assert late.ok
+
+
+async def test_released_reservations_leave_no_redis_key(redis_harness: Harness) -> None:
+    h = redis_harness
+    assert h.raw is not None
+    # Invented tenants and agents, each reserving, then released (the upstream refused).
+    for i in range(300):
+        counters = [
+            Counter(f"junk-{i}", None, Window.DAILY, 10_000),
+            Counter(f"junk-{i}", f"agent-{i}", Window.HOURLY, 1000),
+        ]
+        result = await reserve(h, f"r{i}", counters, 50)
+        assert result.ok
+        await h.store.settle(f"r{i}", result.states, 0, hold_ttl_s=TTL)
+    assert await h.raw.keys(h.prefix) == []
+
+
+async def test_a_counter_settled_back_to_zero_is_deleted(redis_harness: Harness) -> None:
+    h = redis_harness
+    assert h.raw is not None
+    counters = [tenant(1000), agent(1000)]
+    kept = await reserve(h, "r1", counters, 100)
+    gone = await reserve(h, "r2", counters, 100)
+    await h.store.settle("r2", gone.states, 0, hold_ttl_s=TTL)
+    assert len(await h.raw.keys(h.prefix)) == 5  # r1 still holds: 2 counters, 2 zsets, agents
+    await h.store.settle("r1", kept.states, 0, hold_ttl_s=TTL)
+    assert await h.raw.keys(h.prefix) == []

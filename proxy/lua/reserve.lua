@@ -1,16 +1,23 @@
--- KEYS: per counter its hash and holds zset (K1, Z1, K2, Z2, ...), then the rid's settled
---       marker: a reserve that arrives after its rid was settled or released (its reply was
---       lost to a timeout and the ledger released it) holds nothing; nor does one whose
---       rid's lease already ran out (x:<rid> in the first counter).
--- ARGV: rid, amount, hold ttl ms, then per counter: limit, period start, period end,
---       key expiry (epoch ms).
+-- KEYS: per counter its hash and holds zset (K1, Z1, K2, Z2, ...), then
+--       * the rid's settled marker: a reserve that arrives after its rid was settled or
+--         released (its reply was lost to a timeout and the ledger released it) holds
+--         nothing; nor does one whose rid's lease already ran out (x:<rid> in the first
+--         counter);
+--       * the tenant's epoch (read only: returned so the caller can tell a tenant whose
+--         spend the store lost from a new one);
+--       * the tenant's agents of the day (a SET), when the request names an agent.
+-- ARGV: rid, amount, hold ttl ms, then per counter: limit, period start, period end, key
+--       expiry (epoch ms); then agent id ('' = none), most agents a day, agents key
+--       expiry (epoch ms).
 -- Returns {'skew', sec, usec} |
---         {'ok'|'rejected'|'settled', sec, usec, spent1, held1, end1, spent2, ...}
---         (end = latest lease expiry in epoch ms, '0' when nothing is held).
+--         {'ok'|'rejected'|'settled'|'too_many_agents', sec, usec, epoch,
+--          spent1, held1, end1, spent2, ...}
+--         (epoch '' when the tenant has none; end = latest lease expiry in epoch ms, '0'
+--         when nothing is held).
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 3) / 2
 for i = 1, n do
   local a = 3 + (i - 1) * 4
   if now_s < tonumber(ARGV[a + 2]) or now_s >= tonumber(ARGV[a + 3]) then
@@ -20,6 +27,8 @@ end
 local rid = ARGV[1]
 local field = 'h:' .. rid
 local amount = tonumber(ARGV[2])
+local marker, epoch_key, agents_key = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3]
+local agent = ARGV[3 + 4 * n + 1]
 local spent, held = {}, {}
 for i = 1, n do
   local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
@@ -30,7 +39,7 @@ for i = 1, n do
 end
 local status = 'ok'
 local replay = redis.call('HEXISTS', KEYS[1], field) == 1
-if redis.call('EXISTS', KEYS[#KEYS]) == 1 or redis.call('HEXISTS', KEYS[1], 'x:' .. rid) == 1 then
+if redis.call('EXISTS', marker) == 1 or redis.call('HEXISTS', KEYS[1], 'x:' .. rid) == 1 then
   status = 'settled'
 elseif not replay then
   for i = 1, n do
@@ -38,6 +47,10 @@ elseif not replay then
       status = 'rejected'
       break
     end
+  end
+  if status == 'ok' and agent ~= '' and redis.call('SISMEMBER', agents_key, agent) == 0
+      and redis.call('SCARD', agents_key) >= tonumber(ARGV[3 + 4 * n + 2]) then
+    status = 'too_many_agents'
   end
 end
 if status == 'ok' then
@@ -53,8 +66,11 @@ if status == 'ok' then
     redis.call('PEXPIREAT', key, at)
     redis.call('PEXPIREAT', holds, at)
   end
+  if agent ~= '' and redis.call('SADD', agents_key, agent) == 1 then
+    redis.call('PEXPIREAT', agents_key, ARGV[3 + 4 * n + 3])
+  end
 end
-local out = {status, t[1], t[2]}
+local out = {status, t[1], t[2], redis.call('GET', epoch_key) or ''}
 for i = 1, n do
   out[#out + 1] = string.format('%d', spent[i])
   out[#out + 1] = string.format('%d', held[i])

@@ -1,0 +1,60 @@
+"""Junk cannot grow the store: requests that cost nothing leave no keys, and a tenant
+names a bounded number of agents a day."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.redis_store import RedisStore
+from tests.conftest import MakeClient
+from tests.fake_upstream import FakeUpstream
+from tests.harness import auth, chat, settings_for
+
+CHAT = "/v1/chat/completions"
+
+
+async def keys_of(store: RedisStore) -> list[bytes]:
+    return [key async for key in store.client.scan_iter(match=f"{store.prefix}:*", count=1000)]
+
+
+async def test_invented_keys_and_agents_the_upstream_refuses_leave_no_key(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+) -> None:
+    upstream.status = 401  # the upstream refuses them all: nothing billed
+    upstream.error_body = {"error": {"message": "bad key", "code": "invalid_api_key"}}
+    passthrough = settings_for(upstream.url, auth={"mode": "passthrough"})
+    client = await make_client(passthrough, store=redis_store)
+    before = await keys_of(redis_store)
+
+    async def junk(i: int) -> int:
+        headers = auth(f"sk-invented-{i}", agent=f"agent-{i}")
+        resp = await client.post(CHAT, json=chat(max_tokens=10), headers=headers)
+        return resp.status
+
+    statuses: list[int] = []
+    for first in range(0, 400, 20):  # 20 at a time: within the store's 250 ms timeout
+        statuses += await asyncio.gather(*(junk(i) for i in range(first, first + 20)))
+    assert set(statuses) == {401}
+    assert upstream.count == 400
+    assert await keys_of(redis_store) == before
+
+
+async def test_a_tenant_naming_too_many_agents_in_a_day_is_refused(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+) -> None:
+    settings = settings_for(upstream.url, cost_caps={"max_agents_per_tenant": 3})
+    client = await make_client(settings, store=redis_store)
+    for i in range(3):
+        headers = auth(agent=f"agent-{i}")
+        assert (await client.post(CHAT, json=chat(max_tokens=10), headers=headers)).status == 200
+    resp = await client.post(CHAT, json=chat(max_tokens=10), headers=auth(agent="agent-3"))
+    assert resp.status == 429
+    error = (await resp.json())["error"]
+    assert error["code"] == "too_many_agents"
+    assert "max_agents_per_tenant" in error["message"]
+    assert resp.headers["x-should-retry"] == "false"
+    assert 0 < int(resp.headers["Retry-After"]) <= 86_400
+    assert upstream.count == 3
+    # The agents already seen today go on.
+    resp = await client.post(CHAT, json=chat(max_tokens=10), headers=auth(agent="agent-1"))
+    assert resp.status == 200
