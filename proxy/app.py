@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from pydantic import SecretStr
 
 from proxy import handlers, logs, spend
 from proxy.alerts import Alerter
@@ -92,6 +93,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(InternalError("The proxy failed to handle the request."))
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
 def open_store(settings: Settings) -> Store:
     url = settings.store.url.get_secret_value()
     timeout_s = settings.store.timeout_ms / 1000
@@ -102,8 +107,17 @@ def open_store(settings: Settings) -> Store:
             note="spend is kept in this process only: not shared, not durable",
         )
         return MemoryStore()
-    log_event("store", kind="redis", timeout_ms=settings.store.timeout_ms)
-    return RedisStore.from_url(url, timeout_s=timeout_s)
+    config = settings.store
+    sentinel = config.sentinel
+    log_event("store", kind="redis", mode=config.mode, timeout_ms=config.timeout_ms)
+    return RedisStore.from_url(
+        url,
+        timeout_s=timeout_s,
+        mode=config.mode,
+        sentinels=sentinel.nodes if sentinel else (),
+        service_name=sentinel.service_name if sentinel else "",
+        sentinel_password=_secret(sentinel.password) if sentinel else None,
+    )
 
 
 async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:

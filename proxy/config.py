@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -39,6 +39,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
@@ -54,6 +55,23 @@ DEFAULT_AGENT = "_default"
 
 _HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 _STORE_SCHEMES = ("memory", "redis", "rediss", "unix")
+# Query options of a store url that the Redis client takes and capproxy does not set itself
+# (timeouts, retries, pool size and reply decoding are capproxy's).
+_STORE_URL_OPTIONS = frozenset(
+    {
+        "db",
+        "client_name",
+        "health_check_interval",
+        "socket_keepalive",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "ssl_min_version",
+    }
+)
 _SHA256_KEY = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _ERROR_TYPE = "invalid_config"
 
@@ -61,6 +79,13 @@ _ERROR_TYPE = "invalid_config"
 def _invalid(message: str, *at: int | str) -> PydanticCustomError:
     """A validation error; ``at`` locates it below the field being validated."""
     return PydanticCustomError(_ERROR_TYPE, message, {"at": at})
+
+
+def _host_port(node: str) -> str:
+    host, sep, port = node.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port")
+    return node
 
 
 def _empty_to_none(value: object) -> object:
@@ -155,6 +180,8 @@ class CostCapConfig(_Model):
     unsized_input: Literal["hold_context", "reject"] = "hold_context"
     # Hosted tool calls held per enabled tool when the request sets no ``max_tool_calls``.
     default_max_tool_calls: int = Field(default=4, ge=1, le=1000)
+    # Distinct agents one tenant may name per day (each costs the store its counters).
+    max_agents_per_tenant: int = Field(default=1000, ge=1, le=1_000_000)
     _by_id: dict[str, AgentCostCap] = PrivateAttr(default_factory=dict)
 
     @field_validator("agents")
@@ -276,12 +303,36 @@ class ServerConfig(_Model):
     shutdown_grace_s: float = Field(default=30, ge=0, allow_inf_nan=False)
 
 
+class SentinelConfig(_Model):
+    """The sentinels that know the primary of ``service_name`` (``store.mode: sentinel``)."""
+
+    service_name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    nodes: tuple[Annotated[str, AfterValidator(_host_port)], ...] = Field(min_length=1)
+    # The sentinels' own password, when they have one (the primary's is in the url).
+    password: _OptionalSecret = None
+
+
+class JournalConfig(_Model):
+    """The spend journal: one JSON line per settled request, appended by each replica."""
+
+    path: Path
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+
 class StoreConfig(_Model):
     """The counter store (``memory://``, ``redis://``, ``rediss://``, ``unix://``) and what to do
-    when it fails; the URL may hold a password, hence secret."""
+    when it fails; the URL may hold a password, hence secret.
+
+    ``mode``: ``standalone`` (the url is the server), ``cluster`` (the url is any node of a
+    Redis Cluster) or ``sentinel`` (the primary of ``sentinel.service_name``, found by asking
+    ``sentinel.nodes``; the url gives the password, database and TLS). ``on_data_loss``: what
+    the proxy does for tenants whose spend the store lost (restarted empty, flushed)."""
 
     url: SecretStr = SecretStr("memory://")
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    sentinel: SentinelConfig | None = None
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    on_data_loss: Literal["fail_closed", "continue"] = "fail_closed"
     timeout_ms: int = Field(default=250, gt=0)
     # A hold is a lease renewed while its request runs: a dead proxy's holds end (and are
     # charged as spend) within this many seconds.
@@ -291,12 +342,34 @@ class StoreConfig(_Model):
     @classmethod
     def _known_scheme(cls, url: SecretStr) -> SecretStr:
         try:
-            scheme = urlsplit(url.get_secret_value()).scheme
+            parts = urlsplit(url.get_secret_value())
+            scheme = parts.scheme
+            options = parse_qs(parts.query, keep_blank_values=True)
         except ValueError:
-            scheme = ""
+            scheme, options = "", {}
         if scheme not in _STORE_SCHEMES:
             raise _invalid("must be a memory://, redis://, rediss:// or unix:// URL")
+        for name in options:
+            if name not in _STORE_URL_OPTIONS:
+                hint = " (set store.mode: cluster)" if name == "cluster" else ""
+                raise _invalid(
+                    f"the option {name[:32]!r} is not supported in the url{hint}; allowed: "
+                    + ", ".join(sorted(_STORE_URL_OPTIONS))
+                )
         return url
+
+    @model_validator(mode="after")
+    def _topology(self) -> StoreConfig:
+        url = self.url.get_secret_value()
+        if self.mode != "standalone" and url.startswith(("memory:", "unix:")):
+            raise _invalid(f"mode {self.mode} needs a redis:// or rediss:// url", "mode")
+        if self.mode == "sentinel" and self.sentinel is None:
+            raise _invalid("mode sentinel needs the sentinel section", "sentinel")
+        if self.mode != "sentinel" and self.sentinel is not None:
+            raise _invalid("the sentinel section is used with mode: sentinel only", "sentinel")
+        if self.mode == "cluster" and urlsplit(url).path not in ("", "/", "/0"):
+            raise _invalid("a Redis Cluster has database 0 only", "url")
+        return self
 
 
 class AuthConfig(_Model):
@@ -404,6 +477,7 @@ class Settings(_Model):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    journal: JournalConfig | None = None
     _tenants: dict[str, TenantConfig] = PrivateAttr(default_factory=dict)
 
     @field_validator("upstreams")
