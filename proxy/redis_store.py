@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import secrets
 import time
@@ -48,8 +49,9 @@ from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.driver_info import DriverInfo
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 
 from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
@@ -69,7 +71,13 @@ from proxy.windows import Period, period_of
 
 __all__ = ["RedisStore"]
 
+log = logging.getLogger("capproxy.store")
+
 SKEW_ATTEMPTS = 3
+CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
+# No CLIENT SETINFO on connect: one round trip less per connection, and redis-py 8's
+# cluster client breaks connections that several calls open at once while it sends it.
+_QUIET_CONNECT: dict[str, Any] = {"driver_info": DriverInfo(name=None, lib_version=None)}
 DAY_S = 86_400
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -151,6 +159,54 @@ def _honour_cancel() -> None:
         raise asyncio.CancelledError
 
 
+class _Server:
+    """Script calls to one server, on connections of this store's own.
+
+    The generic ``execute_command`` path of redis-py (command packing, pool bookkeeping,
+    retry wrapper) costs more CPU than the rest of a proxied request; the scripts are the
+    store's whole hot path, so they are packed here and sent on connections kept in a
+    short list. A connection that failed is dropped with every idle one (after a restart
+    or a failover they all point at the past), and a call that failed before its reply is
+    tried once more on a fresh connection (safe: every script is idempotent by rid).
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self._idle: list[AbstractConnection] = []  # last used first
+
+    async def eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        for attempt in range(2):
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                reply = await _call(conn, script, keys, args)
+            except RedisConnectionError:
+                await conn.disconnect()
+                await self.drop()
+                if attempt:
+                    raise
+                continue
+            except BaseException:
+                # A timeout or cancellation mid-reply leaves the connection out of step.
+                await conn.disconnect()
+                raise
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+            else:  # a burst is over: keep a bounded set open
+                await conn.disconnect()
+            return reply
+        raise AssertionError("unreachable")
+
+    async def drop(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+
+    async def _connect(self) -> AbstractConnection:
+        conn: AbstractConnection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return conn
+
+
 class _Skew(Exception):
     def __init__(self, redis_now: float) -> None:
         self.redis_now = redis_now
@@ -189,7 +245,12 @@ class RedisStore:
         self._renew = _Script(_lua("renew.lua", with_lib=True))
         self._commit = _Script(_lua("commit.lua"))
         self._snapshot = _Script(_lua("snapshot.lua"))
-        self._idle: list[AbstractConnection] = []  # connections for the scripts, last used first
+        # Standalone and Sentinel: the one server; Cluster: one per node, by name.
+        self._server = _Server(client) if isinstance(client, Redis) else None
+        self._nodes: dict[str, _Server] = {}
+        self._node_options: dict[str, Any] = {}  # how to connect to a cluster node
+        self._topology_lock = asyncio.Lock()
+        self._topology_at = -1.0  # when the cluster's slots were last read (monotonic)
 
     @classmethod
     def from_url(
@@ -224,7 +285,7 @@ class RedisStore:
                 retry=retry,
                 # Slots whose shard is failing over fail alone; the others keep serving.
                 require_full_coverage=False,
-                cluster_error_retry_attempts=2,
+                **_QUIET_CONNECT,
             )
         elif mode == "sentinel":
             options: dict[str, Any] = dict(parse_url(url))
@@ -244,18 +305,29 @@ class RedisStore:
                 socket_connect_timeout=timeout_s,
                 **options,
             )
-            client = manager.master_for(service_name, retry=retry)
+            client = manager.master_for(service_name, retry=retry, **_QUIET_CONNECT)
         elif mode == "standalone":
             client = Redis.from_url(
                 url,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
                 retry=retry,
+                **_QUIET_CONNECT,
             )
         else:
             raise ValueError(f"unknown store mode {mode!r}")
         store = cls(client, prefix=prefix, timeout_s=timeout_s, expiry_margin_s=expiry_margin_s)
         store._owns_client = True
+        if mode == "cluster":
+            options = dict(parse_url(url))
+            for name in ("host", "port", "path", "db"):
+                options.pop(name, None)
+            store._node_options = {
+                **options,
+                "socket_timeout": timeout_s,
+                "socket_connect_timeout": timeout_s,
+                **_QUIET_CONNECT,
+            }
         return store
 
     @property
@@ -430,66 +502,61 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._drop_idle()
+        for server in self._nodes.values():
+            await server.client.aclose()
         if self._owns_client:
             await self._client.aclose()
 
     # -- internals
 
     async def _eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
-        """One script call: EVALSHA (EVAL when the server lost the script).
+        """One script call: EVALSHA (EVAL when the server lost the script), on the server
+        that holds ``keys`` (all in one slot)."""
+        if self._server is not None:
+            return await self._server.eval(script, keys, args)
+        assert isinstance(self._client, RedisCluster)
+        return await self._eval_cluster(self._client, script, keys, args)
 
-        On one server (standalone, or the primary Sentinel names) the call is packed here
-        and sent on a connection of this store's own: the generic ``execute_command`` path
-        of redis-py (command packing, pool bookkeeping, retry wrapper) costs more CPU than
-        the rest of a proxied request, and the scripts are the store's whole hot path. A
-        connection that failed is dropped with every idle one (after a restart or a
-        failover they all point at the past), and a request that failed before a reply is
-        tried once more on a fresh connection (safe: every script is idempotent by rid).
-        A Cluster client routes the call by its keys' slot (all in one) and follows
-        MOVED/ASK and topology changes itself.
-        """
-        if isinstance(self._client, RedisCluster):
-            return await self._eval_cluster(self._client, script, keys, args)
-        for attempt in range(2):
-            conn = self._idle.pop() if self._idle else await self._connect()
+    async def _eval_cluster(
+        self, client: RedisCluster, script: _Script, keys: list[str], args: Sequence[str | int]
+    ) -> Any:
+        """The call on the node that serves the keys' slot, as the cluster client last read
+        the slots. MOVED/ASK, a shard that is down or failing over, or a node that cannot
+        be reached make it read the slots again (once for many callers) and try again:
+        a failover costs its own duration, then calls reach the promoted replica."""
+        if self._topology_at < 0:
+            await self._read_topology(client, since=-1.0)
+        for attempt in range(CLUSTER_ATTEMPTS):
+            seen = self._topology_at
+            node = client.nodes_manager.get_node_from_slot(client.keyslot(keys[0]))
             try:
-                reply = await _call(conn, script, keys, args)
-            except RedisConnectionError:
-                await conn.disconnect()
-                await self._drop_idle()
-                if attempt:
+                return await self._node(node.host, int(node.port)).eval(script, keys, args)
+            except (AskError, TryAgainError, ClusterDownError, RedisConnectionError):
+                if attempt == CLUSTER_ATTEMPTS - 1:
                     raise
-                continue
-            except BaseException:
-                # A timeout or cancellation mid-reply leaves the connection out of step.
-                await conn.disconnect()
-                raise
-            if len(self._idle) < MAX_IDLE_CONNECTIONS:
-                self._idle.append(conn)
-            else:  # a burst is over: keep a bounded set open
-                await conn.disconnect()
-            return reply
+                await self._read_topology(client, since=seen)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    async def _eval_cluster(
-        client: RedisCluster, script: _Script, keys: list[str], args: Sequence[str | int]
-    ) -> Any:
-        try:
-            return await client.evalsha(script.sha.decode(), len(keys), *keys, *args)
-        except NoScriptError:  # a node new to the cluster, or restarted
-            return await client.eval(script.source.decode(), len(keys), *keys, *args)
+    def _node(self, host: str, port: int) -> _Server:
+        name = f"{host}:{port}"
+        server = self._nodes.get(name)
+        if server is None:
+            server = _Server(Redis(host=host, port=port, **self._node_options))
+            self._nodes[name] = server
+        return server
+
+    async def _read_topology(self, client: RedisCluster, *, since: float) -> None:
+        """Read the slots from the cluster, unless someone did after ``since``."""
+        async with self._topology_lock:
+            if self._topology_at > since:
+                return
+            await client.initialize() if since < 0 else await client.nodes_manager.initialize()
+            self._topology_at = time.monotonic()
 
     async def _drop_idle(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect()
-
-    async def _connect(self) -> AbstractConnection:
-        assert isinstance(self._client, Redis)
-        conn: AbstractConnection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        await conn.connect()  # type: ignore[no-untyped-call]
-        return conn
+        servers = [self._server] if self._server is not None else []
+        for server in [*servers, *self._nodes.values()]:
+            await server.drop()
 
     async def _run_commit(
         self,
@@ -560,6 +627,10 @@ class RedisStore:
                 result = await call()
         except (RedisError, OSError) as exc:  # OSError includes TimeoutError
             _honour_cancel()
+            raise StoreUnavailable() from exc
+        except Exception as exc:  # a fault of the client library: the store did not answer
+            _honour_cancel()
+            log.warning("store client failed: %r", exc)
             raise StoreUnavailable() from exc
         _honour_cancel()
         return result

@@ -16,6 +16,7 @@ from proxy.counters import Store
 from proxy.redis_store import RedisStore
 from tests.fake_upstream import FakeUpstream
 from tests.redis_server import RedisServer
+from tests.redis_topology import RedisCluster, SentinelSet
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +97,31 @@ def make_client(aiohttp_client: AiohttpClient) -> MakeClient:
         return cast(TestClient[web.Request, web.Application], client)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cluster_topology() -> Iterator[RedisCluster]:
+    """A Redis Cluster of 3 masters with a replica each, for the session."""
+    with RedisCluster(masters=3, replicas=1) as topology:
+        yield topology
+
+
+@pytest.fixture
+def cluster(cluster_topology: RedisCluster) -> RedisCluster:
+    """The session's cluster with every node running and all replicas in sync (a test
+    that killed a node gets it back here, as a replica)."""
+    cluster_topology.heal()
+    return cluster_topology
+
+
+@pytest.fixture(scope="session")
+def sentinel_topology() -> Iterator[SentinelSet]:
+    """A primary, its replica and three sentinels, for the session."""
+    with SentinelSet() as topology:
+        yield topology
+
+
+@pytest.fixture
+def sentinels(sentinel_topology: SentinelSet) -> SentinelSet:
+    sentinel_topology.heal()
+    return sentinel_topology

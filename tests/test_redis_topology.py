@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -19,35 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.redis_topology import RedisCluster, SentinelSet, command, info, role
 
-# --- fixtures: one topology per module, healed before each test that uses it --------------
-
-
-@pytest.fixture(scope="module")
-def cluster_topology() -> Iterator[RedisCluster]:
-    with RedisCluster(masters=3, replicas=1) as topology:
-        print(f"\n3x1 cluster started in {topology.start_seconds:.2f}s")
-        yield topology
-
-
-@pytest.fixture
-def cluster(cluster_topology: RedisCluster) -> RedisCluster:
-    """The module's 3x1 cluster with every node running and all replicas in sync (a test
-    that killed a node restarts it here, as a replica)."""
-    cluster_topology.heal()
-    return cluster_topology
-
-
-@pytest.fixture(scope="module")
-def sentinel_topology() -> Iterator[SentinelSet]:
-    with SentinelSet() as topology:
-        print(f"\nsentinel set started in {topology.start_seconds:.2f}s")
-        yield topology
-
-
-@pytest.fixture
-def sentinels(sentinel_topology: SentinelSet) -> SentinelSet:
-    sentinel_topology.heal()
-    return sentinel_topology
+# The topologies are the session's (tests/conftest.py), healed before each test.
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from proxy.memory_store import MemoryStore
 from proxy.redis_store import RedisStore
 from proxy.windows import Period, Window, period_of
 from tests.redis_server import RedisServer
+from tests.redis_topology import RedisCluster, SentinelSet
 
 UTC = ZoneInfo("UTC")
 T0 = 1_715_768_400.0  # 2024-05-15 10:20:00 UTC, mid-hour
@@ -120,14 +121,36 @@ class Harness:
             await asyncio.sleep(0.01)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         clock = FakeClock(T0)
         yield Harness(MemoryStore(clock=clock), clock=clock)
         return
-    url: str = request.getfixturevalue("redis_url")
     prefix: str = request.getfixturevalue("key_prefix")
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("cluster")
+        store = RedisStore.from_url(cluster.seed_url, prefix=prefix, timeout_s=2.0, mode="cluster")
+        # Open the connections the tests' bursts use, so that lease timings measure the
+        # store and not a cold client's connection set-up.
+        await asyncio.gather(*(store.snapshot([tenant(1)], tz=UTC) for _ in range(24)))
+        yield Harness(store)
+        await store.aclose()
+        return
+    if request.param == "sentinel":
+        sentinels: SentinelSet = request.getfixturevalue("sentinels")
+        store = RedisStore.from_url(
+            "redis://",
+            prefix=prefix,
+            timeout_s=2.0,
+            mode="sentinel",
+            sentinels=sentinels.sentinel_nodes,
+            service_name=sentinels.service_name,
+        )
+        yield Harness(store)
+        await store.aclose()
+        return
+    url: str = request.getfixturevalue("redis_url")
     store = RedisStore.from_url(url, prefix=prefix, timeout_s=2.0)
     raw = await RawRedis.connect(url)
     try:
