@@ -48,7 +48,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.driver_info import DriverInfo
 from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -326,6 +326,9 @@ class RedisStore:
                 **options,
                 "socket_timeout": timeout_s,
                 "socket_connect_timeout": timeout_s,
+                # A node that cannot be reached fails at once: the slots are read again
+                # (its replica may have taken over) instead of retrying a dead address.
+                "retry": Retry(NoBackoff(), retries=0),
                 **_QUIET_CONNECT,
             }
         return store
