@@ -13,6 +13,7 @@ Each alert is a JSON POST (``Content-Type: application/json``) to ``alerts.webho
 
     {
       "kind": "soft_limit",            # "budget_80_percent" | "soft_limit" | "hard_limit"
+                                       # | "store_data_lost" (tenant "*": every tenant)
       "tenant_id": "acme",
       "agent_id": "planner",           # null for a tenant-wide window
       "window": "daily",               # "hourly" | "daily" | "weekly" | "monthly"
@@ -67,11 +68,20 @@ from proxy.config import AlertsConfig, BudgetCap
 from proxy.counters import CounterState
 from proxy.pricing import micros_to_usd, usd_to_micros
 
-__all__ = ["BUDGET_80_PERCENT", "HARD_LIMIT", "SOFT_LIMIT", "Alert", "Alerter", "Claim"]
+__all__ = [
+    "BUDGET_80_PERCENT",
+    "HARD_LIMIT",
+    "SOFT_LIMIT",
+    "STORE_DATA_LOST",
+    "Alert",
+    "Alerter",
+    "Claim",
+]
 
 BUDGET_80_PERCENT = "budget_80_percent"
 SOFT_LIMIT = "soft_limit"
 HARD_LIMIT = "hard_limit"
+STORE_DATA_LOST = "store_data_lost"
 
 # (key, ttl_s) -> True when this process may send the alert named by ``key``.
 Claim = Callable[[str, int], Awaitable[bool]]
@@ -225,6 +235,32 @@ class Alerter:
             limit = state.counter.limit_micros
             if state.spent_micros >= limit:
                 self._offer(state, HARD_LIMIT, state.spent_micros, limit, now)
+
+    def observe_data_loss(self, tenant_id: str | None) -> None:
+        """The store lost recorded spend: of ``tenant_id``, or of every tenant (None).
+
+        Sent as kind ``store_data_lost`` with ``tenant_id`` "*" for the whole store,
+        ``window`` "store" and the detection time as ``period_start``."""
+        now = self._clock()
+        if len(self._queue) >= self._max_queue:
+            self.dropped += 1
+            return
+        self._queue.append(
+            _Queued(
+                Alert(
+                    kind=STORE_DATA_LOST,
+                    tenant_id=tenant_id or "*",
+                    agent_id=None,
+                    window="store",
+                    period_start=int(now),
+                    period_end=int(now),
+                    spend_usd=_usd(0),
+                    limit_usd=_usd(0),
+                    at=_rfc3339(now),
+                )
+            )
+        )
+        self._wake.set()
 
     def _offer(self, state: CounterState, kind: str, spend: int, limit: int, now: float) -> None:
         counter, period = state.counter, state.period

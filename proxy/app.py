@@ -25,7 +25,14 @@ from proxy.alerts import Alerter
 from proxy.config import Settings
 from proxy.counters import Store
 from proxy.endpoints import Endpoint
-from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError
+from proxy.errors import (
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    StoreUnavailable,
+)
+from proxy.journal import Journal, journal_files
 from proxy.ledger import Ledger
 from proxy.logs import log_event
 from proxy.memory_store import MemoryStore
@@ -34,6 +41,7 @@ from proxy.redis_store import RedisStore
 from proxy.reload import Reloader
 from proxy.state import (
     ALERTER,
+    JOURNAL,
     LEDGER,
     LIFECYCLE,
     METRICS,
@@ -162,6 +170,70 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
         await alerter.drain(timeout_s=5)
 
 
+async def _continuity_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Spend the store lost: each replica watches for it, says so once, and refuses the
+    affected tenants (``store.on_data_loss: fail_closed``) or goes on from zero."""
+    store = app[LEDGER].store
+    if not isinstance(store, RedisStore):
+        yield
+        return
+    settings = app[SETTINGS]
+    metrics, alerter = app[METRICS], app[ALERTER]
+
+    def lost(tenant: str | None, detail: str) -> None:
+        log_event(
+            "store_data_lost",
+            level=logging.ERROR,
+            tenant=tenant or "*",
+            detail=detail,
+            policy=settings.store.on_data_loss,
+        )
+        metrics.data_lost(whole_store=tenant is None)
+        alerter.observe_data_loss(tenant)
+
+    store.data_loss_policy = settings.store.on_data_loss
+    store.on_data_loss = lost
+    history = settings.journal is not None and any(
+        path.stat().st_size > 0 for path in journal_files(settings.journal.path)
+    )
+    if maxmemory_policy := await _eviction_policy(store):
+        log_event(
+            "store_warning",
+            level=logging.WARNING,
+            detail=f"maxmemory-policy is {maxmemory_policy}: Redis may evict budget counters "
+            "(set maxmemory-policy noeviction)",
+        )
+    task = asyncio.create_task(store.watch(has_history=history), name="capproxy-store-watch")
+    try:
+        yield
+    finally:
+        await _stop(task)
+
+
+async def _eviction_policy(store: RedisStore) -> str | None:
+    """The store's ``maxmemory-policy`` when it can evict keys (None: noeviction, or it
+    cannot be read, as on managed Redis that hides CONFIG)."""
+    try:
+        policy = await store.config_value("maxmemory-policy")
+    except StoreUnavailable:
+        return None
+    return policy if policy not in (None, "noeviction") else None
+
+
+async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[SETTINGS].journal
+    if config is None:
+        yield
+        return
+    journal = Journal(config.path, max_bytes=config.max_bytes)
+    await journal.start()
+    app[JOURNAL] = journal
+    try:
+        yield
+    finally:
+        await journal.aclose()
+
+
 async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     if CONFIG_PATH not in app:
         yield
@@ -218,7 +290,17 @@ def create_app(
         known_agents=lambda: app[RUNTIME].current.agent_ids,
         is_known_model=lambda model: model in app[RUNTIME].current.model_names,
     )
-    app.cleanup_ctx.extend([_runtime_ctx, _session_ctx, _ledger_ctx, _alerts_ctx, _reload_ctx])
+    app.cleanup_ctx.extend(
+        [
+            _runtime_ctx,
+            _session_ctx,
+            _journal_ctx,
+            _ledger_ctx,
+            _alerts_ctx,
+            _continuity_ctx,
+            _reload_ctx,
+        ]
+    )
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)

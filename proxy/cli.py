@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a caps file and print the effective caps")
     check.add_argument("file", type=Path, help="caps file (YAML)")
     check.set_defaults(run=_check)
+    restore = commands.add_parser(
+        "restore",
+        help="after the store lost spend: replay journals into it, or accept the loss",
+    )
+    restore.add_argument("--config", required=True, type=Path, help="caps file (YAML)")
+    what = restore.add_mutually_exclusive_group(required=True)
+    what.add_argument("journals", nargs="*", type=Path, default=[], help="journal files")
+    what.add_argument(
+        "--accept-loss", action="store_true", help="go on from what the store holds now"
+    )
+    restore.set_defaults(run=_restore)
     return parser
 
 
@@ -94,6 +105,53 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK")
     print("\n".join(describe(settings)))
     return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    if settings.store.url.get_secret_value().startswith("memory:"):
+        print("restore: the store is memory://: nothing outlives the process", file=sys.stderr)
+        return 1
+    if not args.accept_loss and not args.journals:
+        print("restore: name the journal files, or pass --accept-loss", file=sys.stderr)
+        return 2
+    import asyncio
+
+    return asyncio.run(_restore_async(settings, args.journals, accept=args.accept_loss))
+
+
+async def _restore_async(settings: Settings, journals: list[Path], *, accept: bool) -> int:
+    from proxy.app import open_store
+    from proxy.errors import StoreUnavailable
+    from proxy.journal import read_entries
+    from proxy.redis_store import RedisStore
+
+    store = open_store(settings)
+    assert isinstance(store, RedisStore)
+    try:
+        if accept:
+            flagged = await store.accept_loss()
+            print(f"restore: loss accepted ({', '.join(sorted(flagged)) or 'nothing was flagged'})")
+            return 0
+        missing = [str(p) for p in journals if not p.is_file()]
+        if missing:
+            print(f"restore: no such journal: {', '.join(missing)}", file=sys.stderr)
+            return 1
+        entries = read_entries(journals)
+        report = await store.restore(entries)
+        print(
+            f"restore: {report.restored} entries restored for {len(report.tenants)} tenants, "
+            f"{report.present} present, {report.duplicates} restored before, "
+            f"{report.expired} outside the current periods, {entries.malformed} malformed lines"
+        )
+        return 0
+    except StoreUnavailable:
+        print("restore: the store did not answer", file=sys.stderr)
+        return 1
+    finally:
+        await store.aclose()
 
 
 def describe(settings: Settings) -> list[str]:

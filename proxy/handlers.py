@@ -43,13 +43,14 @@ from proxy.errors import (
     UnsupportedParameter,
     UpstreamError,
 )
+from proxy.journal import JournalEntry
 from proxy.ledger import Hold
 from proxy.logs import log_request
 from proxy.metrics import Outcome, RequestRecord
 from proxy.pricing import ModelPrice, hold_price
 from proxy.relay import StreamEnd, StreamTap, relay_stream
 from proxy.spend import is_admin
-from proxy.state import ALERTER, LEDGER, LIFECYCLE, METRICS, RUNTIME, SESSION, Runtime
+from proxy.state import ALERTER, JOURNAL, LEDGER, LIFECYCLE, METRICS, RUNTIME, SESSION, Runtime
 from proxy.tokens import PromptEstimate
 from proxy.usage import (
     InvalidParam,
@@ -66,6 +67,7 @@ from proxy.usage import (
     unreported_tool_calls,
     unsized_state,
 )
+from proxy.windows import period_of
 
 # Bodies above this size are parsed and tokenized in a worker thread.
 OFFLOAD_BYTES = 64 * 1024
@@ -369,11 +371,41 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
             charged = _due(adm, bill)
             await hold.commit(charged)
             _settled(rec, adm, charged, bill)
+            if JOURNAL in request.app:
+                request.app[JOURNAL].append(_journal_entry(adm, hold, bill, charged))
             if hold.states:
                 metrics.hold_ended()
     if hold.states and rec.cost_micros is not None:
         alerter.observe(adm.plan, hold.states, rec.cost_micros)
     return out
+
+
+def _journal_entry(adm: Admission, hold: Hold, bill: Bill, charged: int) -> JournalEntry:
+    """The spend journal's line for a settled request."""
+    now = time.time()
+    if hold.states:
+        periods = [(s.counter, s.period) for s in hold.states]
+    else:  # admitted without a hold (fail-open, shadow mode): recorded in the periods now
+        tz = adm.runtime.settings.tz
+        periods = [(c, period_of(c.window, now, tz)) for c in adm.plan.counters]
+    usage = bill.usage
+    return JournalEntry(
+        time=now,
+        request_id=hold.rid,
+        tenant=adm.identity.tenant_id,
+        agent=adm.identity.agent_id,
+        model=adm.model,
+        endpoint=adm.endpoint.value,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        cached_tokens=usage.cached_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        reasoning_tokens=usage.reasoning_tokens if usage else None,
+        cost_micros=charged,
+        outcome=bill.ending.value,
+        usage_missing=usage is None,
+        epoch=hold.epoch,
+        counters=tuple((c.agent_id, c.window.value, p.start, p.end) for c, p in periods),
+    )
 
 
 def _due(adm: Admission, bill: Bill) -> int:

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.budget import BudgetPlan, rejection, too_many_agents
 from proxy.counters import Counter, CounterState, Store
-from proxy.errors import BudgetExceeded, StoreUnavailable
+from proxy.errors import BudgetExceeded, StoreDataLost, StoreUnavailable
 
 log = logging.getLogger("capproxy.ledger")
 
@@ -78,12 +78,19 @@ class Hold:
     # Shadow mode: the rejection the caps would have given (the request went ahead).
     would_reject: BudgetExceeded | None = None
     reserve_failed: bool = False  # admitted fail-open after the store did not answer
+
     settled: bool = field(default=False)
     _renewal: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def admitted_without_store(self) -> bool:
         return not self.states and bool(self.plan.counters)
+
+    @property
+    def epoch(self) -> str:
+        """The tenant's store epoch now (after the commit: the one its spend went into)."""
+        counters = self.plan.counters
+        return self._ledger.store.epoch_of(counters[0].tenant_id) if counters else ""
 
     async def commit(self, actual_micros: int) -> None:
         """Replace the hold by the actual cost; later calls are no-ops."""
@@ -175,6 +182,8 @@ class Ledger:
                     _Pending(rid, (), plan.counters, 0, tz, hold_ttl_s, reserve_failed=True)
                 )
                 raise
+            except StoreDataLost:
+                raise  # the store answered: this tenant's spend is lost, admit nothing
             except StoreUnavailable:
                 reserve_failed = True
                 if not self.fail_open:
@@ -186,7 +195,7 @@ class Ledger:
                     )
                     raise
                 self.stats.fail_open_admitted += 1
-                log.warning("store unavailable: admitting request without a reservation")
+                log.debug("store unavailable: admitting request without a reservation")
             else:
                 if result.too_many_agents:
                     raise too_many_agents(plan, result)

@@ -210,6 +210,9 @@ class MemoryStore:
         self._claims[name] = now + ttl_s
         return True
 
+    def epoch_of(self, tenant_id: str) -> str:
+        return MEMORY_EPOCH
+
     async def ping(self) -> None:
         return None
 

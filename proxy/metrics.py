@@ -174,6 +174,12 @@ class Metrics:
             "Requests admitted without a reservation because the store was unreachable.",
             keys=[()],
         )
+        self._data_loss = _Tally(
+            "capproxy_store_data_loss",
+            "Losses of recorded spend the store suffered, by scope (store, tenant).",
+            ("scope",),
+            keys=[("store",), ("tenant",)],
+        )
         self._shadow = _Tally(
             "capproxy_shadow_rejections",
             "Requests shadow mode would have rejected, by reason.",
@@ -189,6 +195,7 @@ class Metrics:
             self._reloads,
             self._fail_open,
             self._shadow,
+            self._data_loss,
         ):
             self.registry.register(tally)
 
@@ -279,6 +286,9 @@ class Metrics:
 
     def hold_ended(self) -> None:
         self._held.dec()
+
+    def data_lost(self, *, whole_store: bool) -> None:
+        self._data_loss.add(("store" if whole_store else "tenant",))
 
     def reload_ok(self) -> None:
         self._reloads.add(("ok",))

@@ -33,12 +33,15 @@ Every Redis error or timeout becomes ``StoreUnavailable``; each call is bounded 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -50,7 +53,14 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.driver_info import DriverInfo
-from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.counters import (
@@ -66,14 +76,30 @@ from proxy.counters import (
     check_ttl,
     clamp_actual,
 )
-from proxy.errors import StoreUnavailable
-from proxy.windows import Period, period_of
+from proxy.errors import StoreDataLost, StoreUnavailable
+from proxy.journal import JournalEntry
+from proxy.logs import log_event
+from proxy.windows import Period, Window, period_of
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "RestoreReport"]
 
 log = logging.getLogger("capproxy.store")
 
+
+@dataclass(slots=True)
+class RestoreReport:
+    """What ``RedisStore.restore`` did with the journal's entries."""
+
+    restored: int = 0  # added back
+    present: int = 0  # recorded under the tenant's current epoch: not lost
+    expired: int = 0  # every period it counted in is over (or it cost nothing)
+    duplicates: int = 0  # restored by an earlier replay
+    tenants: set[str] = field(default_factory=set)
+
+
 SKEW_ATTEMPTS = 3
+WATCH_INTERVAL_S = 1.0  # how often each replica checks the store for lost spend
+DATA_LOST_RETRY_AFTER_S = 60
 CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
 # No CLIENT SETINFO on connect: one round trip less per connection, and redis-py 8's
 # cluster client breaks connections that several calls open at once while it sends it.
@@ -251,6 +277,20 @@ class RedisStore:
         self._node_options: dict[str, Any] = {}  # how to connect to a cluster node
         self._topology_lock = asyncio.Lock()
         self._topology_at = -1.0  # when the cluster's slots were last read (monotonic)
+        self._judge = _Script(_lua("judge.lua"))
+        self._restore = _Script(_lua("restore.lua"))
+        # Continuity: the store's identity as this process knows it, what is lost, and
+        # who is told (``on_data_loss(tenant or None for the whole store, detail)``).
+        self.data_loss_policy = "fail_closed"
+        self.on_data_loss: Callable[[str | None, str], None] | None = None
+        self._store_id: str | None = None
+        self._lost_store = False
+        self._lost_tenants: frozenset[str] = frozenset()
+        self._registered: set[str] = set()
+        self._epochs: dict[str, str] = {}
+        self._down_since: float | None = None  # the store has failed every call since
+        self._failed = 0
+        self._topology: frozenset[str] = frozenset()  # cluster primaries / sentinel primary
 
     @classmethod
     def from_url(
@@ -386,6 +426,7 @@ class RedisStore:
         ttl_ms = check_ttl(hold_ttl_s)
 
         agent = _agent_of(counters)
+        self._refuse_if_lost(tenant)
 
         async def attempt(at: float) -> ReserveResult:
             periods = [period_of(c.window, at, tz) for c in counters]
@@ -411,7 +452,16 @@ class RedisStore:
                 epoch=_text(reply[3]),
             )
 
-        return await self._guard(lambda: self._with_periods(attempt))
+        result = await self._guard(lambda: self._with_periods(attempt))
+        if result.epoch:
+            self._epochs[tenant] = result.epoch
+            if tenant not in self._registered:
+                await self._guard(lambda: self._register(tenant))
+        elif await self._guard(lambda: self._epoch_lost(tenant)):
+            if result.ok:  # nothing goes out for it: give the hold back
+                await self.settle(rid, result.states, 0, hold_ttl_s=hold_ttl_s)
+            self._refuse_if_lost(tenant)
+        return result
 
     async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
         check_rid(rid)
@@ -497,9 +547,29 @@ class RedisStore:
 
         return await self._guard(claim)
 
+    async def config_value(self, name: str) -> str | None:
+        """A server setting (``CONFIG GET``), or None where the server hides it."""
+
+        async def read() -> str | None:
+            try:
+                reply = await self._client.config_get(name)
+            except ResponseError:  # CONFIG renamed or disabled (managed Redis)
+                return None
+            found: dict[Any, Any] = reply if isinstance(reply, dict) else {}
+            value: Any = found.get(name) or found.get(name.encode())
+            if isinstance(value, dict):  # a cluster answers per node: any will do
+                value = next(iter(value.values()), None)
+            return None if value is None else _text(value)
+
+        return await self._guard(read)
+
     async def ping(self) -> None:
+        """The store answers and runs the scripts (the readiness check)."""
+
         async def ping() -> None:
             await self._client.ping()
+            keys = [self.store_key("id"), self.store_key("tenants"), self.store_key("lost")]
+            await self._eval(self._judge, keys, [""])
 
         await self._guard(ping)
 
@@ -509,6 +579,181 @@ class RedisStore:
             await server.client.aclose()
         if self._owns_client:
             await self._client.aclose()
+
+    def epoch_of(self, tenant_id: str) -> str:
+        """The tenant's epoch as last seen ('' before it recorded any spend)."""
+        return self._epochs.get(tenant_id, "")
+
+    # -- continuity: spend the store lost
+
+    def store_key(self, name: str) -> str:
+        """A store-wide key (``id``, ``tenants``, ``lost``), all in one slot."""
+        return f"{self._prefix}:{{store}}:{name}"
+
+    @property
+    def lost(self) -> tuple[bool, frozenset[str]]:
+        """(the whole store's spend is lost, tenants whose spend is lost), as last read."""
+        return self._lost_store, self._lost_tenants
+
+    def _refuse_if_lost(self, tenant: str) -> None:
+        if self.data_loss_policy != "fail_closed":
+            return
+        if self._lost_store or tenant in self._lost_tenants:
+            raise StoreDataLost(
+                "The budget store lost this tenant's recorded spend; requests are refused "
+                "until an operator restores it (capproxy restore) or accepts the loss.",
+                retry_after_s=DATA_LOST_RETRY_AFTER_S,
+            )
+
+    async def _register(self, tenant: str) -> None:
+        await self._client.sadd(self.store_key("tenants"), tenant)
+        self._registered.add(tenant)
+
+    async def _epoch_lost(self, tenant: str) -> bool:
+        """A tenant without an epoch: new, or its spend was lost (True, and it is now
+        declared lost; with ``continue`` it starts again from zero)."""
+        keys = [self.store_key("id"), self.store_key("tenants"), self.store_key("lost")]
+        store_id, registered, flagged = await self._eval(self._judge, keys, [tenant])
+        store_id = _text(store_id)
+        if self._store_id is not None and store_id != self._store_id:
+            await self._declare_lost(None, "the store restarted empty or was flushed")
+            return self.data_loss_policy == "fail_closed"
+        if int(registered):
+            await self._declare_lost(tenant, "its counters are gone from the store")
+            return self.data_loss_policy == "fail_closed"
+        if int(flagged):
+            await self._watch_once()
+            return True
+        return False
+
+    async def _declare_lost(self, tenant: str | None, detail: str) -> None:
+        """Record a loss in the store (so every replica refuses alike) and report it."""
+        info = json.dumps({"at": self._estimate(), "detail": detail})
+        if tenant is None:
+            new_id = secrets.token_hex(8)
+            if self.data_loss_policy == "fail_closed":
+                await self._client.hset(self.store_key("lost"), "*", info)
+                self._lost_store = True
+            await self._client.set(self.store_key("id"), new_id)
+            self._store_id = new_id
+            self._registered.clear()
+            self._epochs.clear()
+        elif self.data_loss_policy == "fail_closed":
+            await self._client.hset(self.store_key("lost"), tenant, info)
+            self._lost_tenants = self._lost_tenants | {tenant}
+        else:  # continue: the tenant starts again from zero, under a new epoch
+            await self._client.set(self.epoch_key(tenant), secrets.token_hex(8))
+        if self.on_data_loss is not None:
+            self.on_data_loss(tenant, detail)
+
+    async def watch(self, *, has_history: bool = False) -> None:
+        """Check the store's identity and loss flags about once a second, until cancelled:
+        every replica learns of a loss within a second, whether it ran through it or
+        started after it. ``has_history``: this deployment recorded spend before (its
+        journal has entries), so a store without an identity lost it rather than being new.
+        """
+        first = True
+        while True:
+            try:
+                check = functools.partial(self._watch_once, first=first, has_history=has_history)
+                await self._guard(check)
+                first = False
+            except StoreUnavailable:
+                pass  # logged by the store's state tracking; the next tick tries again
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _watch_once(self, *, first: bool = False, has_history: bool = False) -> None:
+        store_id = await self._client.get(self.store_key("id"))
+        if store_id is None:
+            if self._store_id is not None or (first and has_history):
+                await self._declare_lost(None, "the store restarted empty or was flushed")
+            else:  # a new store: this process is the first to use it
+                await self._client.set(self.store_key("id"), secrets.token_hex(8), nx=True)
+                store_id = await self._client.get(self.store_key("id"))
+        if store_id is not None:
+            if self._store_id is not None and _text(store_id) != self._store_id:
+                self._registered.clear()  # another replica found the loss and said so
+                self._epochs.clear()
+                if self.data_loss_policy == "continue" and self.on_data_loss is not None:
+                    self.on_data_loss(None, "found by another replica; going on from zero")
+            self._store_id = _text(store_id)
+        pool = getattr(self._client, "connection_pool", None)
+        address = getattr(pool, "master_address", None)
+        if address is not None:  # Sentinel: the primary it last named
+            self._note_topology(frozenset({f"{address[0]}:{address[1]}"}))
+        flags = await self._client.hkeys(self.store_key("lost"))
+        names = {_text(f) for f in flags}
+        lost_store, lost_tenants = "*" in names, frozenset(names - {"*"})
+        news: list[str | None] = [None] if lost_store and not self._lost_store else []
+        news += sorted(lost_tenants - self._lost_tenants)
+        self._lost_store, self._lost_tenants = lost_store, lost_tenants
+        for tenant in news:  # declared by another replica
+            if self.on_data_loss is not None:
+                self.on_data_loss(tenant, "declared lost by another replica")
+
+    async def restore(self, entries: Iterable[JournalEntry]) -> RestoreReport:
+        """Add back the spend of journal ``entries`` that the store lost, in the periods
+        still current, then clear the loss (as ``accept_loss``).
+
+        An entry is lost when its tenant's epoch in the store is no longer the one it was
+        recorded under; the others are present and skipped. Each entry is added at most
+        once, however often it is replayed (a marker per entry lives until its periods
+        end)."""
+        report = RestoreReport()
+        now = await self.now()
+        epochs: dict[str, str] = {}
+        for entry in entries:
+            tenant = entry.tenant
+            if tenant not in epochs:
+                current = await self._guard(
+                    functools.partial(self._client.get, self.epoch_key(tenant))
+                )
+                epochs[tenant] = "" if current is None else _text(current)
+            if entry.epoch and entry.epoch == epochs[tenant]:
+                report.present += 1
+                continue
+            live = [
+                (agent, Window(window), Period(start, end))
+                for agent, window, start, end in entry.counters
+                if end > now
+            ]
+            if not live or entry.cost_micros <= 0:
+                report.expired += 1
+                continue
+            keys = [f"{self._prefix}:{{{tenant}}}:restored:{entry.request_id}"]
+            last_end = max(p.end for _, _, p in live)
+            args: list[str | int] = [entry.cost_micros, self._restore_expiry_ms(last_end)]
+            for agent, window, period in live:
+                keys.append(self.counter_key(Counter(tenant, agent, window, 0), period))
+                args.append(self._restore_expiry_ms(period.end))
+            added = await self._guard(functools.partial(self._eval, self._restore, keys, args))
+            if int(added):
+                report.restored += 1
+                report.tenants.add(tenant)
+            else:
+                report.duplicates += 1
+        await self.accept_loss(also=report.tenants)
+        return report
+
+    def _restore_expiry_ms(self, end: int) -> int:
+        return end * 1000 + self._margin_ms
+
+    async def accept_loss(self, *, also: Iterable[str] = ()) -> frozenset[str]:
+        """Clear every loss flag: the tenants go on from what the store holds now, under
+        a new epoch (also given to the tenants in ``also``). Returns the tenants that were
+        flagged (``*``: the whole store)."""
+
+        async def clear() -> frozenset[str]:
+            flags = {_text(f) for f in await self._client.hkeys(self.store_key("lost"))}
+            for tenant in (flags - {"*"}) | set(also):
+                await self._client.set(self.epoch_key(tenant), secrets.token_hex(8))
+                await self._client.sadd(self.store_key("tenants"), tenant)
+            if await self._client.get(self.store_key("id")) is None:
+                await self._client.set(self.store_key("id"), secrets.token_hex(8))
+            await self._client.delete(self.store_key("lost"))
+            return frozenset(flags)
+
+        return await self._guard(clear)
 
     # -- internals
 
@@ -555,6 +800,22 @@ class RedisStore:
                 return
             await client.initialize() if since < 0 else await client.nodes_manager.initialize()
             self._topology_at = time.monotonic()
+            primaries = frozenset(
+                n.name
+                for n in client.nodes_manager.nodes_cache.values()
+                if n.server_type == "primary"
+            )
+            self._note_topology(primaries)
+
+    def _note_topology(self, servers: frozenset[str]) -> None:
+        if self._topology and servers != self._topology:
+            log_event(
+                "store_topology_changed",
+                level=logging.WARNING,
+                before=sorted(self._topology),
+                after=sorted(servers),
+            )
+        self._topology = servers
 
     async def _drop_idle(self) -> None:
         servers = [self._server] if self._server is not None else []
@@ -593,6 +854,10 @@ class RedisStore:
         args += [_agent_of([c for c, _ in targets]), secrets.token_hex(8)]
         reply = await self._eval(self._commit, keys, args)
         self._status(reply)
+        if len(reply) > 1 and reply[1]:
+            self._epochs[tenant] = _text(reply[1])
+            if tenant not in self._registered:  # its first spend: from now on, a missing
+                await self._register(tenant)  # epoch means its spend was lost
 
     def _status(self, reply: Any) -> tuple[str, float]:
         """The reply's status and Redis time; raises ``_Skew`` for a period mismatch."""
@@ -630,10 +895,31 @@ class RedisStore:
                 result = await call()
         except (RedisError, OSError) as exc:  # OSError includes TimeoutError
             _honour_cancel()
+            self._went_down(exc)
             raise StoreUnavailable() from exc
         except Exception as exc:  # a fault of the client library: the store did not answer
             _honour_cancel()
-            log.warning("store client failed: %r", exc)
+            self._went_down(exc)
             raise StoreUnavailable() from exc
         _honour_cancel()
+        if self._down_since is not None:
+            log_event(
+                "store_back",
+                down_s=round(time.monotonic() - self._down_since, 3),
+                calls_failed=self._failed,
+            )
+            self._down_since = None
         return result
+
+    def _went_down(self, exc: BaseException) -> None:
+        """Log the first failure of an outage (the rest are counted, not logged)."""
+        self._failed += 1
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        self._failed = 1
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        hint = None
+        if isinstance(exc, AskError) and self._server is not None:
+            hint = "the server is a Redis Cluster node: set store.mode: cluster"
+        log_event("store_down", level=logging.ERROR, reason=reason, hint=hint)

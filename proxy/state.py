@@ -15,6 +15,7 @@ from aiohttp import web
 from proxy.alerts import Alerter
 from proxy.auth import Authenticator
 from proxy.config import Settings
+from proxy.journal import Journal
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.pricing import BUILTIN_PRICES, PriceTable
@@ -86,3 +87,4 @@ LEDGER = web.AppKey("ledger", Ledger)
 METRICS = web.AppKey("metrics", Metrics)
 ALERTER = web.AppKey("alerter", Alerter)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+JOURNAL = web.AppKey("journal", Journal)  # set only when a journal is configured

@@ -19,7 +19,7 @@ def free_port() -> int:
 class RedisServer:
     """Runs ``redis-server`` from PATH; ``stop()``/``start()`` keep the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, appendonly: bool = False, extra: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -30,6 +30,8 @@ class RedisServer:
         self.port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="capproxy-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
+        self._appendonly = appendonly
+        self._extra = extra
 
     @property
     def url(self) -> str:
@@ -48,7 +50,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self._appendonly else "no",
+                "--appendfsync",
+                "always",
                 # Fault tests stall the server with DEBUG SLEEP (it listens on loopback only).
                 "--enable-debug-command",
                 "yes",
@@ -56,6 +60,7 @@ class RedisServer:
                 self._dir.name,
                 "--logfile",
                 str(Path(self._dir.name) / "redis.log"),
+                *self._extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

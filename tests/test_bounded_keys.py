@@ -14,7 +14,9 @@ CHAT = "/v1/chat/completions"
 
 
 async def keys_of(store: RedisStore) -> list[bytes]:
-    return [key async for key in store.client.scan_iter(match=f"{store.prefix}:*", count=1000)]
+    """The store's keys but its own identity (written once, at start)."""
+    keys = store.client.scan_iter(match=f"{store.prefix}:*", count=1000)
+    return sorted([key async for key in keys if b":{store}:" not in key])
 
 
 async def test_invented_keys_and_agents_the_upstream_refuses_leave_no_key(

@@ -155,6 +155,9 @@ class FakeStore:
         self._check()
         return self.now_s
 
+    def epoch_of(self, tenant_id: str) -> str:
+        return self.memory.epoch_of(tenant_id)
+
     async def ping(self) -> None:
         self._check()
 

@@ -672,9 +672,11 @@ async def test_redis_key_layout_and_expiry(redis_harness: Harness) -> None:
     await h.store.settle("req-1", result.states, 40, hold_ttl_s=TTL)
     settled_key = f"{h.prefix}:{{acme}}:settled:req-1"
     epoch_key = f"{h.prefix}:{{acme}}:epoch"
+    tenants_key = f"{h.prefix}:{{store}}:tenants"  # tenants that recorded spend
     assert await h.raw.keys(h.prefix) == sorted(
-        [hour_key, month_key, settled_key, epoch_key, agents_key]
+        [hour_key, month_key, settled_key, epoch_key, agents_key, tenants_key]
     )
+    assert await h.raw.call("SMEMBERS", tenants_key) == ["acme"]
     assert await h.raw.call("PTTL", epoch_key) == -1  # kept: its absence means a loss
     assert 0 < await h.raw.call("PTTL", settled_key) <= 2 * TTL * 1000
     assert await h.raw.call("PTTL", hour_key) > 0
@@ -716,9 +718,13 @@ async def test_redis_reserve_renew_and_settle_are_one_script_call_each(
         scripts.append(script)
         return await evaluate(script, keys, args)
 
-    monkeypatch.setattr(store, "_eval", counted)
     counters = [tenant(1000, Window.HOURLY), agent(1000, window=Window.DAILY)]
+    # A tenant that never spent has no epoch: its reserve also asks whether it is new
+    # or lost, until its first spend gives it one.
+    first = await reserve(h, "r0", counters, 10)
+    await store.settle("r0", first.states, 1, hold_ttl_s=TTL)
     await store.now()  # learn Redis's clock first, so no call is a skew retry
+    monkeypatch.setattr(store, "_eval", counted)
     result = await reserve(h, "r1", counters, 10)
     assert await store.renew("r1", result.states, hold_ttl_s=TTL)
     await store.settle("r1", result.states, 5, hold_ttl_s=TTL)
@@ -733,7 +739,7 @@ async def test_redis_keys_hold_only_ids(redis_harness: Harness) -> None:
     result = await reserve(h, "rid-9", counters, 10)
     await h.store.settle("rid-9", result.states, 10, hold_ttl_s=TTL)
     await h.store.record("rid-10", counters, 10, tz=UTC, hold_ttl_s=TTL)
-    keys = await h.raw.keys(h.prefix)
+    keys = [k for k in await h.raw.keys(h.prefix) if ":{store}:" not in k]
     assert len(keys) == 6  # 2 counters, 2 settled markers, the epoch, the day's agents
     for key in keys:
         assert secret not in key

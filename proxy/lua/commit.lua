@@ -7,7 +7,7 @@
 -- Removes rid's hold; spent grows by actual, less what rid's expired lease was charged. A
 -- counter left with nothing spent and nothing held is deleted (and with all of the
 -- agent's, the agent leaves the day's set), so requests that cost nothing leave no keys.
--- Returns {'skew', sec, usec} | {'dup'} | {'ok'}.
+-- Returns {'skew', sec, usec} | {'dup'} | {'ok', the tenant's epoch or ''}.
 local n = (#KEYS - 3) / 2
 local base = 4
 if ARGV[4] == '1' then
@@ -68,4 +68,4 @@ end
 if actual > 0 then
   redis.call('SET', KEYS[2 * n + 2], ARGV[base + 4 * n + 2], 'NX')
 end
-return {'ok'}
+return {'ok', redis.call('GET', KEYS[2 * n + 2]) or ''}
