@@ -307,9 +307,16 @@ class SentinelConfig(_Model):
     """The sentinels that know the primary of ``service_name`` (``store.mode: sentinel``)."""
 
     service_name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    nodes: tuple[Annotated[str, AfterValidator(_host_port)], ...] = Field(min_length=1)
+    nodes: tuple[Annotated[str, AfterValidator(_host_port)], ...]
     # The sentinels' own password, when they have one (the primary's is in the url).
     password: _OptionalSecret = None
+
+    @field_validator("nodes")
+    @classmethod
+    def _some(cls, nodes: tuple[str, ...]) -> tuple[str, ...]:
+        if not nodes:
+            raise _invalid("name at least one sentinel (host:port)")
+        return nodes
 
 
 class JournalConfig(_Model):

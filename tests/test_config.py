@@ -873,3 +873,59 @@ def test_bad_tenants_do_not_also_fail_the_bound_keys_only_check() -> None:
 def test_a_tool_price_name_must_be_a_plain_identifier(name: str) -> None:
     text = UPSTREAM + f"pricing:\n  tools:\n    '{name}': {{per_call_usd: 1}}\n"
     assert "pricing.tools" in only_error(text)
+
+
+# --- Store topologies --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("store", "path", "message"),
+    [
+        ("{url: 'redis://h:6379/0?cluster=true'}", "store.url", "set store.mode: cluster"),
+        ("{url: 'redis://h:6379/0?socket_timeout=9'}", "store.url", "'socket_timeout' is not"),
+        ("{url: 'redis://h:6379/0?decode_responses=yes'}", "store.url", "not supported"),
+        ("{url: 'memory://', mode: cluster}", "store.mode", "needs a redis://"),
+        ("{url: 'redis://h:7000/2', mode: cluster}", "store.url", "database 0 only"),
+        ("{url: 'redis://h', mode: sentinel}", "store.sentinel", "needs the sentinel section"),
+        (
+            "{url: 'redis://h', sentinel: {service_name: m, nodes: ['h:26379']}}",
+            "store.sentinel",
+            "mode: sentinel only",
+        ),
+        (
+            "{url: 'redis://h', mode: sentinel, sentinel: {service_name: m, nodes: ['h']}}",
+            "store.sentinel.nodes[0]",
+            "host:port",
+        ),
+        (
+            "{url: 'redis://h', mode: sentinel, sentinel: {service_name: m, nodes: []}}",
+            "store.sentinel.nodes",
+            "at least one sentinel",
+        ),
+        ("{url: 'redis://h', mode: ring}", "store.mode", "Input should be"),
+        ("{url: 'redis://h', on_data_loss: ignore}", "store.on_data_loss", "Input should be"),
+    ],
+)
+def test_store_topology_errors_name_the_field(store: str, path: str, message: str) -> None:
+    error = only_error(UPSTREAM + f"store: {store}\n")
+    assert f"caps.yaml:2: {path}: " in error, error
+    assert message in error, error
+
+
+def test_store_topologies_that_load() -> None:
+    cluster = parse(UPSTREAM + "store: {url: 'redis://:pw@h:7000', mode: cluster}\n")
+    assert cluster.store.mode == "cluster" and cluster.store.sentinel is None
+    sentinel = parse(
+        UPSTREAM + "store:\n  url: 'rediss://:pw@ignored/1?ssl_cert_reqs=none'\n"
+        "  mode: sentinel\n  on_data_loss: continue\n"
+        "  sentinel: {service_name: mymaster, nodes: ['10.0.0.1:26379', 's2:26380']}\n"
+    )
+    assert sentinel.store.sentinel is not None
+    assert sentinel.store.sentinel.nodes == ("10.0.0.1:26379", "s2:26380")
+    assert sentinel.store.on_data_loss == "continue"
+    assert parse(UPSTREAM).store.on_data_loss == "fail_closed"
+
+
+def test_a_bad_store_url_option_never_shows_the_password() -> None:
+    error = only_error(UPSTREAM + "store: {url: 'redis://:hunter2hunter2@h/0?cluster=1'}\n")
+    assert "hunter2" not in error

@@ -5,6 +5,7 @@ forwarded without a hold."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
@@ -211,5 +212,42 @@ async def test_a_sentinel_failover_under_load_costs_its_duration_and_no_restart(
                 f"\nsentinel failover: {statuses[503]} x 503 over {gap_s(results):.2f} s, "
                 f"{statuses[200]} x 200, {lost} lost"
             )
+    finally:
+        await store.aclose()
+
+
+async def test_a_standalone_store_pointed_at_a_cluster_node_says_why_once_and_is_not_ready(
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    cluster: RedisCluster,
+    key_prefix: str,
+    caplog: Any,
+) -> None:
+    caplog.set_level(logging.INFO)
+    # Releases it could not write are retried until shutdown: keep that short.
+    settings = many_tenants(upstream.url, usd="100", server={"shutdown_grace_s": 1})
+    # A node that serves neither the store's own keys nor every tenant.
+    store_slot_node = cluster.master_for_key(f"{key_prefix}:{{store}}:id")
+    node = next(port for port in cluster.masters() if port != store_slot_node)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{node}/0", prefix=key_prefix, timeout_s=0.5)
+    try:
+        client = await make_client(settings, store=store)
+        elsewhere = [
+            i for i in range(TENANTS) if cluster.master_for_key(f"{key_prefix}:{{t{i}}}:x") != node
+        ]
+        statuses = [await post(client, tenant) for tenant in elsewhere for _ in range(3)]
+        # Refused (nothing forwarded uncapped), never a 500.
+        assert set(statuses) == {503}
+        assert upstream.count == 0
+        downs = [
+            r.__dict__["fields"]
+            for r in caplog.records
+            if getattr(r, "fields", {}).get("event") == "store_down"
+        ]
+        assert len(downs) == 1  # once per outage, not per request
+        assert downs[0]["reason"].startswith("MovedError")
+        assert "store.mode: cluster" in downs[0]["hint"]
+        # Not ready: the store cannot run the scripts.
+        assert (await client.get("/readyz")).status == 503
     finally:
         await store.aclose()
