@@ -99,6 +99,7 @@ class RestoreReport:
 
 SKEW_ATTEMPTS = 3
 WATCH_INTERVAL_S = 1.0  # how often each replica checks the store for lost spend
+BACK_AFTER_S = 1.0  # an outage ends after this long without a failed call
 DATA_LOST_RETRY_AFTER_S = 60
 CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
 # No CLIENT SETINFO on connect: one round trip less per connection, and redis-py 8's
@@ -288,7 +289,8 @@ class RedisStore:
         self._lost_tenants: frozenset[str] = frozenset()
         self._registered: set[str] = set()
         self._epochs: dict[str, str] = {}
-        self._down_since: float | None = None  # the store has failed every call since
+        self._down_since: float | None = None  # an outage began (monotonic)
+        self._last_failure = 0.0
         self._failed = 0
         self._topology: frozenset[str] = frozenset()  # cluster primaries / sentinel primary
 
@@ -903,20 +905,22 @@ class RedisStore:
             raise StoreUnavailable() from exc
         _honour_cancel()
         if self._down_since is not None:
-            log_event(
-                "store_back",
-                down_s=round(time.monotonic() - self._down_since, 3),
-                calls_failed=self._failed,
-            )
-            self._down_since = None
+            now = time.monotonic()
+            # Back once calls succeed for a while with none failing (a shard failing over
+            # fails some calls and not others: that is one outage, not many).
+            if now - self._last_failure >= BACK_AFTER_S:
+                down_s = round(self._last_failure - self._down_since, 3)
+                log_event("store_back", down_s=down_s, calls_failed=self._failed)
+                self._down_since = None
         return result
 
     def _went_down(self, exc: BaseException) -> None:
         """Log the first failure of an outage (the rest are counted, not logged)."""
         self._failed += 1
+        self._last_failure = time.monotonic()
         if self._down_since is not None:
             return
-        self._down_since = time.monotonic()
+        self._down_since = self._last_failure
         self._failed = 1
         reason = f"{type(exc).__name__}: {str(exc)[:200]}"
         hint = None

@@ -153,13 +153,23 @@ def gap_s(results: list[tuple[float, int, int]]) -> float:
     return (max(failed) - min(failed)) if failed else 0.0
 
 
+def events(caplog: Any, name: str) -> list[dict[str, Any]]:
+    return [
+        r.__dict__["fields"]
+        for r in caplog.records
+        if getattr(r, "fields", {}).get("event") == name
+    ]
+
+
 async def test_a_cluster_master_killed_under_load_costs_its_failover_and_no_restart(
     upstream: FakeUpstream,
     make_client: MakeClient,
     cluster: RedisCluster,
     key_prefix: str,
     capsys: Any,
+    caplog: Any,
 ) -> None:
+    caplog.set_level(logging.INFO)
     settings = many_tenants(upstream.url, usd="100", window="monthly")
     store = cluster_store(cluster, key_prefix)
     try:
@@ -177,6 +187,16 @@ async def test_a_cluster_master_killed_under_load_costs_its_failover_and_no_rest
         assert set(statuses) <= {200, 503}, statuses
         assert upstream.count == statuses[200]
         lost = await lost_requests(client, store, results)
+        # Said once each: down, the new topology, back (after a second without failures).
+        async with asyncio.timeout(10):
+            while not events(caplog, "store_back"):
+                assert await post(client, 0) == 200
+                await asyncio.sleep(0.05)
+        assert len(events(caplog, "store_down")) == 1
+        (changed,) = events(caplog, "store_topology_changed")
+        assert f"127.0.0.1:{victim}" in changed["before"]
+        assert f"127.0.0.1:{victim}" not in changed["after"]
+        assert len(events(caplog, "store_back")) == 1
         with capsys.disabled():
             print(
                 f"\ncluster failover: {statuses[503]} x 503 over {gap_s(results):.2f} s, "
@@ -239,11 +259,7 @@ async def test_a_standalone_store_pointed_at_a_cluster_node_says_why_once_and_is
         # Refused (nothing forwarded uncapped), never a 500.
         assert set(statuses) == {503}
         assert upstream.count == 0
-        downs = [
-            r.__dict__["fields"]
-            for r in caplog.records
-            if getattr(r, "fields", {}).get("event") == "store_down"
-        ]
+        downs = events(caplog, "store_down")
         assert len(downs) == 1  # once per outage, not per request
         assert downs[0]["reason"].startswith("MovedError")
         assert "store.mode: cluster" in downs[0]["hint"]
