@@ -495,6 +495,7 @@ async def _stream(
                 write_timeout_s=settings.server.client_write_timeout_s,
                 drain=drain,
                 client_gone=client_gone,
+                transport=request.transport,
             )
     except (ConnectionError, RuntimeError):
         end = StreamEnd.CLIENT_GONE
@@ -506,7 +507,9 @@ async def _stream(
         if bill.usage is None:
             bill.counted_output = await asyncio.shield(_count_output(adm, tap))
     if end is StreamEnd.COMPLETE:
-        await out.write_eof()
+        # The stream's end goes out when the handler returns, after the settle (as for
+        # a JSON answer): nothing is left to run once the client has seen the end, so
+        # its next request on this connection is read at once.
         return out
     resp.close()  # stop the upstream: closing its connection ends the generation
     if request.transport is not None:

@@ -5,11 +5,12 @@
         await hold.commit(cost_micros)        # not called: the hold is released on exit
 
 The hold is a lease of ``hold_ttl_s`` seconds, renewed every third of it for as long as
-the ``async with`` block runs (a task owned by the block: stopped by ``commit`` or on
-exit, and awaited on exit). A proxy that dies leaves holds that end, and are charged as
-spent, one lease later; if it was only stalled, its settle replaces that charge by the
-actual cost. A renewal the store cannot take is logged and tried again at the next tick;
-it never fails the request.
+the ``async with`` block runs (a timer owned by the block starts each renewal when it
+is due, so a request that ends within a third of a lease costs no task; stopped by
+``commit`` or on exit, a renewal under way awaited on exit). A proxy that dies leaves
+holds that end, and are charged as spent, one lease later; if it was only stalled, its
+settle replaces that charge by the actual cost. A renewal the store cannot take is logged
+and tried again at the next tick; it never fails the request.
 
 A settle the store cannot take right now (Redis went away after the request was
 admitted) is kept in a bounded queue and retried until it lands; settles are
@@ -80,7 +81,11 @@ class Hold:
     reserve_failed: bool = False  # admitted fail-open after the store did not answer
 
     settled: bool = field(default=False)
+    # Its lease is renewed by a timer that starts a renewal only when one is due: most
+    # requests end before the first, and cost no task.
+    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     _renewal: asyncio.Task[None] | None = field(default=None, repr=False)
+    _renewal_logged: bool = field(default=False, repr=False)
 
     @property
     def admitted_without_store(self) -> bool:
@@ -97,8 +102,7 @@ class Hold:
         if self.settled:
             return
         self.settled = True
-        if self._renewal is not None:
-            self._renewal.cancel()  # the lease is no longer needed; awaited on exit
+        self._ledger._stop_renewing(self)  # the lease is no longer needed
         pending = _Pending(
             self.rid,
             self.states,
@@ -134,7 +138,7 @@ class Ledger:
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._settling: set[asyncio.Task[None]] = set()
-        self._renewing: set[asyncio.Task[None]] = set()
+        self._renewing: set[str] = set()  # rids of the holds whose lease is renewed
 
     @property
     def pending(self) -> int:
@@ -209,10 +213,8 @@ class Ledger:
                     states, now = result.states, result.now
         hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s, would_reject, reserve_failed)
         if states:
-            renewal = asyncio.create_task(self._renew(hold), name=f"capproxy-lease-{rid}")
-            hold._renewal = renewal
-            self._renewing.add(renewal)
-            renewal.add_done_callback(self._renewing.discard)
+            self._renewing.add(hold.rid)
+            self._schedule_renewal(hold)
         try:
             yield hold
         finally:
@@ -220,34 +222,56 @@ class Ledger:
                 if not hold.settled:
                     await hold.commit(0)
             finally:
-                if hold._renewal is not None:
-                    hold._renewal.cancel()
-                    await asyncio.wait([hold._renewal])
+                self._stop_renewing(hold)
+                renewal = hold._renewal
+                if renewal is not None and not renewal.done():
+                    await asyncio.wait([renewal])
+
+    def _schedule_renewal(self, hold: Hold) -> None:
+        interval = hold._hold_ttl_s / RENEWALS_PER_LEASE
+        loop = asyncio.get_running_loop()
+        hold._timer = loop.call_later(interval, self._start_renewal, hold)
+
+    def _start_renewal(self, hold: Hold) -> None:
+        hold._timer = None
+        if not hold.settled:
+            hold._renewal = asyncio.create_task(
+                self._renew(hold), name=f"capproxy-lease-{hold.rid}"
+            )
+
+    def _stop_renewing(self, hold: Hold) -> None:
+        """No renewal from now on (one under way is cancelled; ``hold`` awaits it)."""
+        self._renewing.discard(hold.rid)
+        if hold._timer is not None:
+            hold._timer.cancel()
+            hold._timer = None
+        if hold._renewal is not None:
+            hold._renewal.cancel()
 
     async def _renew(self, hold: Hold) -> None:
-        """Renew ``hold``'s lease every third of it until cancelled or the hold is gone."""
-        interval = hold._hold_ttl_s / RENEWALS_PER_LEASE
-        logged = False
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                held = await self.store.renew(hold.rid, hold.states, hold_ttl_s=hold._hold_ttl_s)
-            except Exception as exc:  # never into the request: try again at the next tick
-                self.stats.renewals_failed += 1
-                if not logged:
-                    logged = True
-                    log.warning("hold %s: lease renewal failed (%r), retrying", hold.rid, exc)
-                continue
-            if not held:
-                # Its lease ran out (the store was unreachable for a whole lease, or the
-                # loop stalled): the hold was charged in full, and the settle corrects it.
-                self.stats.leases_lapsed += 1
-                log.warning(
-                    "hold %s: lease ran out while the request ran; charged in full until "
-                    "its settle replaces the charge",
-                    hold.rid,
-                )
-                return
+        """Renew ``hold``'s lease once, then schedule the next renewal a third of a lease
+        later, unless the hold is gone."""
+        try:
+            held = await self.store.renew(hold.rid, hold.states, hold_ttl_s=hold._hold_ttl_s)
+        except Exception as exc:  # never into the request: try again at the next tick
+            self.stats.renewals_failed += 1
+            if not hold._renewal_logged:
+                hold._renewal_logged = True
+                log.warning("hold %s: lease renewal failed (%r), retrying", hold.rid, exc)
+            held = True
+        if not held:
+            # Its lease ran out (the store was unreachable for a whole lease, or the loop
+            # stalled): the hold was charged in full, and the settle corrects it.
+            self.stats.leases_lapsed += 1
+            self._renewing.discard(hold.rid)
+            log.warning(
+                "hold %s: lease ran out while the request ran; charged in full until "
+                "its settle replaces the charge",
+                hold.rid,
+            )
+            return
+        if not hold.settled:
+            self._schedule_renewal(hold)
 
     async def settle(self, pending: _Pending) -> None:
         """Apply a settle in a task of its own, so that cancelling the request that waits

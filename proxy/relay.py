@@ -128,11 +128,30 @@ class StreamTap:
         )
 
 
-async def _write(client: web.StreamResponse, data: bytes, timeout_s: float) -> bool:
-    """Send ``data``; False when the client is gone or read nothing for ``timeout_s``."""
+def _fits(transport: asyncio.BaseTransport | None, size: int) -> bool:
+    """Whether ``size`` more bytes fit under the transport's high-water mark: then the
+    write cannot wait on the client (the protocol pauses only above it)."""
+    if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        return False
+    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]
+
+
+async def _write(
+    client: web.StreamResponse,
+    data: bytes,
+    timeout_s: float,
+    transport: asyncio.BaseTransport | None = None,
+) -> bool:
+    """Send ``data``; False when the client is gone or read nothing for ``timeout_s``.
+
+    The timeout is armed only when the write may wait for the client (its socket buffer
+    is full): a timer per write costs more than the write."""
     try:
-        async with asyncio.timeout(timeout_s):
+        if _fits(transport, len(data)):
             await client.write(data)
+        else:
+            async with asyncio.timeout(timeout_s):
+                await client.write(data)
     except (ConnectionError, RuntimeError, TimeoutError):
         return False
     return True
@@ -146,6 +165,7 @@ async def relay_stream(
     write_timeout_s: float,
     drain: bool,
     client_gone: bool = False,
+    transport: asyncio.BaseTransport | None = None,
     max_event_bytes: int = MAX_EVENT_BYTES,
 ) -> StreamEnd:
     """Copy the upstream's SSE body to the prepared client response, through ``tap``
@@ -159,7 +179,7 @@ async def relay_stream(
                 out = tap.select(frames)
                 if out and not gone:
                     data = out[0] if len(out) == 1 else b"".join(out)
-                    gone = not await _write(client, data, write_timeout_s)
+                    gone = not await _write(client, data, write_timeout_s, transport)
                     if gone and not drain:
                         return StreamEnd.CLIENT_GONE
             if decoder.buffered > max_event_bytes:
@@ -171,5 +191,5 @@ async def relay_stream(
     if leftover:
         out.append(leftover)  # an unterminated last event: pass on what arrived
     if out and not gone:
-        gone = not await _write(client, b"".join(out), write_timeout_s)
+        gone = not await _write(client, b"".join(out), write_timeout_s, transport)
     return StreamEnd.CLIENT_GONE if gone else StreamEnd.COMPLETE

@@ -83,20 +83,26 @@ async def read_body(
 ) -> bytes:
     """The whole response body, at most ``limit`` bytes (``UpstreamTooLarge`` beyond it);
     a broken or stalled body is an upstream error."""
-    too_large = UpstreamTooLarge(
-        f"Upstream '{upstream.name}' answered with a body over the proxy's limit of {limit} bytes."
-    )
-    if limit is not None and resp.content_length is not None and resp.content_length > limit:
+
+    def too_large() -> UpstreamTooLarge:
         resp.close()
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
+        return UpstreamTooLarge(
+            f"Upstream '{upstream.name}' answered with a body over the proxy's limit of "
+            f"{limit} bytes."
+        )
+
+    length = resp.content_length
+    if limit is not None and length is not None and length > limit:
+        raise too_large()
     try:
+        if length is not None:  # known and within the limit: one read
+            return await resp.read()
+        chunks: list[bytes] = []
+        size = 0
         async for chunk in resp.content.iter_any():
             size += len(chunk)
             if limit is not None and size > limit:
-                resp.close()
-                raise too_large
+                raise too_large()
             chunks.append(chunk)
     except TimeoutError as exc:
         raise UpstreamTimeout(f"Upstream '{upstream.name}' timed out") from exc
