@@ -127,6 +127,18 @@ def _redis_time(sec: Any, usec: Any) -> float:
     return int(_text(sec)) + int(_text(usec)) / 1_000_000
 
 
+def _server_options(url: str) -> dict[str, Any]:
+    """How to reach any server of the url's deployment: credentials and TLS, without
+    the address (Sentinel or the cluster's slots say where) or a database (a cluster has
+    one)."""
+    options: dict[str, Any] = dict(parse_url(url))
+    for name in ("host", "port", "path"):
+        options.pop(name, None)
+    if options.pop("connection_class", None) is not None:
+        options["ssl"] = True  # rediss://
+    return options
+
+
 def _agent_of(counters: Sequence[Counter]) -> str:
     """The agent a request's counters name ('' when only the tenant's)."""
     return next((c.agent_id for c in counters if c.agent_id is not None), "")
@@ -318,56 +330,39 @@ class RedisStore:
         within ``timeout_s``.
         """
         retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=2)
+        timeouts: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+        }
         client: Redis | RedisCluster
         if mode == "cluster":
             client = RedisCluster.from_url(
                 url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
                 retry=retry,
                 # Slots whose shard is failing over fail alone; the others keep serving.
                 require_full_coverage=False,
+                **timeouts,
                 **_QUIET_CONNECT,
             )
         elif mode == "sentinel":
-            options: dict[str, Any] = dict(parse_url(url))
-            for name in ("host", "port", "path"):
-                options.pop(name, None)
-            if options.pop("connection_class", None) is not None:
-                options["ssl"] = True  # rediss://: TLS to the primary
             nodes = [(host, int(port)) for host, _, port in (n.rpartition(":") for n in sentinels)]
             manager = Sentinel(  # type: ignore[no-untyped-call]
                 nodes,
-                sentinel_kwargs={
-                    "password": sentinel_password,
-                    "socket_timeout": timeout_s,
-                    "socket_connect_timeout": timeout_s,
-                },
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                **options,
+                sentinel_kwargs={"password": sentinel_password, **timeouts},
+                **timeouts,
+                **_server_options(url),
             )
             client = manager.master_for(service_name, retry=retry, **_QUIET_CONNECT)
         elif mode == "standalone":
-            client = Redis.from_url(
-                url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=retry,
-                **_QUIET_CONNECT,
-            )
+            client = Redis.from_url(url, retry=retry, **timeouts, **_QUIET_CONNECT)
         else:
             raise ValueError(f"unknown store mode {mode!r}")
         store = cls(client, prefix=prefix, timeout_s=timeout_s, expiry_margin_s=expiry_margin_s)
         store._owns_client = True
         if mode == "cluster":
-            options = dict(parse_url(url))
-            for name in ("host", "port", "path", "db"):
-                options.pop(name, None)
             store._node_options = {
-                **options,
-                "socket_timeout": timeout_s,
-                "socket_connect_timeout": timeout_s,
+                **_server_options(url),
+                **timeouts,
                 # A node that cannot be reached fails at once: the slots are read again
                 # (its replica may have taken over) instead of retrying a dead address.
                 "retry": Retry(NoBackoff(), retries=0),

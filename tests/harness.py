@@ -14,7 +14,9 @@ from zoneinfo import ZoneInfo
 from proxy.config import Settings
 from proxy.counters import Counter, Store
 from proxy.pricing import micros_to_usd
+from proxy.redis_store import RedisStore
 from proxy.windows import Window
+from tests.redis_topology import RedisCluster, SentinelSet
 
 TENANT_KEY = "sk-acme-test-key"
 OTHER_KEY = "sk-globex-test-key"
@@ -136,3 +138,20 @@ def access_log() -> Iterator[AccessLog]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def cluster_store(cluster: RedisCluster, prefix: str, timeout_s: float = 0.5) -> RedisStore:
+    """A store on the cluster, through any of its nodes."""
+    return RedisStore.from_url(cluster.seed_url, prefix=prefix, timeout_s=timeout_s, mode="cluster")
+
+
+def sentinel_store(sentinels: SentinelSet, prefix: str, timeout_s: float = 0.5) -> RedisStore:
+    """A store on the primary the sentinels name (the url gives nothing but the scheme)."""
+    return RedisStore.from_url(
+        "redis://",
+        prefix=prefix,
+        timeout_s=timeout_s,
+        mode="sentinel",
+        sentinels=sentinels.sentinel_nodes,
+        service_name=sentinels.service_name,
+    )

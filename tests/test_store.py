@@ -21,6 +21,7 @@ from proxy.errors import StoreUnavailable
 from proxy.memory_store import MemoryStore
 from proxy.redis_store import RedisStore
 from proxy.windows import Period, Window, period_of
+from tests.harness import cluster_store, sentinel_store
 from tests.redis_server import RedisServer
 from tests.redis_topology import RedisCluster, SentinelSet
 
@@ -130,7 +131,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     prefix: str = request.getfixturevalue("key_prefix")
     if request.param == "cluster":
         cluster: RedisCluster = request.getfixturevalue("cluster")
-        store = RedisStore.from_url(cluster.seed_url, prefix=prefix, timeout_s=2.0, mode="cluster")
+        store = cluster_store(cluster, prefix, timeout_s=2.0)
         # Open the connections the tests' bursts use, so that lease timings measure the
         # store and not a cold client's connection set-up.
         await asyncio.gather(*(store.snapshot([tenant(1)], tz=UTC) for _ in range(24)))
@@ -139,14 +140,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         return
     if request.param == "sentinel":
         sentinels: SentinelSet = request.getfixturevalue("sentinels")
-        store = RedisStore.from_url(
-            "redis://",
-            prefix=prefix,
-            timeout_s=2.0,
-            mode="sentinel",
-            sentinels=sentinels.sentinel_nodes,
-            service_name=sentinels.service_name,
-        )
+        store = sentinel_store(sentinels, prefix, timeout_s=2.0)
         yield Harness(store)
         await store.aclose()
         return

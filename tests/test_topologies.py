@@ -20,7 +20,7 @@ from proxy.state import LEDGER
 from proxy.windows import Window
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
-from tests.harness import chat, settings_for, spent
+from tests.harness import chat, cluster_store, sentinel_store, settings_for, spent
 from tests.redis_topology import RedisCluster, SentinelSet
 
 CHAT = "/v1/chat/completions"
@@ -39,21 +39,6 @@ def many_tenants(upstream_url: str, *, usd: str, window: str = "hourly", **over:
     tenants = [{"id": f"t{i}", "api_keys": [key(i)]} for i in range(TENANTS)]
     caps = {"default_budget_caps": [{"window": window, "hard_limit_usd": usd}]}
     return settings_for(upstream_url, tenants=tenants, cost_caps=caps, **over)
-
-
-def cluster_store(cluster: RedisCluster, prefix: str, timeout_s: float = 0.5) -> RedisStore:
-    return RedisStore.from_url(cluster.seed_url, prefix=prefix, timeout_s=timeout_s, mode="cluster")
-
-
-def sentinel_store(sentinels: SentinelSet, prefix: str) -> RedisStore:
-    return RedisStore.from_url(
-        "redis://",
-        prefix=prefix,
-        timeout_s=0.5,
-        mode="sentinel",
-        sentinels=sentinels.sentinel_nodes,
-        service_name=sentinels.service_name,
-    )
 
 
 async def post(client: TestClient[Any, Any], tenant: int) -> int:
