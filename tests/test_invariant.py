@@ -215,50 +215,50 @@ class Book:
             self.recorded[agent] = max(0, actual)
 
 
-class RecordingMemoryStore(MemoryStore):
-    """``MemoryStore`` that tells ``book`` every hold and settle."""
+class RecordingStore:
+    """A store that tells ``book`` every hold and settle of the store it wraps."""
 
-    book: Book
+    def __init__(self, inner: Store, book: Book) -> None:
+        self.inner = inner
+        self.book = book
 
     async def reserve(
         self, rid: str, counters: Sequence[Counter], amount_micros: int, **kw: Any
     ) -> ReserveResult:
-        result = await super().reserve(rid, counters, amount_micros, **kw)
+        result = await self.inner.reserve(rid, counters, amount_micros, **kw)
         self.book.on_reserve(rid, counters, amount_micros, result)
         return result
 
     async def settle(self, rid: str, states: Sequence[Any], actual_micros: int, **kw: Any) -> None:
-        await super().settle(rid, states, actual_micros, **kw)
+        await self.inner.settle(rid, states, actual_micros, **kw)
         self.book.on_settle(rid, [s.counter for s in states], actual_micros)
 
     async def record(
         self, rid: str, counters: Sequence[Counter], actual_micros: int, **kw: Any
     ) -> None:
-        await super().record(rid, counters, actual_micros, **kw)
+        await self.inner.record(rid, counters, actual_micros, **kw)
         self.book.on_settle(rid, counters, actual_micros)
 
+    async def renew(self, rid: str, states: Sequence[Any], *, hold_ttl_s: float) -> bool:
+        return await self.inner.renew(rid, states, hold_ttl_s=hold_ttl_s)
 
-class RecordingRedisStore(RedisStore):
-    """``RedisStore`` that tells ``book`` every hold and settle."""
+    async def snapshot(self, counters: Sequence[Counter], *, tz: ZoneInfo) -> tuple[Any, ...]:
+        return await self.inner.snapshot(counters, tz=tz)
 
-    book: Book
+    async def now(self) -> float:
+        return await self.inner.now()
 
-    async def reserve(
-        self, rid: str, counters: Sequence[Counter], amount_micros: int, **kw: Any
-    ) -> ReserveResult:
-        result = await super().reserve(rid, counters, amount_micros, **kw)
-        self.book.on_reserve(rid, counters, amount_micros, result)
-        return result
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        return await self.inner.claim(name, ttl_s)
 
-    async def settle(self, rid: str, states: Sequence[Any], actual_micros: int, **kw: Any) -> None:
-        await super().settle(rid, states, actual_micros, **kw)
-        self.book.on_settle(rid, [s.counter for s in states], actual_micros)
+    def epoch_of(self, tenant_id: str) -> str:
+        return self.inner.epoch_of(tenant_id)
 
-    async def record(
-        self, rid: str, counters: Sequence[Counter], actual_micros: int, **kw: Any
-    ) -> None:
-        await super().record(rid, counters, actual_micros, **kw)
-        self.book.on_settle(rid, counters, actual_micros)
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def spend_all_of_globex(store: Store) -> None:
@@ -305,8 +305,7 @@ async def rig(
     aiohttp_client: AiohttpClient, billing_upstream: BillingUpstream
 ) -> AsyncIterator[Rig]:
     book = Book()
-    store = RecordingMemoryStore()
-    store.book = book
+    store = RecordingStore(MemoryStore(), book)
     await spend_all_of_globex(store)
     with access_log() as log:
         app = create_app(invariant_settings(billing_upstream.url), store=store)
@@ -848,14 +847,10 @@ def _concurrent_cases(count: int) -> list[Case]:
 
 
 @pytest.fixture
-async def recording_redis_store(
-    redis_url: str, key_prefix: str
-) -> AsyncIterator[RecordingRedisStore]:
+async def recording_redis_store(redis_url: str, key_prefix: str) -> AsyncIterator[RecordingStore]:
     """A real Redis store that tells its ``book`` every hold and settle (requested before
     the app, so that it outlives the app's shutdown, which still settles)."""
-    store = RecordingRedisStore.from_url(redis_url, prefix=key_prefix, timeout_s=2.0)
-    assert isinstance(store, RecordingRedisStore)
-    store.book = Book()
+    store = RecordingStore(RedisStore.from_url(redis_url, prefix=key_prefix, timeout_s=2.0), Book())
     try:
         yield store
     finally:
@@ -863,7 +858,7 @@ async def recording_redis_store(
 
 
 async def test_sixty_concurrent_requests_never_bill_past_the_hard_cap(
-    recording_redis_store: RecordingRedisStore,
+    recording_redis_store: RecordingStore,
     aiohttp_client: AiohttpClient,
     billing_upstream: BillingUpstream,
 ) -> None:
