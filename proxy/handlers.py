@@ -169,6 +169,7 @@ async def admit(
         )
     price = rt.prices.lookup(model)
     if price is None:
+        request.app[METRICS].unpriced_model(model[:MAX_MODEL_CHARS])
         raise ModelNotPriced(
             f"Model '{model[:128]}' has no price: add it to pricing.models in the caps file "
             "(or set pricing.default).",

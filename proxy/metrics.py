@@ -18,6 +18,7 @@ called from the event loop thread; ``render`` may run on any thread.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -31,6 +32,9 @@ from proxy.config import DEFAULT_AGENT
 from proxy.endpoints import Endpoint
 
 OTHER = "other"
+# Unpriced model names become labels up to this many; the rest count as OTHER.
+MAX_UNPRICED_MODELS = 100
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
 ROUTES = frozenset({*(e.value for e in Endpoint), "models", OTHER})
 SHADOW_REASONS = frozenset({"budget_exceeded", "token_cap_exceeded"})
 MICROS_PER_USD = 1_000_000
@@ -174,6 +178,12 @@ class Metrics:
             "Requests admitted without a reservation because the store was unreachable.",
             keys=[()],
         )
+        self._unpriced = _Tally(
+            "capproxy_unpriced_model_requests",
+            "Requests refused because their model has no price, by model name (the first "
+            f"{MAX_UNPRICED_MODELS} names seen; later ones as other).",
+            ("model",),
+        )
         self._data_loss = _Tally(
             "capproxy_store_data_loss",
             "Losses of recorded spend the store suffered, by scope (store, tenant).",
@@ -196,6 +206,7 @@ class Metrics:
             self._fail_open,
             self._shadow,
             self._data_loss,
+            self._unpriced,
         ):
             self.registry.register(tally)
 
@@ -286,6 +297,15 @@ class Metrics:
 
     def hold_ended(self) -> None:
         self._held.dec()
+
+    def unpriced_model(self, model: str) -> None:
+        """A request for a model with no price: operators see what to add."""
+        values = self._unpriced.values
+        if not _MODEL_NAME.fullmatch(model):
+            model = "invalid"
+        elif (model,) not in values and len(values) >= MAX_UNPRICED_MODELS:
+            model = OTHER
+        self._unpriced.add((model,))
 
     def data_lost(self, *, whole_store: bool) -> None:
         self._data_loss.add(("store" if whole_store else "tenant",))

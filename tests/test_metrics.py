@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import Metrics, Outcome, RequestRecord
+from proxy.metrics import MAX_UNPRICED_MODELS, Metrics, Outcome, RequestRecord
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -280,3 +280,17 @@ def test_two_instances_do_not_share_state() -> None:
     assert value(samples, "capproxy_config_reloads_total", result="error") == 0
     assert series(samples, "capproxy_upstream_latency_seconds_count") == {}
     assert value(scrape(first), "capproxy_reservations_held") == 1
+
+
+def test_unpriced_models_are_counted_by_name_within_a_bounded_label_set() -> None:
+    metrics, _ = new_metrics()
+    metrics.unpriced_model("claude-3-5-sonnet")
+    metrics.unpriced_model("claude-3-5-sonnet")
+    metrics.unpriced_model("model with spaces\n")
+    for i in range(MAX_UNPRICED_MODELS + 20):
+        metrics.unpriced_model(f"m-{i}")
+    samples = series(scrape(metrics), "capproxy_unpriced_model_requests_total")
+    assert samples[frozenset({("model", "claude-3-5-sonnet")})] == 2
+    assert samples[frozenset({("model", "invalid")})] == 1
+    assert len(samples) == MAX_UNPRICED_MODELS + 1  # and "other"
+    assert samples[frozenset({("model", "other")})] == 22
