@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from proxy.price_files import SizeTier, price_at_prompt_size
 from proxy.pricing import ModelPrice, ToolPrice, charge_micros, estimate_micros
 from proxy.usage import Usage
 
@@ -59,6 +60,8 @@ class Tariff:
     tool_prices: Mapping[str, ToolPrice] | None = None
     # Hosted tool calls billed whether or not the response itemises them.
     min_tool_calls: Mapping[str, int] | None = None
+    # Prices by prompt size (a price-file entry's ``*_above_<N>k_tokens``).
+    size_tiers: tuple[SizeTier, ...] = ()
     prompt_tokens: int = 0  # as held
     tools_enabled: bool = False
 
@@ -68,8 +71,9 @@ def amount_due(bill: Bill, tariff: Tariff, *, hold_micros: int) -> int:
     if bill.ending in (Ending.NOT_SENT, Ending.REFUSED):
         return 0
     if bill.usage is not None:
+        price = price_at_prompt_size(tariff.price, tariff.size_tiers, bill.usage.prompt_tokens)
         return charge_micros(
-            bill.usage, tariff.price, tariff.tool_prices, min_tool_calls=tariff.min_tool_calls
+            bill.usage, price, tariff.tool_prices, min_tool_calls=tariff.min_tool_calls
         )
     if (
         bill.ending is Ending.STREAM_COMPLETE

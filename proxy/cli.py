@@ -24,7 +24,8 @@ from proxy.config import (
     TokenCap,
     load_settings,
 )
-from proxy.pricing import ModelPrice
+from proxy.price_files import merge_price_files
+from proxy.pricing import ModelPrice, PriceTable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         "--accept-loss", action="store_true", help="go on from what the store holds now"
     )
     restore.set_defaults(run=_restore)
+    prices = commands.add_parser(
+        "prices", help="print the price entry each model gets, and where it comes from"
+    )
+    prices.add_argument("--config", required=True, type=Path, help="caps file (YAML)")
+    prices.add_argument("models", nargs="+", metavar="MODEL", help="model names")
+    prices.set_defaults(run=_prices)
     return parser
 
 
@@ -105,6 +112,38 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK")
     print("\n".join(describe(settings)))
     return 0
+
+
+def _prices(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    file_prices, tiers, sources = merge_price_files(settings.pricing.files)
+    table = PriceTable(
+        overrides=settings.pricing.models, default=settings.pricing.default, files=file_prices
+    )
+    missing = 0
+    for model in args.models:
+        found = table.find(model)
+        if found is None:
+            print(f"{model}: not priced (refused)")
+            missing += 1
+            continue
+        entry, price, origin = found
+        where = f"{origin} {sources[entry]}" if origin == "price file" else origin
+        via = "" if entry == model else f" as {entry}"
+        print(f"{model}: {where}{via}: {_fields(_price_fields(price))}")
+        for tier in tiers.get(entry, ()) if origin == "price file" else ():
+            cached = (
+                ""
+                if tier.cached_input_per_mtok is None
+                else (f" cached_input_per_mtok={tier.cached_input_per_mtok}")
+            )
+            print(
+                f"  prompts over {tier.above_tokens} tokens: input_per_mtok={tier.input_per_mtok}"
+                f"{cached} output_per_mtok={tier.output_per_mtok}"
+            )
+    return 1 if missing else 0
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -199,6 +238,8 @@ def describe(settings: Settings) -> list[str]:
     lines.append("pricing overrides (USD per 1M tokens):")
     for model, price in settings.pricing.models.items():
         lines.append(f"  {model}: {_fields(_price_fields(price))}")
+    for price_file in settings.pricing.files:
+        lines.append(f"  price file {price_file.path}: {len(price_file.prices)} models")
     for tool, tool_price in settings.pricing.tools.items():
         lines.append(f"  tool {tool}: per_call_usd={tool_price.per_call_usd}")
     default = settings.pricing.default

@@ -33,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    InstanceOf,
     PrivateAttr,
     SecretStr,
     Tag,
@@ -43,6 +44,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from proxy.price_files import PriceFile, PriceFileError, load_price_file
 from proxy.pricing import ModelPrice, ToolPrice
 from proxy.windows import Window
 
@@ -433,13 +435,36 @@ class IdentityConfig(_Model):
     agent_header: str = Field(default="X-Agent-Id", pattern=_HEADER_NAME)
 
 
+def _load_price_files(value: object, info: ValidationInfo) -> object:
+    """Paths (relative to the caps file) -> the price files they hold, read and checked."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    base = (info.context or {}).get("base_dir")
+    loaded: list[object] = []
+    for i, item in enumerate(value):
+        if isinstance(item, PriceFile) or not isinstance(item, (str, Path)):
+            loaded.append(item)
+            continue
+        path = Path(item)
+        if not path.is_absolute() and isinstance(base, Path):
+            path = base / path
+        try:
+            loaded.append(load_price_file(path))
+        except PriceFileError as exc:
+            raise _invalid(str(exc), i) from None
+    return tuple(loaded)
+
+
 class PricingConfig(_Model):
     """USD per 1M tokens by model name, over the built-in table; ``default`` prices unknown
-    models (``None``: they are refused). ``tools``: USD per hosted tool call by tool name
-    (``web_search``, ``file_search``, ``code_interpreter``, ``code_interpreter_4g``, ...),
-    over the built-in prices; a tool priced nowhere costs the dearest known tool."""
+    models (``None``: they are refused). ``files``: price tables in LiteLLM's
+    ``model_prices_and_context_window.json`` format, later files over earlier ones, all
+    under ``models`` and over the built-in table. ``tools``: USD per hosted tool call by
+    tool name (``web_search``, ``file_search``, ``code_interpreter``, ``code_interpreter_4g``,
+    ...), over the built-in prices; a tool priced nowhere costs the dearest known tool."""
 
     models: dict[_Glob, ModelPrice] = Field(default_factory=dict)
+    files: Annotated[tuple[InstanceOf[PriceFile], ...], BeforeValidator(_load_price_files)] = ()
     default: ModelPrice | None = None
     tools: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], ToolPrice] = Field(
         default_factory=dict
@@ -729,9 +754,15 @@ def _message(error: ErrorDetails) -> str:
 
 
 def parse_settings(
-    text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str = "<string>",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> Settings:
-    """Parse and validate caps-file text; ``env`` (default ``os.environ``) feeds ``${VAR}``."""
+    """Parse and validate caps-file text; ``env`` (default ``os.environ``) feeds ``${VAR}``;
+    relative paths in it (``pricing.files``) are from ``base_dir`` (default: the current
+    directory)."""
     loader: _Loader | None = None
     try:
         loader = _Loader(text)
@@ -752,7 +783,7 @@ def parse_settings(
         if loader is not None:
             loader.dispose()
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(_validation_errors(exc, source, doc.lines)) from None
 
@@ -764,14 +795,14 @@ def load_settings(path: str | Path) -> Settings:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    return settings_from_bytes(raw, source=str(path))
+    return settings_from_bytes(raw, source=str(path), base_dir=path.parent)
 
 
-def settings_from_bytes(raw: bytes, *, source: str) -> Settings:
+def settings_from_bytes(raw: bytes, *, source: str, base_dir: Path | None = None) -> Settings:
     """Decode (UTF-8, optional BOM), parse and validate the bytes of a caps file."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{source}:{line}: <file>: not valid UTF-8"]) from None
-    return parse_settings(text, source=source)
+    return parse_settings(text, source=source, base_dir=base_dir)

@@ -47,6 +47,7 @@ from proxy.journal import JournalEntry
 from proxy.ledger import Hold
 from proxy.logs import log_request
 from proxy.metrics import Outcome, RequestRecord
+from proxy.price_files import price_at_prompt_size
 from proxy.pricing import ModelPrice, hold_price
 from proxy.relay import StreamEnd, StreamTap, relay_stream
 from proxy.spend import is_admin
@@ -167,14 +168,16 @@ async def admit(
             "ends, so no cap can hold it.",
             param="background",
         )
-    price = rt.prices.lookup(model)
-    if price is None:
+    found = rt.prices.find(model)
+    if found is None:
         request.app[METRICS].unpriced_model(model[:MAX_MODEL_CHARS])
         raise ModelNotPriced(
             f"Model '{model[:128]}' has no price: add it to pricing.models in the caps file "
             "(or set pricing.default).",
             param="model",
         )
+    entry, price, origin = found
+    size_tiers = rt.size_tiers.get(entry, ()) if origin == "price file" else ()
     route = settings.upstream_for(model)
     if route is None:
         raise BadRequest(f"No upstream serves model '{model[:128]}'.", param="model")
@@ -220,13 +223,15 @@ async def admit(
     # The upstream gets the body the proxy judged, never the client's bytes: a parser
     # that reads duplicate keys differently (first wins) must not see another request.
     raw = await _offload(raw, encode_json, body)
-    held_at = hold_price(price, body.get("service_tier"))
+    # Priced by prompt size: held at the tier the prompt (as bounded) reaches.
+    held_at = hold_price(price_at_prompt_size(price, size_tiers, prompt), body.get("service_tier"))
     tool_prices = rt.prices.tool_prices_for(container_memory=container_memory(endpoint, body))
     tariff = Tariff(
         price=price,
         hold_price=held_at,
         tool_prices=tool_prices,
         min_tool_calls=unreported_tool_calls(endpoint, body),
+        size_tiers=size_tiers,
         prompt_tokens=prompt,
         tools_enabled=bool(tools),
     )

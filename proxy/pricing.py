@@ -281,9 +281,9 @@ class PriceTable:
             raise ModelNotPriced(...)  # an unknown model is never free
         tool_prices = table.tool_prices_for(container_memory="4g")
 
-    Order: exact override, exact built-in, then the snapshot's base name (override,
-    then built-in, nearest base first), then ``default``, else ``None``. Tool overrides
-    replace the built-in price of the same name.
+    Order: exact override, exact price-file entry, exact built-in, then the snapshot's base
+    name (override, price file, built-in, nearest base first), then ``default``, else
+    ``None``. Tool overrides replace the built-in price of the same name.
     """
 
     def __init__(
@@ -292,8 +292,10 @@ class PriceTable:
         overrides: Mapping[str, ModelPrice] | None = None,
         default: ModelPrice | None = None,
         tools: Mapping[str, ToolPrice] | None = None,
+        files: Mapping[str, ModelPrice] | None = None,
     ) -> None:
         self._overrides: Mapping[str, ModelPrice] = dict(overrides or {})
+        self._files: Mapping[str, ModelPrice] = dict(files or {})
         self._default = default
         self._tools: Mapping[str, ToolPrice] = MappingProxyType(
             {**BUILTIN_TOOL_PRICES, **(tools or {})}
@@ -301,13 +303,22 @@ class PriceTable:
 
     def lookup(self, model: str) -> ModelPrice | None:
         """The price of ``model``, or ``None`` if it is not priced (never ``$0``)."""
+        found = self.find(model)
+        return found[1] if found is not None else None
+
+    def find(self, model: str) -> tuple[str, ModelPrice, str] | None:
+        """``(entry name, price, where from)`` for ``model``: where from is ``caps file``
+        (``pricing.models``), ``price file``, ``built-in`` or ``default``."""
         for name in (model, *_base_names(model)):
-            price = self._overrides.get(name)
-            if price is None:
-                price = BUILTIN_PRICES.get(name)
-            if price is not None:
-                return price
-        return self._default
+            for table, origin in (
+                (self._overrides, "caps file"),
+                (self._files, "price file"),
+                (BUILTIN_PRICES, "built-in"),
+            ):
+                price = table.get(name)
+                if price is not None:
+                    return name, price, origin
+        return (model, self._default, "default") if self._default is not None else None
 
     @property
     def tool_prices(self) -> Mapping[str, ToolPrice]:

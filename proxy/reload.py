@@ -222,7 +222,7 @@ class Reloader:
         self, raw: bytes, running: Settings, previous: dict[str, object] | None
     ) -> _Candidate:
         """Off the event loop: parse, validate, set restart-only sections aside, build."""
-        settings = settings_from_bytes(raw, source=str(self._path))
+        settings = settings_from_bytes(raw, source=str(self._path), base_dir=self._path.parent)
         file_sections = {s: getattr(settings, s) for s in RESTART_SECTIONS}
         # On the first look the running values came from this file (plus any flags).
         pinned = tuple(

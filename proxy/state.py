@@ -7,6 +7,7 @@ config swap never changes the rules half-way through a request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,6 +19,7 @@ from proxy.config import Settings
 from proxy.journal import Journal
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
+from proxy.price_files import SizeTier, merge_price_files
 from proxy.pricing import BUILTIN_PRICES, PriceTable
 from proxy.tokens import Tokenizer
 
@@ -29,6 +31,8 @@ class Runtime:
     settings: Settings
     auth: Authenticator
     prices: PriceTable
+    # Prices by prompt size (price-file entries with ``*_above_<N>k_tokens``), by entry.
+    size_tiers: Mapping[str, tuple[SizeTier, ...]]
     tokenizer: Tokenizer
     # Metric labels are only ever these names (anything else folds into "other").
     tenant_ids: frozenset[str]
@@ -38,6 +42,7 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
         """Blocking on first use (loads the encodings): call it off the event loop."""
+        file_prices, tiers, _ = merge_price_files(settings.pricing.files)
         return cls(
             settings=settings,
             auth=Authenticator(settings),
@@ -45,11 +50,15 @@ class Runtime:
                 overrides=settings.pricing.models,
                 default=settings.pricing.default,
                 tools=settings.pricing.tools,
+                files=file_prices,
             ),
+            size_tiers=tiers,
             tokenizer=Tokenizer(overrides=settings.tokenizer.encodings),
             tenant_ids=frozenset(t.id for t in settings.tenants),
             agent_ids=settings.cost_caps.agent_ids,
-            model_names=frozenset(BUILTIN_PRICES) | frozenset(settings.pricing.models),
+            model_names=frozenset(BUILTIN_PRICES)
+            | frozenset(settings.pricing.models)
+            | frozenset(file_prices),
         )
 
 
