@@ -301,6 +301,7 @@ class RedisStore:
         self._lost_tenants: frozenset[str] = frozenset()
         self._registered: set[str] = set()
         self._epochs: dict[str, str] = {}
+        self.watch_checks = 0  # completed checks of ``watch``
         self._down_since: float | None = None  # an outage began (monotonic)
         self._last_failure = 0.0
         self._failed = 0
@@ -655,6 +656,7 @@ class RedisStore:
                 check = functools.partial(self._watch_once, first=first, has_history=has_history)
                 await self._guard(check)
                 first = False
+                self.watch_checks += 1
             except StoreUnavailable:
                 pass  # logged by the store's state tracking; the next tick tries again
             await asyncio.sleep(WATCH_INTERVAL_S)

@@ -176,7 +176,10 @@ async def test_a_persistent_redis_restarted_keeps_every_budget(
         async with asyncio.timeout(WAIT_S):
             while await status(client) != 200:
                 await asyncio.sleep(0.05)
-        await asyncio.sleep(1.5)  # a watch tick or two: nothing must be declared lost
+        checks = store.watch_checks
+        async with asyncio.timeout(WAIT_S):  # two more checks: nothing is declared lost
+            while store.watch_checks < checks + 2:
+                await asyncio.sleep(0.05)
         assert not lost_lines(caplog)
         assert (await spent(store))[0] == 4 * REQUEST
         await store.aclose()
