@@ -3,7 +3,8 @@
     store = RedisStore.from_url("redis://localhost:6379/0", timeout_s=0.5)
     result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=30)
 
-Semantics: ``proxy.counters``. The scripts are the package files ``proxy/lua/*.lua``.
+Semantics: ``proxy.counters``. The scripts (``proxy/lua/*.lua``) and the connections that
+carry them: ``proxy.redis_scripts``.
 
 Redis key layout (``P`` = prefix, ``T`` = tenant id, ``A`` = agent id, ``W`` = window
 name, ``S`` = period start in epoch seconds)::
@@ -13,13 +14,22 @@ name, ``S`` = period start in epoch seconds)::
                                  (removed by rid's settle, else expires with the key)
     P:{T}:a:A:W:S          HASH  agent counter, same fields
     <counter key>:holds    ZSET  rid -> lease expiry (epoch ms, Redis clock)
-    P:{T}:settled:<rid>    STRING marker making settle/record idempotent,
+    P:{T}:settled:<rid>    STRING marker making settle/record idempotent (not written by
+                           a plain release, which is idempotent as it is),
                            TTL max(2 x hold TTL, 60 s)
+    P:{T}:agents:<day>     SET   agents the tenant named on that UTC day (max_agents)
+    P:{T}:epoch            STRING the tenant's epoch, set at its first recorded spend:
+                                 gone means its spend was lost (no TTL)
+    P:{T}:restored:<rid>   STRING a journal entry already restored, until its periods end
+    P:{store}:id           STRING the store's identity (gone: the store lost everything)
+    P:{store}:tenants      SET   tenants that have an epoch
+    P:{store}:lost         HASH  loss flags: "*" (the whole store) or a tenant id -> details
 
 The tenant id in braces is a Cluster hash tag, so every key of one request lives in one
 slot and each operation is one Lua script. Counter keys expire at period end + hold TTL
-+ ``expiry_margin_s`` (re-applied on every reserve/settle), long enough for late settles.
-Ids are validated against narrow character sets; keys never contain secrets.
++ ``expiry_margin_s`` (re-applied on every reserve/settle), long enough for late settles;
+a counter settled back to nothing spent and nothing held is deleted. Ids are validated
+against narrow character sets; keys never contain secrets.
 
 Clock: Redis ``TIME``, read inside the scripts. Python computes each window's period
 (calendar arithmetic in the tenant's time zone) from its estimate of Redis time, the
@@ -27,14 +37,13 @@ script checks that ``TIME`` falls in every period and otherwise answers ``skew``
 time, and Python retries once or twice with that time. Normally: one round trip.
 
 Every Redis error or timeout becomes ``StoreUnavailable``; each call is bounded by
-``timeout_s``. Requires Redis >= 5 (scripts replicated by effects).
+``timeout_s``. Requires Redis >= 6.2 (scripts replicated by effects; ``SET ... PXAT``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import logging
 import re
@@ -42,21 +51,17 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-# This is the one module allowed to talk to Redis (the ban applies everywhere else).
+# With redis_scripts.py, the only modules allowed to talk to Redis (banned elsewhere).
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.driver_info import DriverInfo
 from redis.exceptions import (
     AskError,
     ClusterDownError,
-    NoScriptError,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -79,6 +84,7 @@ from proxy.counters import (
 from proxy.errors import StoreDataLost, StoreUnavailable
 from proxy.journal import JournalEntry
 from proxy.logs import log_event
+from proxy.redis_scripts import QUIET_CONNECT, Script, Server, lua, server_options
 from proxy.windows import Period, Window, period_of
 
 __all__ = ["RedisStore", "RestoreReport"]
@@ -102,21 +108,11 @@ WATCH_INTERVAL_S = 1.0  # how often each replica checks the store for lost spend
 BACK_AFTER_S = 1.0  # an outage ends after this long without a failed call
 DATA_LOST_RETRY_AFTER_S = 60
 CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
-# No CLIENT SETINFO on connect: one round trip less per connection, and redis-py 8's
-# cluster client breaks connections that several calls open at once while it sends it.
-_QUIET_CONNECT: dict[str, Any] = {"driver_info": DriverInfo(name=None, lib_version=None)}
 DAY_S = 86_400
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 T = TypeVar("T")
-
-
-def _lua(name: str, *, with_lib: bool = False) -> str:
-    """A script of the package's ``lua/`` folder (``lib.lua`` prepended, if asked)."""
-    folder = resources.files("proxy") / "lua"
-    source = (folder / name).read_text(encoding="utf-8")
-    return (folder / "lib.lua").read_text(encoding="utf-8") + source if with_lib else source
 
 
 def _text(value: Any) -> str:
@@ -125,18 +121,6 @@ def _text(value: Any) -> str:
 
 def _redis_time(sec: Any, usec: Any) -> float:
     return int(_text(sec)) + int(_text(usec)) / 1_000_000
-
-
-def _server_options(url: str) -> dict[str, Any]:
-    """How to reach any server of the url's deployment: credentials and TLS, without
-    the address (Sentinel or the cluster's slots say where) or a database (a cluster has
-    one)."""
-    options: dict[str, Any] = dict(parse_url(url))
-    for name in ("host", "port", "path"):
-        options.pop(name, None)
-    if options.pop("connection_class", None) is not None:
-        options["ssl"] = True  # rediss://
-    return options
 
 
 def _agent_of(counters: Sequence[Counter]) -> str:
@@ -156,39 +140,6 @@ def _states(
     return tuple(states)
 
 
-# Connections kept open for the scripts between calls (more are opened under a burst).
-MAX_IDLE_CONNECTIONS = 32
-
-
-class _Script:
-    """A Lua script and its SHA1, packed straight into RESP."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source.encode()
-        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
-
-    def packed(self, keys: list[str], args: Sequence[str | int], *, full: bool = False) -> bytes:
-        parts: list[bytes] = [b"EVAL", self.source] if full else [b"EVALSHA", self.sha]
-        parts.append(str(len(keys)).encode())
-        parts.extend(k.encode() for k in keys)
-        parts.extend(str(a).encode() for a in args)
-        out = [b"*%d\r\n" % len(parts)]
-        for part in parts:
-            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-        return b"".join(out)
-
-
-async def _call(
-    conn: AbstractConnection, script: _Script, keys: list[str], args: Sequence[str | int]
-) -> Any:
-    try:
-        await conn.send_packed_command(script.packed(keys, args), check_health=False)
-        return await conn.read_response()
-    except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
-        await conn.send_packed_command(script.packed(keys, args, full=True), check_health=False)
-        return await conn.read_response()
-
-
 def _honour_cancel() -> None:
     """Re-raise a cancellation that the client library turned into an error or swallowed
     (it can, when a cancel lands while it closes a connection): a cancelled caller must
@@ -196,54 +147,6 @@ def _honour_cancel() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-class _Server:
-    """Script calls to one server, on connections of this store's own.
-
-    The generic ``execute_command`` path of redis-py (command packing, pool bookkeeping,
-    retry wrapper) costs more CPU than the rest of a proxied request; the scripts are the
-    store's whole hot path, so they are packed here and sent on connections kept in a
-    short list. A connection that failed is dropped with every idle one (after a restart
-    or a failover they all point at the past), and a call that failed before its reply is
-    tried once more on a fresh connection (safe: every script is idempotent by rid).
-    """
-
-    def __init__(self, client: Redis) -> None:
-        self.client = client
-        self._idle: list[AbstractConnection] = []  # last used first
-
-    async def eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
-        for attempt in range(2):
-            conn = self._idle.pop() if self._idle else await self._connect()
-            try:
-                reply = await _call(conn, script, keys, args)
-            except RedisConnectionError:
-                await conn.disconnect()
-                await self.drop()
-                if attempt:
-                    raise
-                continue
-            except BaseException:
-                # A timeout or cancellation mid-reply leaves the connection out of step.
-                await conn.disconnect()
-                raise
-            if len(self._idle) < MAX_IDLE_CONNECTIONS:
-                self._idle.append(conn)
-            else:  # a burst is over: keep a bounded set open
-                await conn.disconnect()
-            return reply
-        raise AssertionError("unreachable")
-
-    async def drop(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect()
-
-    async def _connect(self) -> AbstractConnection:
-        conn: AbstractConnection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        await conn.connect()  # type: ignore[no-untyped-call]
-        return conn
 
 
 class _Skew(Exception):
@@ -280,18 +183,18 @@ class RedisStore:
         self._margin_ms = int(expiry_margin_s * 1000)
         self._local_clock = local_clock
         self._offset = 0.0  # Redis time - local time, learned from script replies
-        self._reserve = _Script(_lua("reserve.lua", with_lib=True))
-        self._renew = _Script(_lua("renew.lua", with_lib=True))
-        self._commit = _Script(_lua("commit.lua"))
-        self._snapshot = _Script(_lua("snapshot.lua"))
+        self._reserve = Script(lua("reserve.lua", with_lib=True))
+        self._renew = Script(lua("renew.lua", with_lib=True))
+        self._commit = Script(lua("commit.lua"))
+        self._snapshot = Script(lua("snapshot.lua"))
         # Standalone and Sentinel: the one server; Cluster: one per node, by name.
-        self._server = _Server(client) if isinstance(client, Redis) else None
-        self._nodes: dict[str, _Server] = {}
+        self._server = Server(client) if isinstance(client, Redis) else None
+        self._nodes: dict[str, Server] = {}
         self._node_options: dict[str, Any] = {}  # how to connect to a cluster node
         self._topology_lock = asyncio.Lock()
         self._topology_at = -1.0  # when the cluster's slots were last read (monotonic)
-        self._judge = _Script(_lua("judge.lua"))
-        self._restore = _Script(_lua("restore.lua"))
+        self._judge = Script(lua("judge.lua"))
+        self._restore = Script(lua("restore.lua"))
         # Continuity: the store's identity as this process knows it, what is lost, and
         # who is told (``on_data_loss(tenant or None for the whole store, detail)``).
         self.data_loss_policy = "fail_closed"
@@ -343,7 +246,7 @@ class RedisStore:
                 # Slots whose shard is failing over fail alone; the others keep serving.
                 require_full_coverage=False,
                 **timeouts,
-                **_QUIET_CONNECT,
+                **QUIET_CONNECT,
             )
         elif mode == "sentinel":
             nodes = [(host, int(port)) for host, _, port in (n.rpartition(":") for n in sentinels)]
@@ -351,23 +254,23 @@ class RedisStore:
                 nodes,
                 sentinel_kwargs={"password": sentinel_password, **timeouts},
                 **timeouts,
-                **_server_options(url),
+                **server_options(url),
             )
-            client = manager.master_for(service_name, retry=retry, **_QUIET_CONNECT)
+            client = manager.master_for(service_name, retry=retry, **QUIET_CONNECT)
         elif mode == "standalone":
-            client = Redis.from_url(url, retry=retry, **timeouts, **_QUIET_CONNECT)
+            client = Redis.from_url(url, retry=retry, **timeouts, **QUIET_CONNECT)
         else:
             raise ValueError(f"unknown store mode {mode!r}")
         store = cls(client, prefix=prefix, timeout_s=timeout_s, expiry_margin_s=expiry_margin_s)
         store._owns_client = True
         if mode == "cluster":
             store._node_options = {
-                **_server_options(url),
+                **server_options(url),
                 **timeouts,
                 # A node that cannot be reached fails at once: the slots are read again
                 # (its replica may have taken over) instead of retrying a dead address.
                 "retry": Retry(NoBackoff(), retries=0),
-                **_QUIET_CONNECT,
+                **QUIET_CONNECT,
             }
         return store
 
@@ -756,7 +659,7 @@ class RedisStore:
 
     # -- internals
 
-    async def _eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
+    async def _eval(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
         """One script call: EVALSHA (EVAL when the server lost the script), on the server
         that holds ``keys`` (all in one slot)."""
         if self._server is not None:
@@ -765,7 +668,7 @@ class RedisStore:
         return await self._eval_cluster(self._client, script, keys, args)
 
     async def _eval_cluster(
-        self, client: RedisCluster, script: _Script, keys: list[str], args: Sequence[str | int]
+        self, client: RedisCluster, script: Script, keys: list[str], args: Sequence[str | int]
     ) -> Any:
         """The call on the node that serves the keys' slot, as the cluster client last read
         the slots. MOVED/ASK, a shard that is down or failing over, or a node that cannot
@@ -784,11 +687,11 @@ class RedisStore:
                 await self._read_topology(client, since=seen)
         raise AssertionError("unreachable")
 
-    def _node(self, host: str, port: int) -> _Server:
+    def _node(self, host: str, port: int) -> Server:
         name = f"{host}:{port}"
         server = self._nodes.get(name)
         if server is None:
-            server = _Server(Redis(host=host, port=port, **self._node_options))
+            server = Server(Redis(host=host, port=port, **self._node_options))
             self._nodes[name] = server
         return server
 
