@@ -547,6 +547,8 @@ def tool_call_micros(calls: Mapping[str, int], prices: Mapping[str, ToolPrice]) 
     A tool with no entry in ``prices`` is never free: each of its calls costs the dearest
     per-call price in ``prices`` (in the built-in table if ``prices`` is empty).
     """
+    if not calls:
+        return 0
     _check_tokens(**{f"calls[{name!r}]": count for name, count in calls.items()})
     total = Decimal(0)
     dearest: ToolPrice | None = None
