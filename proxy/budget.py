@@ -17,7 +17,12 @@ from decimal import Decimal
 
 from proxy.config import DEFAULT_AGENT, BudgetCap, Settings, TokenCap
 from proxy.counters import Counter, CounterState, ReserveResult
-from proxy.errors import BudgetExceeded, TokenCapExceeded, TooManyAgents
+from proxy.errors import (
+    BudgetExceeded,
+    ConcurrencyLimitExceeded,
+    TokenCapExceeded,
+    TooManyAgents,
+)
 from proxy.pricing import (
     ModelPrice,
     ToolPrice,
@@ -47,6 +52,8 @@ class BudgetPlan:
     caps: tuple[BudgetCap, ...]
     amount_micros: int
     max_agents: int | None = None  # distinct agents the tenant may name a day
+    # Requests in flight at once: (tenant-wide, for this agent), None for no limit.
+    max_concurrent: tuple[int | None, int | None] = (None, None)
 
 
 def plan_budget(
@@ -67,6 +74,7 @@ def plan_budget(
         caps=tuple(cap for _, cap in pairs),
         amount_micros=min(MAX_HOLD_MICROS, max(1, amount_micros)),
         max_agents=settings.cost_caps.max_agents_per_tenant,
+        max_concurrent=settings.concurrency_limits(tenant_id, agent_id),
     )
 
 
@@ -107,6 +115,22 @@ def _usd2(micros: int) -> str:
     usd = micros_to_usd(micros)
     cents = usd.quantize(Decimal("0.01"))
     return f"${cents}" if cents == usd else f"${usd.normalize():f}"
+
+
+def too_many_in_flight(plan: BudgetPlan, result: ReserveResult) -> ConcurrencyLimitExceeded:
+    """The 429 for a request over a limit of requests in flight at once."""
+    tenant_limit, agent_limit = plan.max_concurrent
+    counter = plan.counters[0]
+    agent = next((c.agent_id for c in plan.counters if c.agent_id is not None), None)
+    if result.concurrency_limited == "tenant":
+        scope, limit = f"tenant '{counter.tenant_id}'", tenant_limit
+    else:
+        scope, limit = f"agent '{agent}' of tenant '{counter.tenant_id}'", agent_limit
+    return ConcurrencyLimitExceeded(
+        f"Too many requests in flight for {scope}: the limit is {limit} at once.",
+        retry_after_s=1,
+        should_retry=True,
+    )
 
 
 def too_many_agents(plan: BudgetPlan, result: ReserveResult) -> TooManyAgents:

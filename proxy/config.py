@@ -158,6 +158,8 @@ class AgentCostCap(_Model):
     # Only keys bound to this agent (``api_keys: [{key, agent}]``) may act as it; a header
     # naming it from any other key is refused (403).
     bound_keys_only: bool = False
+    # Requests in flight at once for this agent, in each tenant (over the default).
+    max_concurrent_requests: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
 class CostCapConfig(_Model):
@@ -184,6 +186,8 @@ class CostCapConfig(_Model):
     default_max_tool_calls: int = Field(default=4, ge=1, le=1000)
     # Distinct agents one tenant may name per day (each costs the store its counters).
     max_agents_per_tenant: int = Field(default=1000, ge=1, le=1_000_000)
+    # Requests in flight at once per (tenant, agent); None: no limit.
+    default_max_concurrent_requests: int | None = Field(default=None, ge=1, le=1_000_000)
     _by_id: dict[str, AgentCostCap] = PrivateAttr(default_factory=dict)
 
     @field_validator("agents")
@@ -205,6 +209,12 @@ class CostCapConfig(_Model):
     def budget_caps_for(self, agent_id: str) -> tuple[BudgetCap, ...]:
         agent = self._by_id.get(agent_id)
         return agent.budget_caps if agent and agent.budget_caps else self.default_budget_caps
+
+    def max_concurrent_for(self, agent_id: str) -> int | None:
+        agent = self._by_id.get(agent_id)
+        if agent is not None and agent.max_concurrent_requests is not None:
+            return agent.max_concurrent_requests
+        return self.default_max_concurrent_requests
 
     def token_cap_for(self, agent_id: str) -> TokenCap | None:
         agent = self._by_id.get(agent_id)
@@ -245,6 +255,8 @@ class TenantConfig(_Model):
     id: str = Field(pattern=ID_PATTERN)
     api_keys: tuple[_KeyEntry, ...] = ()
     budget_caps: BudgetCaps = ()
+    # Requests in flight at once, all agents together; None: no limit.
+    max_concurrent_requests: int | None = Field(default=None, ge=1, le=1_000_000)
     _digests: tuple[bytes, ...] = PrivateAttr(default=())
     _agents: tuple[str | None, ...] = PrivateAttr(default=())
 
@@ -588,6 +600,17 @@ class Settings(_Model):
         if tenant is not None and tenant.budget_caps:
             return tenant.budget_caps
         return self.cost_caps.default_tenant_budget_caps if self.cost_caps.enabled else ()
+
+    def concurrency_limits(self, tenant_id: str, agent_id: str) -> tuple[int | None, int | None]:
+        """(tenant-wide, per agent) requests in flight at once, None for no limit (while
+        cost caps are enabled)."""
+        if not self.cost_caps.enabled:
+            return None, None
+        tenant = self._tenants.get(tenant_id)
+        return (
+            tenant.max_concurrent_requests if tenant is not None else None,
+            self.cost_caps.max_concurrent_for(agent_id),
+        )
 
 
 # --- Loading -------------------------------------------------------------------------------

@@ -106,6 +106,8 @@ class ReserveResult:
     amount_micros: int = 0
     # Refused because the tenant already named ``max_agents`` other agents today.
     too_many_agents: bool = False
+    # Refused because of requests in flight at once: "tenant" or "agent" ('' otherwise).
+    concurrency_limited: str = ""
     # The tenant's epoch in the store ('' when it has none yet): it changes only when
     # the store lost the tenant's spend and it was started again.
     epoch: str = ""
@@ -113,7 +115,7 @@ class ReserveResult:
     @property
     def exceeded(self) -> tuple[CounterState, ...]:
         """The states that rejected the request (empty when ``ok``)."""
-        if self.ok or self.too_many_agents:
+        if self.ok or self.too_many_agents or self.concurrency_limited:
             return ()
         return tuple(
             s
@@ -134,8 +136,13 @@ class Store(Protocol):
         tz: ZoneInfo,
         hold_ttl_s: float,
         max_agents: int | None = None,
+        max_concurrent: tuple[int | None, int | None] = (None, None),
     ) -> ReserveResult:
         """Hold ``amount_micros`` in every counter's current period, or in none.
+
+        ``max_concurrent``: (tenant-wide, for the request's agent) requests whose holds
+        are live at once; beyond either, refused (``concurrency_limited``). A hold counts
+        from its reserve to its settle, or until its lease runs out.
 
         ``max_agents``: refuse (``too_many_agents``) a request naming an agent when the
         tenant already named that many others this (UTC) day; agents whose requests

@@ -21,6 +21,7 @@ and ``headers``. Third-party exceptions are translated at the boundary
     ├── CapExceeded                429 (Retry-After)
     │   ├── BudgetExceeded         code=budget_exceeded
     │   ├── TokenCapExceeded       code=token_cap_exceeded
+    │   ├── ConcurrencyLimitExceeded code=concurrency_limit_exceeded
     │   └── TooManyAgents          code=too_many_agents
     ├── StoreUnavailable           503 code=store_unavailable (Retry-After)
     │   └── StoreDataLost          503 code=store_data_lost
@@ -155,6 +156,12 @@ class BudgetExceeded(CapExceeded):
 
 class TokenCapExceeded(CapExceeded):
     code = "token_cap_exceeded"
+
+
+class ConcurrencyLimitExceeded(CapExceeded):
+    """Too many of the tenant's (or agent's) requests are in flight at once."""
+
+    code = "concurrency_limit_exceeded"
 
 
 class TooManyAgents(CapExceeded):

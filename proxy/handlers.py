@@ -27,6 +27,7 @@ from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
     BadRequest,
     BudgetExceeded,
+    ConcurrencyLimitExceeded,
     InvalidJSON,
     MissingModel,
     ModelNotPriced,
@@ -330,7 +331,7 @@ async def metered(request: web.Request) -> web.StreamResponse:
 
 
 def _outcome(exc: ProxyError) -> Outcome:
-    if isinstance(exc, (BudgetExceeded, TooManyAgents)):
+    if isinstance(exc, (BudgetExceeded, TooManyAgents, ConcurrencyLimitExceeded)):
         return Outcome.BUDGET_REJECTED
     if isinstance(exc, TokenCapExceeded):
         return Outcome.TOKEN_REJECTED

@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from proxy.budget import BudgetPlan, rejection, too_many_agents
+from proxy.budget import BudgetPlan, rejection, too_many_agents, too_many_in_flight
 from proxy.counters import Counter, CounterState, Store
 from proxy.errors import BudgetExceeded, StoreDataLost, StoreUnavailable
 
@@ -179,6 +179,7 @@ class Ledger:
                     tz=tz,
                     hold_ttl_s=hold_ttl_s,
                     max_agents=plan.max_agents,
+                    max_concurrent=plan.max_concurrent,
                 )
             except asyncio.CancelledError:
                 # Cancelled with the script perhaps run: release this rid once possible.
@@ -203,6 +204,8 @@ class Ledger:
             else:
                 if result.too_many_agents:
                     raise too_many_agents(plan, result)
+                if result.concurrency_limited:
+                    raise too_many_in_flight(plan, result)
                 if not result.ok:
                     if on_reject is not None:
                         on_reject(plan, result.states)

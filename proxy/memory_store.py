@@ -79,6 +79,8 @@ class MemoryStore:
         self._settled: dict[tuple[str, str], float] = {}  # (tenant, rid) -> marker expiry
         self._claims: dict[str, float] = {}  # claimed name -> expiry
         self._agents: dict[tuple[str, int], set[str]] = {}  # (tenant, UTC day) -> agents
+        # Requests in flight: (tenant, None) or (tenant, agent) -> rid -> lease expiry.
+        self._in_flight: dict[tuple[str, str | None], dict[str, float]] = {}
         self._next_prune = 0.0
 
     async def reserve(
@@ -90,6 +92,7 @@ class MemoryStore:
         tz: ZoneInfo,
         hold_ttl_s: float,
         max_agents: int | None = None,
+        max_concurrent: tuple[int | None, int | None] = (None, None),
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
@@ -122,7 +125,20 @@ class MemoryStore:
             and len(agents) >= max_agents
         )
         ok = ok and not crowded
+        busy = ""
+        if ok and not replay:
+            for scope, fkey, limit in self._flights(tenant, agent, max_concurrent):
+                flight = self._in_flight.get(fkey, {})
+                for gone in [r for r, exp in flight.items() if exp <= now]:
+                    del flight[gone]  # its lease ran out: no longer in flight
+                if limit is not None and len(flight) >= limit:
+                    busy = scope
+                    break
+        ok = ok and not busy
         if ok:
+            for _, fkey, limit in self._flights(tenant, agent, max_concurrent):
+                if limit is not None:
+                    self._in_flight.setdefault(fkey, {})[rid] = now + hold_ttl_s
             for b, p in zip(buckets, periods, strict=True):
                 if not replay and rid not in b.holds:
                     b.holds[rid] = (amount_micros, now + hold_ttl_s)
@@ -133,7 +149,13 @@ class MemoryStore:
         for key, b in zip(self._keys(counters, periods), buckets, strict=True):
             self._drop_if_empty(key, b)
         return ReserveResult(
-            ok, now, states, amount_micros, too_many_agents=crowded, epoch=MEMORY_EPOCH
+            ok,
+            now,
+            states,
+            amount_micros,
+            too_many_agents=crowded,
+            concurrency_limited=busy,
+            epoch=MEMORY_EPOCH,
         )
 
     async def renew(self, rid: str, states: Sequence[CounterState], *, hold_ttl_s: float) -> bool:
@@ -151,6 +173,10 @@ class MemoryStore:
                 amount, _ = b.holds[rid]
                 b.holds[rid] = (amount, now + hold_ttl_s)
                 held = True
+        if held:
+            for flight in self._in_flight.values():
+                if rid in flight:
+                    flight[rid] = now + hold_ttl_s
         return held
 
     async def settle(
@@ -236,6 +262,11 @@ class MemoryStore:
         marker = (tenant, rid)
         if self._settled.get(marker, 0.0) > now:
             return
+        for fkey in [k for k in self._in_flight if k[0] == tenant]:
+            flight = self._in_flight[fkey]
+            flight.pop(rid, None)
+            if not flight:
+                del self._in_flight[fkey]
         actual = clamp_actual(actual_micros)
         if check or actual > 0:  # a release is idempotent as it is (as in Redis)
             self._settled[marker] = now + max(2 * hold_ttl_s, MIN_MARKER_TTL_S)
@@ -257,6 +288,18 @@ class MemoryStore:
         if agent is not None and not agent_left:
             # An agent that costs nothing today does not count against max_agents.
             self._agents.get((tenant, int(now // DAY_S)), set()).discard(agent)
+
+    @staticmethod
+    def _flights(
+        tenant: str, agent: str | None, limits: tuple[int | None, int | None]
+    ) -> list[tuple[str, tuple[str, str | None], int | None]]:
+        """(scope, in-flight key, limit) for the tenant and, when there is one, the agent."""
+        out: list[tuple[str, tuple[str, str | None], int | None]] = [
+            ("tenant", (tenant, None), limits[0])
+        ]
+        if agent is not None:
+            out.append(("agent", (tenant, agent), limits[1]))
+        return out
 
     def _keys(self, counters: Sequence[Counter], periods: Sequence[Period]) -> list[_BucketKey]:
         return [self._key(c, p) for c, p in zip(counters, periods, strict=True)]

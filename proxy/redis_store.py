@@ -299,6 +299,11 @@ class RedisStore:
         """The tenant's epoch: set when it first records spend; gone means lost."""
         return f"{self._prefix}:{{{tenant_id}}}:epoch"
 
+    def in_flight_keys(self, tenant_id: str, agent: str) -> list[str]:
+        """The ZSETs of requests in flight (rid -> lease expiry): the tenant's, the agent's."""
+        tag = f"{self._prefix}:{{{tenant_id}}}:inflight"
+        return [tag, f"{tag}:a:{agent}"]
+
     def agents_key(self, tenant_id: str, at: float) -> str:
         """The SET of agents the tenant named on the UTC day of ``at``."""
         return f"{self._prefix}:{{{tenant_id}}}:agents:{int(at // DAY_S)}"
@@ -320,6 +325,7 @@ class RedisStore:
         tz: ZoneInfo,
         hold_ttl_s: float,
         max_agents: int | None = None,
+        max_concurrent: tuple[int | None, int | None] = (None, None),
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
@@ -327,6 +333,9 @@ class RedisStore:
         ttl_ms = check_ttl(hold_ttl_s)
 
         agent = _agent_of(counters)
+        tenant_flight, agent_flight = max_concurrent
+        if not agent:
+            agent_flight = None  # no agent: only the tenant's requests in flight count
         self._refuse_if_lost(tenant)
 
         async def attempt(at: float) -> ReserveResult:
@@ -340,7 +349,9 @@ class RedisStore:
                 args += [limit, p.start, p.end, self._expire_at_ms(p, ttl_ms)]
             keys += [self.settled_key(tenant, rid), self.epoch_key(tenant)]
             keys.append(self.agents_key(tenant, at))
+            keys += self.in_flight_keys(tenant, agent)
             args += [agent, max_agents or MAX_MICROS, self._agents_expire_at_ms(at)]
+            args += [tenant_flight or "", agent_flight or ""]
             reply = await self._eval(self._reserve, keys, args)
             status, now = self._status(reply)
             states = _states(counters, periods, reply[4:])
@@ -350,6 +361,7 @@ class RedisStore:
                 states,
                 amount_micros,
                 too_many_agents=status == "too_many_agents",
+                concurrency_limited=status.removeprefix("busy_") if status[:5] == "busy_" else "",
                 epoch=_text(reply[3]),
             )
 
@@ -372,6 +384,9 @@ class RedisStore:
         for s in states:
             key = self.counter_key(s.counter, s.period)
             keys += [key, key + ":holds"]
+        keys += self.in_flight_keys(
+            states[0].counter.tenant_id, _agent_of([s.counter for s in states])
+        )
 
         async def renew() -> bool:
             reply = await self._eval(self._renew, keys, [rid, ttl_ms])
@@ -752,8 +767,10 @@ class RedisStore:
                 "t" if c.agent_id is None else "a",
             ]
         at = self._estimate()
+        agent = _agent_of([c for c, _ in targets])
         keys += [self.epoch_key(tenant), self.agents_key(tenant, at)]
-        args += [_agent_of([c for c, _ in targets]), secrets.token_hex(8)]
+        keys += self.in_flight_keys(tenant, agent)
+        args += [agent, secrets.token_hex(8)]
         reply = await self._eval(self._commit, keys, args)
         self._status(reply)
         if len(reply) > 1 and reply[1]:

@@ -929,3 +929,16 @@ def test_store_topologies_that_load() -> None:
 def test_a_bad_store_url_option_never_shows_the_password() -> None:
     error = only_error(UPSTREAM + "store: {url: 'redis://:hunter2hunter2@h/0?cluster=1'}\n")
     assert "hunter2" not in error
+
+
+def test_limits_of_requests_in_flight() -> None:
+    settings = parse(
+        UPSTREAM + "tenants: [{id: acme, max_concurrent_requests: 50}, {id: globex}]\n"
+        "cost_caps:\n  default_max_concurrent_requests: 8\n"
+        "  agents: [{agent_id: big, max_concurrent_requests: 32}]\n"
+    )
+    assert settings.concurrency_limits("acme", "big") == (50, 32)
+    assert settings.concurrency_limits("globex", "other") == (None, 8)
+    assert parse(UPSTREAM).concurrency_limits("acme", "x") == (None, None)
+    error = only_error(UPSTREAM + "tenants: [{id: acme, max_concurrent_requests: 0}]\n")
+    assert "tenants[0].max_concurrent_requests" in error

@@ -90,11 +90,18 @@ class FakeStore:
         tz: ZoneInfo,
         hold_ttl_s: float,
         max_agents: int | None = None,
+        max_concurrent: tuple[int | None, int | None] = (None, None),
     ) -> ReserveResult:
         self._check()
         self.calls.append(Call("reserve", rid, amount_micros))
         result = await self.memory.reserve(
-            rid, counters, amount_micros, tz=tz, hold_ttl_s=hold_ttl_s, max_agents=max_agents
+            rid,
+            counters,
+            amount_micros,
+            tz=tz,
+            hold_ttl_s=hold_ttl_s,
+            max_agents=max_agents,
+            max_concurrent=max_concurrent,
         )
         if self.lose_reserve_reply:
             raise StoreUnavailable()

@@ -934,3 +934,56 @@ async def test_a_counter_settled_back_to_zero_is_deleted(redis_harness: Harness)
     assert len(await h.raw.keys(h.prefix)) == 5  # r1 still holds: 2 counters, 2 zsets, agents
     await h.store.settle("r1", kept.states, 0, hold_ttl_s=TTL)
     assert await h.raw.keys(h.prefix) == []
+
+
+# --- requests in flight ------------------------------------------------------------------
+
+
+async def test_requests_in_flight_are_limited_per_tenant_and_per_agent(harness: Harness) -> None:
+    async def hold(rid: str, agent_id: str, limits: tuple[int | None, int | None]) -> ReserveResult:
+        counters = [tenant(10_000), agent(10_000, agent_id)]
+        return await harness.store.reserve(
+            rid, counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=limits
+        )
+
+    first = await hold("r1", "a1", (3, 2))
+    assert first.ok and (await hold("r2", "a1", (3, 2))).ok
+    busy = await hold("r3", "a1", (3, 2))
+    assert not busy.ok and busy.concurrency_limited == "agent" and busy.exceeded == ()
+    assert (await hold("r4", "a2", (3, 2))).ok  # another agent: the tenant has room for one
+    busy = await hold("r5", "a3", (3, 2))
+    assert not busy.ok and busy.concurrency_limited == "tenant"
+    # A settle frees its slot; a refused request held nothing.
+    await harness.store.settle("r1", first.states, 5, hold_ttl_s=TTL)
+    assert (await hold("r6", "a1", (3, 2))).ok
+    assert (await hold("r7", "a4", (None, None))).ok  # no limits: not counted
+
+
+async def test_a_dead_proxys_requests_leave_the_flight_with_their_leases(harness: Harness) -> None:
+    counters = [tenant(10_000)]
+    short = await harness.store.reserve(
+        "r1", counters, 10, tz=UTC, hold_ttl_s=LEASE, max_concurrent=(1, None)
+    )
+    assert short.ok
+    busy = await harness.store.reserve(
+        "r2", counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=(1, None)
+    )
+    assert busy.concurrency_limited == "tenant"
+    await harness.run_past(lease_end(short))
+    later = await harness.store.reserve(
+        "r3", counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=(1, None)
+    )
+    assert later.ok
+
+
+async def test_a_renewed_lease_keeps_its_request_in_flight(harness: Harness) -> None:
+    counters = [tenant(10_000)]
+    short = await harness.store.reserve(
+        "r1", counters, 10, tz=UTC, hold_ttl_s=LEASE, max_concurrent=(1, None)
+    )
+    assert await harness.store.renew("r1", short.states, hold_ttl_s=TTL)
+    await harness.run_past(lease_end(short))
+    busy = await harness.store.reserve(
+        "r2", counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=(1, None)
+    )
+    assert busy.concurrency_limited == "tenant"

@@ -1,5 +1,5 @@
--- KEYS: settled marker, then per counter its hash and holds zset, then the tenant's epoch
---       and the tenant's agents of the day.
+-- KEYS: settled marker, then per counter its hash and holds zset, then the tenant's epoch,
+--       the tenant's agents of the day, and the tenant's and the agent's requests in flight.
 -- ARGV: rid, actual, marker ttl ms ('0': write no marker), check ('1' = verify periods
 --       against TIME), then per counter: period start, period end, key expiry (epoch ms),
 --       scope ('a' agent, 't' tenant); then the agent id ('' = none) and an epoch to give
@@ -8,7 +8,7 @@
 -- counter left with nothing spent and nothing held is deleted (and with all of the
 -- agent's, the agent leaves the day's set), so requests that cost nothing leave no keys.
 -- Returns {'skew', sec, usec} | {'dup'} | {'ok', the tenant's epoch or ''}.
-local n = (#KEYS - 3) / 2
+local n = (#KEYS - 5) / 2
 local base = 4
 if ARGV[4] == '1' then
   local t = redis.call('TIME')
@@ -65,6 +65,8 @@ local agent = ARGV[base + 4 * n + 1]
 if agent ~= '' and agent_counters > 0 and agent_left == 0 then
   redis.call('SREM', KEYS[2 * n + 3], agent)
 end
+redis.call('ZREM', KEYS[2 * n + 4], rid)  -- no longer in flight (an empty set is deleted)
+redis.call('ZREM', KEYS[2 * n + 5], rid)
 if actual > 0 then
   redis.call('SET', KEYS[2 * n + 2], ARGV[base + 4 * n + 2], 'NX')
 end

@@ -5,19 +5,21 @@
 --         counter);
 --       * the tenant's epoch (read only: returned so the caller can tell a tenant whose
 --         spend the store lost from a new one);
---       * the tenant's agents of the day (a SET), when the request names an agent.
+--       * the tenant's agents of the day (a SET), when the request names an agent;
+--       * the tenant's and the agent's requests in flight (ZSETs rid -> lease expiry).
 -- ARGV: rid, amount, hold ttl ms, then per counter: limit, period start, period end, key
 --       expiry (epoch ms); then agent id ('' = none), most agents a day, agents key
---       expiry (epoch ms).
+--       expiry (epoch ms), most requests in flight for the tenant and for the agent ('' =
+--       no limit).
 -- Returns {'skew', sec, usec} |
---         {'ok'|'rejected'|'settled'|'too_many_agents', sec, usec, epoch,
+--         {'ok'|'rejected'|'settled'|'too_many_agents'|'busy_tenant'|'busy_agent', sec, usec, epoch,
 --          spent1, held1, end1, spent2, ...}
 --         (epoch '' when the tenant has none; end = latest lease expiry in epoch ms, '0'
 --         when nothing is held).
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = (#KEYS - 3) / 2
+local n = (#KEYS - 5) / 2
 for i = 1, n do
   local a = 3 + (i - 1) * 4
   if now_s < tonumber(ARGV[a + 2]) or now_s >= tonumber(ARGV[a + 3]) then
@@ -52,6 +54,15 @@ elseif not replay then
       and redis.call('SCARD', agents_key) >= tonumber(ARGV[3 + 4 * n + 2]) then
     status = 'too_many_agents'
   end
+  for j, scope in ipairs({'busy_tenant', 'busy_agent'}) do
+    local limit, flight = ARGV[3 + 4 * n + 3 + j], KEYS[2 * n + 3 + j]
+    if status == 'ok' and limit ~= '' then
+      redis.call('ZREMRANGEBYSCORE', flight, '-inf', now_ms)  -- leases run out: not in flight
+      if redis.call('ZCARD', flight) >= tonumber(limit) then
+        status = scope
+      end
+    end
+  end
 end
 if status == 'ok' then
   local expiry = string.format('%d', now_ms + tonumber(ARGV[3]))
@@ -68,6 +79,13 @@ if status == 'ok' then
   end
   if agent ~= '' and redis.call('SADD', agents_key, agent) == 1 then
     redis.call('PEXPIREAT', agents_key, ARGV[3 + 4 * n + 3])
+  end
+  for j = 1, 2 do
+    if ARGV[3 + 4 * n + 3 + j] ~= '' then
+      local flight = KEYS[2 * n + 3 + j]
+      redis.call('ZADD', flight, expiry, rid)
+      redis.call('PEXPIREAT', flight, expiry)
+    end
   end
 end
 local out = {status, t[1], t[2], redis.call('GET', epoch_key) or ''}
