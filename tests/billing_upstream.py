@@ -339,6 +339,20 @@ def _cost(
     return math.ceil(tokens + calls)
 
 
+async def _held_or_cut(request: web.Request, charge: Charge, plan: Plan) -> bool:
+    """Before answering: wait for ``resume`` if the plan pauses at 0, and True (the
+    connection aborted) if it cuts at 0."""
+    if plan.pause_after == 0:
+        plan.paused.set()
+        await plan.resume.wait()
+    if plan.cut_after == 0:
+        charge.cut = True
+        assert request.transport is not None
+        request.transport.abort()
+        return True
+    return False
+
+
 class BillingUpstream:
     """Serves ``POST /v1/{chat/completions,completions,embeddings,responses}`` and bills them.
 
@@ -536,13 +550,7 @@ class BillingUpstream:
         charge: Charge,
         plan: Plan,
     ) -> web.StreamResponse:
-        if plan.pause_after == 0:
-            plan.paused.set()
-            await plan.resume.wait()
-        if plan.cut_after == 0:
-            charge.cut = True
-            assert request.transport is not None
-            request.transport.abort()
+        if await _held_or_cut(request, charge, plan):
             return web.Response()
         answer = _answer_body(endpoint, body, charge)
         if not plan.omit_usage:
@@ -566,13 +574,7 @@ class BillingUpstream:
             events, usage_at = _chunk_events(
                 endpoint, body, charge, with_usage=asked and not plan.omit_usage
             )
-        if plan.pause_after == 0:
-            plan.paused.set()
-            await plan.resume.wait()
-        if plan.cut_after == 0:
-            charge.cut = True
-            assert request.transport is not None
-            request.transport.abort()
+        if await _held_or_cut(request, charge, plan):
             return web.Response()
         resp = web.StreamResponse(headers={"x-request-id": charge.request_id})
         resp.content_type = "text/event-stream"

@@ -100,18 +100,30 @@ async def settled(log: AccessLog, agent: str = "_default") -> dict[str, Any]:
 # --- 1. streams that end without usage ------------------------------------------------
 
 
+def o3_stream(**extra: Any) -> dict[str, Any]:
+    return {"model": "o3", "messages": [{"role": "user", "content": "go"}], "stream": True, **extra}
+
+
+def o3_hold(body: dict[str, Any]) -> tuple[Decimal, Decimal]:
+    """(spent, held) once ``body``'s whole hold was charged: prompt at $2, output at $8."""
+    return usd(estimate(Endpoint.CHAT, body) * 2 + body["max_completion_tokens"] * 8), Decimal(0)
+
+
+async def leave_after_the_first_event(resp: aiohttp.ClientResponse) -> None:
+    seen = b""
+    while b'"role"' not in seen:
+        seen += await resp.content.readany()
+    resp.close()
+
+
 async def test_a_reasoning_stream_the_client_leaves_is_drained_and_billed_its_usage(
     upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore, log: AccessLog
 ) -> None:
     upstream.usage = lambda _p, _b: O3_USAGE
     upstream.pause_after = 2  # keep-alive, role chunk
     client = await make_client(settings_for(upstream.url), store=redis_store)
-    body = {"model": "o3", "messages": [{"role": "user", "content": "go"}], "stream": True}
-    resp = await client.post(CHAT, json=body, headers=auth())
-    seen = b""
-    while b'"role"' not in seen:
-        seen += await resp.content.readany()
-    resp.close()  # one event read, then gone
+    resp = await client.post(CHAT, json=o3_stream(), headers=auth())
+    await leave_after_the_first_event(resp)
     upstream.resume.set()
     line = await settled(log)
     # The proxy read the upstream to its end (discarding it) for the usage.
@@ -127,26 +139,15 @@ async def test_on_client_disconnect_close_stops_the_upstream_and_charges_the_hol
     upstream.pause_after = 2
     settings = settings_for(upstream.url, streaming={"on_client_disconnect": "close"})
     client = await make_client(settings, store=redis_store)
-    body = {
-        "model": "o3",
-        "messages": [{"role": "user", "content": "go"}],
-        "stream": True,
-        "max_completion_tokens": 3000,
-    }
+    body = o3_stream(max_completion_tokens=3000)
     resp = await client.post(CHAT, json=body, headers=auth())
-    seen = b""
-    while b'"role"' not in seen:
-        seen += await resp.content.readany()
-    resp.close()
+    await leave_after_the_first_event(resp)
     upstream.event_delay_s = 0.02  # one event per read: the usage chunk is never reached
     upstream.resume.set()
     await settled(log)
     await asyncio.wait_for(upstream.stream_closed.wait(), 5)
     assert upstream.finished == 0
-    assert await spent(redis_store) == (
-        usd(estimate(Endpoint.CHAT, body) * 2 + 3000 * 8),
-        Decimal(0),
-    )
+    assert await spent(redis_store) == o3_hold(body)
 
 
 async def test_a_reasoning_stream_that_ends_without_usage_is_charged_its_hold(
@@ -154,20 +155,12 @@ async def test_a_reasoning_stream_that_ends_without_usage_is_charged_its_hold(
 ) -> None:
     upstream.usage = lambda _p, _b: None  # [DONE], and no usage at all
     client = await make_client(settings_for(upstream.url), store=redis_store)
-    body = {
-        "model": "o3",
-        "messages": [{"role": "user", "content": "go"}],
-        "stream": True,
-        "max_completion_tokens": 3000,
-    }
+    body = o3_stream(max_completion_tokens=3000)
     resp = await client.post(CHAT, json=body, headers=auth())
     assert (await resp.read()).endswith(b"data: [DONE]\n\n")
     await settled(log)
     # Its visible text is a few tokens; its hidden reasoning may be the rest of the limit.
-    assert await spent(redis_store) == (
-        usd(estimate(Endpoint.CHAT, body) * 2 + 3000 * 8),
-        Decimal(0),
-    )
+    assert await spent(redis_store) == o3_hold(body)
 
 
 async def test_a_stream_cut_at_an_oversized_event_is_charged_its_hold(
