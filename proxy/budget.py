@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from proxy.config import DEFAULT_AGENT, BudgetCap, Settings, TokenCap
-from proxy.counters import Counter, CounterState, ReserveResult
+from proxy.counters import NO_LIMITS, Counter, CounterState, Limits, ReserveResult
 from proxy.errors import (
     BudgetExceeded,
     ConcurrencyLimitExceeded,
@@ -51,9 +51,7 @@ class BudgetPlan:
     counters: tuple[Counter, ...]
     caps: tuple[BudgetCap, ...]
     amount_micros: int
-    max_agents: int | None = None  # distinct agents the tenant may name a day
-    # Requests in flight at once: (tenant-wide, for this agent), None for no limit.
-    max_concurrent: tuple[int | None, int | None] = (None, None)
+    limits: Limits = NO_LIMITS  # distinct agents a day, requests in flight at once
 
 
 def plan_budget(
@@ -73,8 +71,10 @@ def plan_budget(
         counters=tuple(c for c, _ in pairs),
         caps=tuple(cap for _, cap in pairs),
         amount_micros=min(MAX_HOLD_MICROS, max(1, amount_micros)),
-        max_agents=settings.cost_caps.max_agents_per_tenant,
-        max_concurrent=settings.concurrency_limits(tenant_id, agent_id),
+        limits=Limits(
+            max_agents=settings.cost_caps.max_agents_per_tenant,
+            max_concurrent=settings.concurrency_limits(tenant_id, agent_id),
+        ),
     )
 
 
@@ -119,7 +119,7 @@ def _usd2(micros: int) -> str:
 
 def too_many_in_flight(plan: BudgetPlan, result: ReserveResult) -> ConcurrencyLimitExceeded:
     """The 429 for a request over a limit of requests in flight at once."""
-    tenant_limit, agent_limit = plan.max_concurrent
+    tenant_limit, agent_limit = plan.limits.max_concurrent
     counter = plan.counters[0]
     agent = next((c.agent_id for c in plan.counters if c.agent_id is not None), None)
     if result.concurrency_limited == "tenant":
@@ -137,7 +137,7 @@ def too_many_agents(plan: BudgetPlan, result: ReserveResult) -> TooManyAgents:
     """The 429 for a request naming one agent more than its tenant may name today."""
     tomorrow = (int(result.now // DAY_S) + 1) * DAY_S
     return TooManyAgents(
-        f"Tenant '{plan.counters[0].tenant_id}' already named {plan.max_agents} agents "
+        f"Tenant '{plan.counters[0].tenant_id}' already named {plan.limits.max_agents} agents "
         "today (cost_caps.max_agents_per_tenant); use one of them.",
         retry_after_s=math.ceil(tomorrow - result.now),
         should_retry=False,

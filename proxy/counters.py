@@ -46,8 +46,10 @@ from proxy.windows import Period, Window
 __all__ = [
     "MAX_MICROS",
     "MIN_MARKER_TTL_S",
+    "NO_LIMITS",
     "Counter",
     "CounterState",
+    "Limits",
     "ReserveResult",
     "Store",
 ]
@@ -93,6 +95,24 @@ class CounterState:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What a reservation is held to besides the counters' hard limits.
+
+    ``max_agents``: refuse (``too_many_agents``) a request naming an agent when the tenant
+    already named that many others this (UTC) day; agents whose requests cost nothing are
+    not counted. ``max_concurrent``: (tenant-wide, for the request's agent) requests whose
+    holds are live at once; beyond either, refused (``concurrency_limited``). A hold counts
+    from its reserve to its settle, or until its lease runs out. None: no limit.
+    """
+
+    max_agents: int | None = None
+    max_concurrent: tuple[int | None, int | None] = (None, None)
+
+
+NO_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveResult:
     """The decision of ``reserve``.
 
@@ -135,18 +155,10 @@ class Store(Protocol):
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
-        max_agents: int | None = None,
-        max_concurrent: tuple[int | None, int | None] = (None, None),
+        limits: Limits = NO_LIMITS,
     ) -> ReserveResult:
-        """Hold ``amount_micros`` in every counter's current period, or in none.
-
-        ``max_concurrent``: (tenant-wide, for the request's agent) requests whose holds
-        are live at once; beyond either, refused (``concurrency_limited``). A hold counts
-        from its reserve to its settle, or until its lease runs out.
-
-        ``max_agents``: refuse (``too_many_agents``) a request naming an agent when the
-        tenant already named that many others this (UTC) day; agents whose requests
-        cost nothing are not counted.
+        """Hold ``amount_micros`` in every counter's current period, or in none, within
+        ``limits`` (see ``Limits``).
 
         Allowed when spent + held + amount <= limit in every counter, after charging
         the expired leases found. The hold is a lease of ``hold_ttl_s``. Repeating a

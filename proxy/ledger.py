@@ -178,8 +178,7 @@ class Ledger:
                     plan.amount_micros,
                     tz=tz,
                     hold_ttl_s=hold_ttl_s,
-                    max_agents=plan.max_agents,
-                    max_concurrent=plan.max_concurrent,
+                    limits=plan.limits,
                 )
             except asyncio.CancelledError:
                 # Cancelled with the script perhaps run: release this rid once possible.

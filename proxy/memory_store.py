@@ -16,8 +16,10 @@ from zoneinfo import ZoneInfo
 from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
     MIN_MARKER_TTL_S,
+    NO_LIMITS,
     Counter,
     CounterState,
+    Limits,
     ReserveResult,
     check_amount,
     check_counters,
@@ -91,8 +93,7 @@ class MemoryStore:
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
-        max_agents: int | None = None,
-        max_concurrent: tuple[int | None, int | None] = (None, None),
+        limits: Limits = NO_LIMITS,
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
@@ -121,13 +122,13 @@ class MemoryStore:
             and not replay
             and agent is not None
             and agent not in agents
-            and max_agents is not None
-            and len(agents) >= max_agents
+            and limits.max_agents is not None
+            and len(agents) >= limits.max_agents
         )
         ok = ok and not crowded
         busy = ""
         if ok and not replay:
-            for scope, fkey, limit in self._flights(tenant, agent, max_concurrent):
+            for scope, fkey, limit in self._flights(tenant, agent, limits.max_concurrent):
                 flight = self._in_flight.get(fkey, {})
                 for gone in [r for r, exp in flight.items() if exp <= now]:
                     del flight[gone]  # its lease ran out: no longer in flight
@@ -136,7 +137,7 @@ class MemoryStore:
                     break
         ok = ok and not busy
         if ok:
-            for _, fkey, limit in self._flights(tenant, agent, max_concurrent):
+            for _, fkey, limit in self._flights(tenant, agent, limits.max_concurrent):
                 if limit is not None:
                     self._in_flight.setdefault(fkey, {})[rid] = now + hold_ttl_s
             for b, p in zip(buckets, periods, strict=True):

@@ -72,8 +72,10 @@ from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
     MAX_MICROS,
     MIN_MARKER_TTL_S,
+    NO_LIMITS,
     Counter,
     CounterState,
+    Limits,
     ReserveResult,
     check_amount,
     check_counters,
@@ -324,8 +326,7 @@ class RedisStore:
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
-        max_agents: int | None = None,
-        max_concurrent: tuple[int | None, int | None] = (None, None),
+        limits: Limits = NO_LIMITS,
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
@@ -333,7 +334,7 @@ class RedisStore:
         ttl_ms = check_ttl(hold_ttl_s)
 
         agent = _agent_of(counters)
-        tenant_flight, agent_flight = max_concurrent
+        tenant_flight, agent_flight = limits.max_concurrent
         if not agent:
             agent_flight = None  # no agent: only the tenant's requests in flight count
         self._refuse_if_lost(tenant)
@@ -350,7 +351,7 @@ class RedisStore:
             keys += [self.settled_key(tenant, rid), self.epoch_key(tenant)]
             keys.append(self.agents_key(tenant, at))
             keys += self.in_flight_keys(tenant, agent)
-            args += [agent, max_agents or MAX_MICROS, self._agents_expire_at_ms(at)]
+            args += [agent, limits.max_agents or MAX_MICROS, self._agents_expire_at_ms(at)]
             args += [tenant_flight or "", agent_flight or ""]
             reply = await self._eval(self._reserve, keys, args)
             status, now = self._status(reply)

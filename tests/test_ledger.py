@@ -15,7 +15,7 @@ import pytest
 
 from proxy.budget import BudgetPlan
 from proxy.config import BudgetCap
-from proxy.counters import Counter, CounterState, ReserveResult
+from proxy.counters import NO_LIMITS, Counter, CounterState, Limits, ReserveResult
 from proxy.errors import BudgetExceeded, StoreUnavailable
 from proxy.ledger import Hold, Ledger
 from proxy.memory_store import MemoryStore
@@ -89,8 +89,7 @@ class FakeStore:
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
-        max_agents: int | None = None,
-        max_concurrent: tuple[int | None, int | None] = (None, None),
+        limits: Limits = NO_LIMITS,
     ) -> ReserveResult:
         self._check()
         self.calls.append(Call("reserve", rid, amount_micros))
@@ -100,8 +99,7 @@ class FakeStore:
             amount_micros,
             tz=tz,
             hold_ttl_s=hold_ttl_s,
-            max_agents=max_agents,
-            max_concurrent=max_concurrent,
+            limits=limits,
         )
         if self.lose_reserve_reply:
             raise StoreUnavailable()

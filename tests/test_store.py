@@ -16,7 +16,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.counters import DEFAULT_EXPIRY_MARGIN_S, Counter, CounterState, ReserveResult, Store
+from proxy.counters import (
+    DEFAULT_EXPIRY_MARGIN_S,
+    Counter,
+    CounterState,
+    Limits,
+    ReserveResult,
+    Store,
+)
 from proxy.errors import StoreUnavailable
 from proxy.memory_store import MemoryStore
 from proxy.redis_store import RedisStore
@@ -887,24 +894,24 @@ async def test_a_tenant_names_at_most_max_agents_a_day(harness: Harness) -> None
     held = []
     for name in ("a1", "a2"):
         result = await harness.store.reserve(
-            f"r-{name}", crowd(name), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+            f"r-{name}", crowd(name), 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_agents=2)
         )
         assert result.ok
         held.append(result)
     third = await harness.store.reserve(
-        "r-a3", crowd("a3"), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+        "r-a3", crowd("a3"), 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_agents=2)
     )
     assert not third.ok and third.too_many_agents
     assert third.exceeded == ()
     # An agent already counted today still gets in.
     again = await harness.store.reserve(
-        "r-a1b", crowd("a1"), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+        "r-a1b", crowd("a1"), 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_agents=2)
     )
     assert again.ok
     # An agent whose requests all cost nothing leaves the count.
     await harness.store.settle("r-a2", held[1].states, 0, hold_ttl_s=TTL)
     late = await harness.store.reserve(
-        "r-a3b", crowd("a3"), 10, tz=UTC, hold_ttl_s=TTL, max_agents=2
+        "r-a3b", crowd("a3"), 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_agents=2)
     )
     assert late.ok
 
@@ -943,7 +950,7 @@ async def test_requests_in_flight_are_limited_per_tenant_and_per_agent(harness: 
     async def hold(rid: str, agent_id: str, limits: tuple[int | None, int | None]) -> ReserveResult:
         counters = [tenant(10_000), agent(10_000, agent_id)]
         return await harness.store.reserve(
-            rid, counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=limits
+            rid, counters, 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_concurrent=limits)
         )
 
     first = await hold("r1", "a1", (3, 2))
@@ -962,16 +969,16 @@ async def test_requests_in_flight_are_limited_per_tenant_and_per_agent(harness: 
 async def test_a_dead_proxys_requests_leave_the_flight_with_their_leases(harness: Harness) -> None:
     counters = [tenant(10_000)]
     short = await harness.store.reserve(
-        "r1", counters, 10, tz=UTC, hold_ttl_s=LEASE, max_concurrent=(1, None)
+        "r1", counters, 10, tz=UTC, hold_ttl_s=LEASE, limits=Limits(max_concurrent=(1, None))
     )
     assert short.ok
     busy = await harness.store.reserve(
-        "r2", counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=(1, None)
+        "r2", counters, 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_concurrent=(1, None))
     )
     assert busy.concurrency_limited == "tenant"
     await harness.run_past(lease_end(short))
     later = await harness.store.reserve(
-        "r3", counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=(1, None)
+        "r3", counters, 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_concurrent=(1, None))
     )
     assert later.ok
 
@@ -979,11 +986,11 @@ async def test_a_dead_proxys_requests_leave_the_flight_with_their_leases(harness
 async def test_a_renewed_lease_keeps_its_request_in_flight(harness: Harness) -> None:
     counters = [tenant(10_000)]
     short = await harness.store.reserve(
-        "r1", counters, 10, tz=UTC, hold_ttl_s=LEASE, max_concurrent=(1, None)
+        "r1", counters, 10, tz=UTC, hold_ttl_s=LEASE, limits=Limits(max_concurrent=(1, None))
     )
     assert await harness.store.renew("r1", short.states, hold_ttl_s=TTL)
     await harness.run_past(lease_end(short))
     busy = await harness.store.reserve(
-        "r2", counters, 10, tz=UTC, hold_ttl_s=TTL, max_concurrent=(1, None)
+        "r2", counters, 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_concurrent=(1, None))
     )
     assert busy.concurrency_limited == "tenant"
