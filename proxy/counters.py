@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+from proxy.history import Rejection, SpendHistory
 from proxy.windows import Period, Window
 
 __all__ = [
@@ -183,12 +184,15 @@ class Store(Protocol):
         actual_micros: int,
         *,
         hold_ttl_s: float,
+        tz: ZoneInfo | None = None,
     ) -> None:
         """Replace ``rid``'s hold by the actual cost in the given periods, once per rid.
 
         0 releases, negative counts as 0. A hold whose lease ran out was charged its
         amount; the settle replaces that charge by the actual cost (spent += actual -
-        charged, which lowers spent when the actual cost is below the hold).
+        charged, which lowers spent when the actual cost is below the hold). The actual
+        cost also goes to the tenant's history, in the hour and day (local in ``tz``,
+        default UTC) of the settle.
         """
         ...
 
@@ -229,6 +233,19 @@ class Store(Protocol):
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    async def history(self, tenant_id: str) -> SpendHistory:
+        """The tenant's settled spend per hour and per day, as far back as it is kept
+        (``proxy.history``)."""
+        ...
+
+    async def note_rejection(self, tenant_id: str, rejection: Rejection) -> None:
+        """Keep ``rejection`` among the tenant's latest (``REJECTIONS_KEPT`` at most)."""
+        ...
+
+    async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
+        """The tenant's latest rejections, newest first."""
+        ...
 
 
 # --- validation shared by the stores -------------------------------------------------

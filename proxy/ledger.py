@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo
 from proxy.budget import BudgetPlan, rejection, too_many_agents, too_many_in_flight
 from proxy.counters import Counter, CounterState, Store
 from proxy.errors import BudgetExceeded, StoreDataLost, StoreUnavailable
+from proxy.history import Rejection
 
 log = logging.getLogger("capproxy.ledger")
 
@@ -49,6 +50,7 @@ class LedgerStats:
     settles_deferred: int = 0
     settles_dropped: int = 0
     renewals_failed: int = 0  # renew calls the store could not take (retried next tick)
+    rejections_unrecorded: int = 0  # rejections the store could not keep (not retried)
     leases_lapsed: int = 0  # holds found gone while their request ran (charged at expiry)
 
 
@@ -139,6 +141,7 @@ class Ledger:
         self._flushing = asyncio.Lock()
         self._settling: set[asyncio.Task[None]] = set()
         self._renewing: set[str] = set()  # rids of the holds whose lease is renewed
+        self._rejections_failing = False  # the last rejection could not be kept
 
     @property
     def pending(self) -> int:
@@ -296,7 +299,9 @@ class Ledger:
 
     async def _apply(self, p: _Pending) -> None:
         if p.states:
-            await self.store.settle(p.rid, p.states, p.actual_micros, hold_ttl_s=p.hold_ttl_s)
+            await self.store.settle(
+                p.rid, p.states, p.actual_micros, hold_ttl_s=p.hold_ttl_s, tz=p.tz
+            )
         else:
             await self.store.record(
                 p.rid, p.counters, p.actual_micros, tz=p.tz, hold_ttl_s=p.hold_ttl_s
@@ -354,3 +359,17 @@ class Ledger:
                         await asyncio.sleep(min(0.2, self._retry_interval_s))
         except TimeoutError:
             log.error("shutdown: %d deferred settles could not be written", len(self._pending))
+
+    async def note_rejection(self, tenant_id: str, rejection: Rejection) -> None:
+        """Keep a rejection for the dashboard. Never fails the request it describes: a
+        store that cannot take it within its timeout is counted and logged, once per
+        outage of this kind (the store's timeout bounds the wait)."""
+        try:
+            await self.store.note_rejection(tenant_id, rejection)
+        except (StoreUnavailable, ValueError) as exc:
+            self.stats.rejections_unrecorded += 1
+            if not self._rejections_failing:
+                log.warning("a rejection could not be kept for the dashboard: %r", exc)
+            self._rejections_failing = True
+        else:
+            self._rejections_failing = False

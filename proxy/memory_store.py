@@ -9,6 +9,7 @@ Same semantics as every ``proxy.counters.Store``; see that module.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
@@ -27,11 +28,21 @@ from proxy.counters import (
     check_ttl,
     clamp_actual,
 )
+from proxy.history import (
+    REJECTIONS_KEPT,
+    REJECTIONS_TTL_S,
+    Rejection,
+    SpendHistory,
+    buckets,
+    cutoffs,
+    kept,
+)
 from proxy.windows import Period, Window, period_of
 
 __all__ = ["MemoryStore"]
 
 DAY_S = 86_400
+UTC = ZoneInfo("UTC")
 # A store in this process's memory lives and dies with it: it has one epoch.
 MEMORY_EPOCH = "memory"
 
@@ -84,6 +95,11 @@ class MemoryStore:
         # Requests in flight: (tenant, None) or (tenant, agent) -> rid -> lease expiry.
         self._in_flight: dict[tuple[str, str | None], dict[str, float]] = {}
         self._next_prune = 0.0
+        # History: tenant -> hour start -> micros, and tenant -> day start -> micros.
+        self._hours: dict[str, dict[int, int]] = {}
+        self._days: dict[str, dict[int, int]] = {}
+        # Rejections: tenant -> (newest last, when the list is forgotten).
+        self._rejections: dict[str, tuple[deque[Rejection], float]] = {}
 
     async def reserve(
         self,
@@ -187,12 +203,13 @@ class MemoryStore:
         actual_micros: int,
         *,
         hold_ttl_s: float,
+        tz: ZoneInfo | None = None,
     ) -> None:
         check_rid(rid)
         tenant = check_counters([s.counter for s in states])
         check_ttl(hold_ttl_s)
         targets = [(s.counter, s.period) for s in states]
-        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=False)
+        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=False, tz=tz)
 
     async def record(
         self,
@@ -208,7 +225,7 @@ class MemoryStore:
         check_ttl(hold_ttl_s)
         now = self._clock()
         targets = [(c, period_of(c.window, now, tz)) for c in counters]
-        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=True)
+        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=True, tz=tz)
 
     async def snapshot(
         self, counters: Sequence[Counter], *, tz: ZoneInfo
@@ -246,6 +263,37 @@ class MemoryStore:
     async def aclose(self) -> None:
         return None
 
+    async def history(self, tenant_id: str) -> SpendHistory:
+        hour_cut, day_cut = cutoffs(self._clock())
+        return SpendHistory(
+            hours=kept(self._hours.get(tenant_id, {}).items(), hour_cut),
+            days=kept(self._days.get(tenant_id, {}).items(), day_cut),
+        )
+
+    async def note_rejection(self, tenant_id: str, rejection: Rejection) -> None:
+        now = self._clock()
+        self._prune(now)
+        entries, _ = self._rejections.get(tenant_id, (deque(maxlen=REJECTIONS_KEPT), 0.0))
+        entries.append(rejection)
+        self._rejections[tenant_id] = (entries, now + REJECTIONS_TTL_S)
+
+    async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
+        entries, until = self._rejections.get(tenant_id, (deque(), 0.0))
+        return tuple(reversed(entries)) if until > self._clock() else ()
+
+    def _add_history(self, tenant: str, actual: int, now: float, tz: ZoneInfo) -> None:
+        """Add a settled cost to its hour and day; a new bucket trims those too old."""
+        hour, day = buckets(now, tz)
+        hour_cut, day_cut = cutoffs(now)
+        for series, start, cut in (
+            (self._hours.setdefault(tenant, {}), hour, hour_cut),
+            (self._days.setdefault(tenant, {}), day, day_cut),
+        ):
+            if start not in series:
+                for old in [s for s in series if s < cut]:
+                    del series[old]
+            series[start] = series.get(start, 0) + actual
+
     def _commit(
         self,
         rid: str,
@@ -255,6 +303,7 @@ class MemoryStore:
         hold_ttl_s: float,
         *,
         check: bool,
+        tz: ZoneInfo | None = None,
     ) -> None:
         """Settle (``check=False``) or record (``check=True``: the store marks every
         record, since a release-only record may race its lost reserve)."""
@@ -271,6 +320,8 @@ class MemoryStore:
         actual = clamp_actual(actual_micros)
         if check or actual > 0:  # a release is idempotent as it is (as in Redis)
             self._settled[marker] = now + max(2 * hold_ttl_s, MIN_MARKER_TTL_S)
+        if actual > 0:
+            self._add_history(tenant, actual, now, tz or UTC)
         agent, agent_left = None, False
         for counter, period in targets:
             key = self._key(counter, period)
@@ -336,3 +387,9 @@ class MemoryStore:
         today = int(now // DAY_S)
         for day in [d for d in self._agents if d[1] < today]:
             del self._agents[day]
+        for tenant in [t for t, (_, until) in self._rejections.items() if until <= now]:
+            del self._rejections[tenant]
+        hour_cut, day_cut = cutoffs(now)
+        for series, cut in ((self._hours, hour_cut), (self._days, day_cut)):
+            for tenant in [t for t, points in series.items() if max(points, default=0) < cut]:
+                del series[tenant]  # spent nothing for as long as history is kept

@@ -24,6 +24,11 @@ name, ``S`` = period start in epoch seconds)::
     P:{store}:id           STRING the store's identity (gone: the store lost everything)
     P:{store}:tenants      SET   tenants that have an epoch
     P:{store}:lost         HASH  loss flags: "*" (the whole store) or a tenant id -> details
+    P:{T}:spend:hour       HASH  history: hour start -> micro-USD settled in that hour
+                                 (the last 48 hours; written by the settle)
+    P:{T}:spend:day        HASH  history: day start -> micro-USD settled that day (90 days)
+    P:{T}:rejections       LIST  the tenant's latest rejections (JSON), newest first,
+                                 at most 100, gone 7 days after the last
 
 The tenant id in braces is a Cluster hash tag, so every key of one request lives in one
 slot and each operation is one Lua script. Counter keys expire at period end + hold TTL
@@ -84,6 +89,18 @@ from proxy.counters import (
     clamp_actual,
 )
 from proxy.errors import StoreDataLost, StoreUnavailable
+from proxy.history import (
+    DAYS_KEPT,
+    HOUR_S,
+    HOURS_KEPT,
+    REJECTIONS_KEPT,
+    REJECTIONS_TTL_S,
+    Rejection,
+    SpendHistory,
+    buckets,
+    cutoffs,
+    kept,
+)
 from proxy.journal import JournalEntry
 from proxy.logs import log_event
 from proxy.redis_scripts import QUIET_CONNECT, Script, Server, lua, server_options
@@ -111,6 +128,7 @@ BACK_AFTER_S = 1.0  # an outage ends after this long without a failed call
 DATA_LOST_RETRY_AFTER_S = 60
 CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
 DAY_S = 86_400
+UTC = ZoneInfo("UTC")
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -140,6 +158,12 @@ def _states(
         end = float(_text(end_ms)) / 1000
         states.append(CounterState(c, p, int(_text(spent)), int(_text(held)), end or None))
     return tuple(states)
+
+
+def _points(flat: Sequence[Any], since: int) -> tuple[tuple[int, int], ...]:
+    """A history hash's fields and values (HGETALL, flat), as kept buckets."""
+    pairs = zip(flat[0::2], flat[1::2], strict=True)
+    return kept(((int(_text(f)), int(_text(v))) for f, v in pairs), since)
 
 
 def _honour_cancel() -> None:
@@ -187,7 +211,7 @@ class RedisStore:
         self._offset = 0.0  # Redis time - local time, learned from script replies
         self._reserve = Script(lua("reserve.lua", with_lib=True))
         self._renew = Script(lua("renew.lua", with_lib=True))
-        self._commit = Script(lua("commit.lua"))
+        self._commit = Script(lua("history.lua") + lua("commit.lua"))
         self._snapshot = Script(lua("snapshot.lua"))
         # Standalone and Sentinel: the one server; Cluster: one per node, by name.
         self._server = Server(client) if isinstance(client, Redis) else None
@@ -197,6 +221,8 @@ class RedisStore:
         self._topology_at = -1.0  # when the cluster's slots were last read (monotonic)
         self._judge = Script(lua("judge.lua"))
         self._restore = Script(lua("restore.lua"))
+        self._history = Script(lua("history_read.lua"))
+        self._rejection = Script(lua("rejection.lua"))
         # Continuity: the store's identity as this process knows it, what is lost, and
         # who is told (``on_data_loss(tenant or None for the whole store, detail)``).
         self.data_loss_policy = "fail_closed"
@@ -306,6 +332,15 @@ class RedisStore:
         tag = f"{self._prefix}:{{{tenant_id}}}:inflight"
         return [tag, f"{tag}:a:{agent}"]
 
+    def history_keys(self, tenant_id: str) -> list[str]:
+        """The tenant's spend per hour and per day (HASH: bucket start -> micro-USD)."""
+        tag = f"{self._prefix}:{{{tenant_id}}}:spend"
+        return [f"{tag}:hour", f"{tag}:day"]
+
+    def rejections_key(self, tenant_id: str) -> str:
+        """The tenant's latest rejections (LIST of JSON entries, newest first)."""
+        return f"{self._prefix}:{{{tenant_id}}}:rejections"
+
     def agents_key(self, tenant_id: str, at: float) -> str:
         """The SET of agents the tenant named on the UTC day of ``at``."""
         return f"{self._prefix}:{{{tenant_id}}}:agents:{int(at // DAY_S)}"
@@ -403,13 +438,16 @@ class RedisStore:
         actual_micros: int,
         *,
         hold_ttl_s: float,
+        tz: ZoneInfo | None = None,
     ) -> None:
         check_rid(rid)
         tenant = check_counters([s.counter for s in states])
         ttl_ms = check_ttl(hold_ttl_s)
         targets = [(s.counter, s.period) for s in states]
         await self._guard(
-            lambda: self._run_commit(rid, tenant, targets, actual_micros, ttl_ms, check=False)
+            lambda: self._run_commit(
+                rid, tenant, targets, actual_micros, ttl_ms, check=False, tz=tz or UTC
+            )
         )
 
     async def record(
@@ -427,7 +465,7 @@ class RedisStore:
 
         async def attempt(at: float) -> None:
             targets = [(c, period_of(c.window, at, tz)) for c in counters]
-            await self._run_commit(rid, tenant, targets, actual_micros, ttl_ms, check=True)
+            await self._run_commit(rid, tenant, targets, actual_micros, ttl_ms, check=True, tz=tz)
 
         await self._guard(lambda: self._with_periods(attempt))
 
@@ -489,6 +527,30 @@ class RedisStore:
             await self._eval(self._judge, keys, [""])
 
         await self._guard(ping)
+
+    async def history(self, tenant_id: str) -> SpendHistory:
+        async def read() -> SpendHistory:
+            hours, days = await self._eval(self._history, self.history_keys(tenant_id), [])
+            hour_cut, day_cut = cutoffs(self._estimate())
+            return SpendHistory(hours=_points(hours, hour_cut), days=_points(days, day_cut))
+
+        return await self._guard(read)
+
+    async def note_rejection(self, tenant_id: str, rejection: Rejection) -> None:
+        keys = [self.rejections_key(tenant_id)]
+        args: list[str | int] = [rejection.encode(), REJECTIONS_KEPT, REJECTIONS_TTL_S * 1000]
+        await self._guard(lambda: self._eval(self._rejection, keys, args))
+
+    async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
+        key = self.rejections_key(tenant_id)
+        entries = await self._guard(lambda: self._client.lrange(key, 0, REJECTIONS_KEPT - 1))
+        found = (Rejection.decode(e) for e in entries)
+        return tuple(r for r in found if r is not None)
+
+    def _history_expiry_ms(self, at: float) -> tuple[int, int]:
+        """History keys live as long as their newest bucket is kept."""
+        hour_end = (int(at) + (HOURS_KEPT + 1) * HOUR_S) * 1000
+        return hour_end, (int(at) + (DAYS_KEPT + 1) * DAY_S) * 1000
 
     async def aclose(self) -> None:
         await self._drop_idle()
@@ -749,10 +811,12 @@ class RedisStore:
         ttl_ms: int,
         *,
         check: bool,
+        tz: ZoneInfo,
     ) -> None:
         """Settle (``check=False``: the periods reserved) or record (``check=True``: the
         periods now). A settle of 0 writes no marker: releasing twice changes nothing, and
-        a release leaves no key behind."""
+        a release leaves no key behind. The cost also goes to the tenant's history, in the
+        hour and day (in ``tz``) of the store's time now."""
         actual = clamp_actual(actual_micros)
         keys = [self.settled_key(tenant, rid)]
         marked = check or actual > 0
@@ -772,6 +836,8 @@ class RedisStore:
         keys += [self.epoch_key(tenant), self.agents_key(tenant, at)]
         keys += self.in_flight_keys(tenant, agent)
         args += [agent, secrets.token_hex(8)]
+        keys += self.history_keys(tenant)
+        args += [*buckets(at, tz), *cutoffs(at), *self._history_expiry_ms(at)]
         reply = await self._eval(self._commit, keys, args)
         self._status(reply)
         if len(reply) > 1 and reply[1]:

@@ -42,6 +42,7 @@ from proxy.app import create_app
 from proxy.config import Settings
 from proxy.counters import Counter, ReserveResult, Store
 from proxy.endpoints import endpoint_for
+from proxy.history import Rejection, SpendHistory
 from proxy.memory_store import MemoryStore
 from proxy.pricing import micros_to_usd, usd_to_micros
 from proxy.redis_store import RedisStore
@@ -259,6 +260,15 @@ class RecordingStore:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    async def history(self, tenant_id: str) -> SpendHistory:
+        return await self.inner.history(tenant_id)
+
+    async def note_rejection(self, tenant_id: str, rejection: Rejection) -> None:
+        await self.inner.note_rejection(tenant_id, rejection)
+
+    async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
+        return await self.inner.rejections(tenant_id)
 
 
 async def spend_all_of_globex(store: Store) -> None:

@@ -17,6 +17,7 @@ from proxy.budget import BudgetPlan
 from proxy.config import BudgetCap
 from proxy.counters import NO_LIMITS, Counter, CounterState, Limits, ReserveResult
 from proxy.errors import BudgetExceeded, StoreUnavailable
+from proxy.history import Rejection, SpendHistory
 from proxy.ledger import Hold, Ledger
 from proxy.memory_store import MemoryStore
 from proxy.windows import Window
@@ -127,11 +128,12 @@ class FakeStore:
         actual_micros: int,
         *,
         hold_ttl_s: float,
+        tz: ZoneInfo | None = None,
     ) -> None:
         await self._wait()
         self._check(rid)
         self.calls.append(Call("settle", rid, actual_micros))
-        await self.memory.settle(rid, states, actual_micros, hold_ttl_s=hold_ttl_s)
+        await self.memory.settle(rid, states, actual_micros, hold_ttl_s=hold_ttl_s, tz=tz)
 
     async def record(
         self,
@@ -168,6 +170,18 @@ class FakeStore:
 
     async def aclose(self) -> None:
         return None
+
+    async def history(self, tenant_id: str) -> SpendHistory:
+        self._check()
+        return await self.memory.history(tenant_id)
+
+    async def note_rejection(self, tenant_id: str, rejection: Rejection) -> None:
+        self._check()
+        await self.memory.note_rejection(tenant_id, rejection)
+
+    async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
+        self._check()
+        return await self.memory.rejections(tenant_id)
 
     def ops(self, *kinds: str) -> list[Call]:
         return [c for c in self.calls if c.op in kinds]

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
+from redis.asyncio import Redis
 
 from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
@@ -25,6 +26,7 @@ from proxy.counters import (
     Store,
 )
 from proxy.errors import StoreUnavailable
+from proxy.history import DAYS_KEPT, HOURS_KEPT, Rejection, buckets
 from proxy.memory_store import MemoryStore
 from proxy.redis_store import RedisStore
 from proxy.windows import Period, Window, period_of
@@ -674,9 +676,15 @@ async def test_redis_key_layout_and_expiry(redis_harness: Harness) -> None:
     settled_key = f"{h.prefix}:{{acme}}:settled:req-1"
     epoch_key = f"{h.prefix}:{{acme}}:epoch"
     tenants_key = f"{h.prefix}:{{store}}:tenants"  # tenants that recorded spend
+    spend_keys = [f"{h.prefix}:{{acme}}:spend:hour", f"{h.prefix}:{{acme}}:spend:day"]
     assert await h.raw.keys(h.prefix) == sorted(
-        [hour_key, month_key, settled_key, epoch_key, agents_key, tenants_key]
+        [hour_key, month_key, settled_key, epoch_key, agents_key, tenants_key, *spend_keys]
     )
+    hour, day = buckets(result.now, UTC)
+    assert await hgetall(h.raw, spend_keys[0]) == {str(hour): "40"}
+    assert await hgetall(h.raw, spend_keys[1]) == {str(day): "40"}
+    for key, kept_s in zip(spend_keys, [HOURS_KEPT * 3600, DAYS_KEPT * 86400], strict=True):
+        assert kept_s * 1000 < await h.raw.call("PTTL", key) <= (kept_s + 86400) * 1000
     assert await h.raw.call("SMEMBERS", tenants_key) == ["acme"]
     assert await h.raw.call("PTTL", epoch_key) == -1  # kept: its absence means a loss
     assert 0 < await h.raw.call("PTTL", settled_key) <= 2 * TTL * 1000
@@ -994,3 +1002,113 @@ async def test_a_renewed_lease_keeps_its_request_in_flight(harness: Harness) -> 
         "r2", counters, 10, tz=UTC, hold_ttl_s=TTL, limits=Limits(max_concurrent=(1, None))
     )
     assert busy.concurrency_limited == "tenant"
+
+
+# --- history and rejections, every store ---------------------------------------------------
+
+
+def rejection(n: int, agent_id: str = "bot-1") -> Rejection:
+    return Rejection(
+        time=T0 + n, agent=agent_id, model="gpt-4o", code="budget_exceeded", windows=("daily",)
+    )
+
+
+async def test_settled_spend_goes_to_its_hour_and_day_once(harness: Harness) -> None:
+    h = harness
+    counters = [tenant(10_000, Window.HOURLY), agent(10_000)]
+    first = await reserve(h, "req-1", counters, 100)
+    await h.store.settle("req-1", first.states, 40, hold_ttl_s=TTL)
+    await h.store.settle("req-1", first.states, 40, hold_ttl_s=TTL)  # a retry: once
+    second = await reserve(h, "req-2", counters, 100)
+    await h.store.settle("req-2", second.states, 0, hold_ttl_s=TTL)  # a release: nothing
+    await h.store.record("req-3", counters, 60, tz=UTC, hold_ttl_s=TTL)  # fail-open
+    history = await h.store.history("acme")
+    hour, day = buckets(await h.store.now(), UTC)
+    assert sum(m for _, m in history.hours) == 100 and history.hours[-1][0] <= hour
+    assert sum(m for _, m in history.days) == 100 and history.days[-1][0] <= day
+    assert await h.store.history("globex") == type(history)()  # other tenants: nothing
+
+
+async def test_rejections_keep_the_latest_hundred_newest_first(harness: Harness) -> None:
+    for n in range(105):
+        await harness.store.note_rejection("acme", rejection(n))
+    await harness.store.note_rejection("globex", rejection(0, "other"))
+    kept = await harness.store.rejections("acme")
+    assert len(kept) == 100
+    assert kept[0] == rejection(104) and kept[-1] == rejection(5)
+    assert await harness.store.rejections("globex") == (rejection(0, "other"),)
+    assert await harness.store.rejections("initech") == ()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def clocked(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Store, FakeClock]]:
+    """A store whose history follows a fake clock (Redis: the time its settles are
+    counted at comes from the proxy's estimate of the store clock, and its keys expire
+    by it: the clock starts at 20 past the current hour)."""
+    clock = FakeClock(period_of(Window.HOURLY, time.time(), UTC).start + 1200.0)
+    if request.param == "memory":
+        yield MemoryStore(clock=clock), clock
+        return
+    url: str = request.getfixturevalue("redis_url")
+    prefix: str = request.getfixturevalue("key_prefix")
+    client = Redis.from_url(url)
+    store = RedisStore(client, prefix=prefix, timeout_s=2.0, local_clock=clock)
+    try:
+        yield store, clock
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_history_is_trimmed_to_48_hours_and_90_days(
+    clocked: tuple[Store, FakeClock],
+) -> None:
+    store, clock = clocked
+    counter = tenant(10**12, Window.HOURLY)
+    start = clock.now
+
+    async def settle_at(at: float, rid: str) -> None:
+        clock.now = at
+        period = period_of(Window.HOURLY, at, UTC)
+        await store.settle(rid, [CounterState(counter, period, 0, 0)], 1, hold_ttl_s=TTL)
+
+    for i in range(60):
+        await settle_at(start + 3600 * i, f"h-{i}")
+    history = await store.history("acme")
+    assert len(history.hours) == 48
+    assert history.hours[-1] == (period_of(Window.HOURLY, clock.now, UTC).start, 1)
+    for i in range(100):
+        await settle_at(start + 60 * 3600 + 86400 * i, f"d-{i}")
+    history = await store.history("acme")
+    assert len(history.days) == 90
+    assert history.days[-1] == (period_of(Window.DAILY, clock.now, UTC).start, 1)
+    if isinstance(store, RedisStore):  # the hashes themselves stay that small
+        hour_key, day_key = store.history_keys("acme")
+        assert await store.client.hlen(hour_key) <= 49
+        assert await store.client.hlen(day_key) <= 91
+
+
+async def test_history_days_follow_the_time_zone(clocked: tuple[Store, FakeClock]) -> None:
+    store, clock = clocked
+    tokyo = ZoneInfo("Asia/Tokyo")
+    counter = tenant(10**12, Window.HOURLY)
+    period = period_of(Window.HOURLY, clock.now, tokyo)
+    await store.settle("r", [CounterState(counter, period, 0, 0)], 7, hold_ttl_s=TTL, tz=tokyo)
+    history = await store.history("acme")
+    day = period_of(Window.DAILY, clock.now, tokyo)
+    assert history.days == ((day.start, 7),)
+    assert day != period_of(Window.DAILY, clock.now, UTC)  # Tokyo's day is not UTC's
+    assert history.hours == ((period.start, 7),)
+
+
+async def test_redis_rejections_are_one_bounded_expiring_list(redis_harness: Harness) -> None:
+    h = redis_harness
+    assert isinstance(h.store, RedisStore) and h.raw is not None
+    for n in range(103):
+        await h.store.note_rejection("acme", rejection(n))
+    key = f"{h.prefix}:{{acme}}:rejections"
+    assert await h.raw.keys(h.prefix) == [key]
+    assert await h.raw.call("LLEN", key) == 100
+    assert 0 < await h.raw.call("PTTL", key) <= 7 * 86400 * 1000

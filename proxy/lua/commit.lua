@@ -1,14 +1,17 @@
 -- KEYS: settled marker, then per counter its hash and holds zset, then the tenant's epoch,
---       the tenant's agents of the day, and the tenant's and the agent's requests in flight.
+--       the tenant's agents of the day, and the tenant's and the agent's requests in flight;
+--       then the tenant's spend per hour and per day (history hashes).
 -- ARGV: rid, actual, marker ttl ms ('0': write no marker), check ('1' = verify periods
 --       against TIME), then per counter: period start, period end, key expiry (epoch ms),
 --       scope ('a' agent, 't' tenant); then the agent id ('' = none) and an epoch to give
---       the tenant if it has none and this settle records spend.
+--       the tenant if it has none and this settle records spend; then the history's hour
+--       and day bucket (their start), the starts below which buckets are no longer kept
+--       (hour, day), and the two history keys' expiry (epoch ms).
 -- Removes rid's hold; spent grows by actual, less what rid's expired lease was charged. A
 -- counter left with nothing spent and nothing held is deleted (and with all of the
 -- agent's, the agent leaves the day's set), so requests that cost nothing leave no keys.
 -- Returns {'skew', sec, usec} | {'dup'} | {'ok', the tenant's epoch or ''}.
-local n = (#KEYS - 5) / 2
+local n = (#KEYS - 7) / 2
 local base = 4
 if ARGV[4] == '1' then
   local t = redis.call('TIME')
@@ -69,5 +72,8 @@ redis.call('ZREM', KEYS[2 * n + 4], rid)  -- no longer in flight (an empty set i
 redis.call('ZREM', KEYS[2 * n + 5], rid)
 if actual > 0 then
   redis.call('SET', KEYS[2 * n + 2], ARGV[base + 4 * n + 2], 'NX')
+end
+if actual > 0 then
+  add_history(KEYS[2 * n + 6], KEYS[2 * n + 7], base + 4 * n + 2, actual)
 end
 return {'ok', redis.call('GET', KEYS[2 * n + 2]) or ''}
