@@ -169,11 +169,17 @@ def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded:
         retry_after = max(retry_after, wait)
     if not parts:  # the store refused, yet every window has room: report the tightest
         parts.append("budget cap exceeded")
-    return BudgetExceeded(
+    exc = BudgetExceeded(
         "; ".join(parts),
         retry_after_s=retry_after,
         should_retry=not hopeless and retry_after <= RETRY_HORIZON_S,
     )
+    exc.windows = tuple(
+        str(s.counter.window) if s.counter.agent_id is None else f"agent {s.counter.window}"
+        for s in result.states
+        if s.spent_micros + s.held_micros + amount > s.counter.limit_micros
+    )
+    return exc
 
 
 def _holds_end_in(state: CounterState, now: float) -> int:

@@ -148,6 +148,8 @@ class CapExceeded(ProxyError):
             },
         )
         self.retry_after_s = retry_after_s
+        # The budget windows that refused it ("daily", "agent daily"), for the dashboard.
+        self.windows: tuple[str, ...] = ()
 
 
 class BudgetExceeded(CapExceeded):

@@ -27,6 +27,7 @@ from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
     BadRequest,
     BudgetExceeded,
+    CapExceeded,
     ConcurrencyLimitExceeded,
     InvalidJSON,
     MissingModel,
@@ -44,6 +45,7 @@ from proxy.errors import (
     UnsupportedParameter,
     UpstreamError,
 )
+from proxy.history import Rejection
 from proxy.journal import JournalEntry
 from proxy.ledger import Hold
 from proxy.logs import log_request
@@ -308,6 +310,8 @@ async def metered(request: web.Request) -> web.StreamResponse:
     except ProxyError as exc:
         rec.status = exc.status
         rec.outcome = _outcome(exc)
+        if isinstance(exc, CapExceeded):
+            await _note_rejection(request, rec, exc)
         raise
     except asyncio.CancelledError:
         # Cut at the shutdown deadline: a stream keeps the status it was sent with.
@@ -328,6 +332,20 @@ async def metered(request: web.Request) -> web.StreamResponse:
         rec.duration_s = time.perf_counter() - started
         request.app[METRICS].observe(rec)
         log_request(rec)
+
+
+async def _note_rejection(request: web.Request, rec: RequestRecord, exc: CapExceeded) -> None:
+    """Keep a refused request among its tenant's recent rejections (for the dashboard)."""
+    if rec.tenant_id is None:
+        return
+    rejection = Rejection(
+        time=time.time(),
+        agent=rec.agent_id or "",
+        model=rec.model or "",
+        code=exc.code,
+        windows=exc.windows,
+    )
+    await request.app[LEDGER].note_rejection(rec.tenant_id, rejection)
 
 
 def _outcome(exc: ProxyError) -> Outcome:

@@ -3,11 +3,14 @@
     GET /api/v1/costs/current?agent_id=bot   tenant key, or admin token + tenant_id=
     GET /api/v1/caps?agent_id=bot            tenant key, or admin token + tenant_id=
     GET /api/v1/tenants                      admin token only
+    GET /api/v1/costs/history?granularity=hour   tenant key, or admin token (+ tenant_id=)
+    GET /api/v1/rejections                   tenant key, or admin token (+ tenant_id=)
     GET /api/v1/openapi.json                 no credentials
 
 Callers authenticate like proxied calls (``Authorization: Bearer`` or ``x-api-key`` with a
 tenant's proxy key) and read only their own tenant; ``Authorization: Bearer
-<auth.admin_token>`` reads any tenant (no admin token configured: no admin access).
+<auth.admin_token>`` reads any tenant (no admin token configured: no admin access), and
+every configured tenant at once where ``tenant_id`` is optional.
 Nothing here is ever forwarded upstream.
 
 Money is written as JSON numbers with exactly six decimals, straight from the exact
@@ -25,6 +28,7 @@ import time
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -33,9 +37,10 @@ from proxy.budget import DEFAULT_AGENT, plan_budget
 from proxy.config import ID_PATTERN, BudgetCap, Settings, TokenCap
 from proxy.counters import CounterState, Store
 from proxy.errors import BadRequest, Forbidden
+from proxy.history import DAYS_KEPT, HOURS_KEPT, REJECTIONS_KEPT, Rejection, SpendHistory
 from proxy.pricing import micros_to_usd, usd_to_micros
 from proxy.state import LEDGER, RUNTIME, Runtime
-from proxy.windows import Window
+from proxy.windows import Window, period_of
 
 PREFIX = "/api/v1"
 TENANT_ID = re.compile(ID_PATTERN)
@@ -71,6 +76,14 @@ def readable_tenant(rt: Runtime, request: web.Request) -> str:
     if wanted is not None and wanted != own:
         raise Forbidden("A tenant key may only read its own tenant.", param="tenant_id")
     return own
+
+
+def readable_tenants(rt: Runtime, request: web.Request) -> list[str]:
+    """``readable_tenant``, except that the admin without ``tenant_id`` reads every
+    configured tenant."""
+    if "tenant_id" not in request.query and is_admin(rt.settings, request.headers):
+        return [t.id for t in rt.settings.tenants]
+    return [readable_tenant(rt, request)]
 
 
 def requested_agent(request: web.Request) -> str:
@@ -144,6 +157,54 @@ async def snapshot(
     }
 
 
+GRANULARITIES = ("hour", "day")
+
+
+def bucket_starts(granularity: str, now: float, tz: ZoneInfo) -> list[int]:
+    """The starts of the buckets a history covers, oldest first, the current one last:
+    the last ``HOURS_KEPT`` local hours or ``DAYS_KEPT`` local days."""
+    if granularity == "hour":
+        current = period_of(Window.HOURLY, now, tz).start
+        return [current - 3600 * i for i in reversed(range(HOURS_KEPT))]
+    starts = [period_of(Window.DAILY, now, tz).start]
+    while len(starts) < DAYS_KEPT:
+        starts.append(period_of(Window.DAILY, starts[-1] - 1, tz).start)
+    return starts[::-1]
+
+
+def history_series(
+    tenant_id: str,
+    history: SpendHistory,
+    starts: list[int],
+    granularity: str,
+    *,
+    today: int,
+    month: int,
+) -> dict[str, Any]:
+    """One tenant's spend per bucket (aligned with ``starts``), today and this month
+    (``today``, ``month``: the starts of the local day and month)."""
+    points = dict(history.hours if granularity == "hour" else history.days)
+    days = dict(history.days)
+    return {
+        "tenant_id": tenant_id,
+        "spend_usd": [micros_to_usd(points.get(start, 0)) for start in starts],
+        "total_usd": micros_to_usd(sum(points.get(start, 0) for start in starts)),
+        "today_usd": micros_to_usd(days.get(today, 0)),
+        "month_usd": micros_to_usd(sum(m for s, m in days.items() if s >= month)),
+    }
+
+
+def rejection_entry(tenant_id: str, rejection: Rejection) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant_id,
+        "time": rejection.time,
+        "agent_id": rejection.agent,
+        "model": rejection.model,
+        "code": rejection.code,
+        "windows": list(rejection.windows),
+    }
+
+
 def budget_cap(cap: BudgetCap) -> dict[str, Any]:
     return {
         "window": cap.window.value,
@@ -174,6 +235,45 @@ async def tenants(request: web.Request) -> web.StreamResponse:
     # One snapshot per tenant: a snapshot reads one tenant's keys (one Cluster slot).
     listed = [await snapshot(rt.settings, store, t.id, DEFAULT_AGENT) for t in rt.settings.tenants]
     return json_response({"tenants": listed})
+
+
+async def costs_history(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/costs/history``: settled spend per hour (48 h) or per day (90 days)."""
+    rt: Runtime = request.app[RUNTIME].current
+    granularity = request.query.get("granularity", "hour")
+    if granularity not in GRANULARITIES:
+        raise BadRequest("granularity must be 'hour' or 'day'.", param="granularity")
+    tenant_ids = readable_tenants(rt, request)
+    store = request.app[LEDGER].store
+    tz = rt.settings.tz
+    now = time.time()
+    starts = bucket_starts(granularity, now, tz)
+    today = period_of(Window.DAILY, now, tz).start
+    month = period_of(Window.MONTHLY, now, tz).start
+    series = [
+        history_series(t, await store.history(t), starts, granularity, today=today, month=month)
+        for t in tenant_ids
+    ]
+    return json_response(
+        {
+            "granularity": granularity,
+            "time_zone": tz.key,
+            "bucket_starts": starts,
+            "series": series,
+        }
+    )
+
+
+async def rejections(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/rejections``: the latest requests refused by a cap, newest first."""
+    rt: Runtime = request.app[RUNTIME].current
+    tenant_ids = readable_tenants(rt, request)
+    store = request.app[LEDGER].store
+    found = [(t, r) for t in tenant_ids for r in await store.rejections(t)]
+    found.sort(key=lambda item: item[1].time, reverse=True)
+    return json_response(
+        {"rejections": [rejection_entry(t, r) for t, r in found[:REJECTIONS_KEPT]]}
+    )
 
 
 async def caps(request: web.Request) -> web.StreamResponse:
@@ -221,6 +321,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/costs/current", costs_current)
     app.router.add_get(f"{PREFIX}/caps", caps)
     app.router.add_get(f"{PREFIX}/tenants", tenants)
+    app.router.add_get(f"{PREFIX}/costs/history", costs_history)
+    app.router.add_get(f"{PREFIX}/rejections", rejections)
     app.router.add_get(f"{PREFIX}/openapi.json", openapi)
 
 
@@ -262,6 +364,17 @@ _AGENT = _query(
     default=DEFAULT_AGENT,
 )
 _TENANT = _query("tenant_id", "Required with the admin token; a key: its own", pattern=ID_PATTERN)
+_TENANT_OPTIONAL = _query(
+    "tenant_id",
+    "With the admin token: one tenant (absent: every configured tenant); a key: its own",
+    pattern=ID_PATTERN,
+)
+_GRANULARITY = {
+    "name": "granularity",
+    "in": "query",
+    "description": "hour: the last 48 local hours; day: the last 90 local days",
+    "schema": {"type": "string", "enum": list(GRANULARITIES), "default": "hour"},
+}
 _READ_ERRORS = {
     "400": "Invalid agent_id or tenant_id, or no tenant_id with the admin token",
     "401": "Missing or unknown key",
@@ -300,6 +413,20 @@ OPENAPI: dict[str, Any] = {
             [],
             {"401": "Missing or unknown key", "403": "Not the admin token", **_STORE_ERROR},
         ),
+        f"{PREFIX}/costs/history": _get(
+            "Settled spend per local hour (the last 48) or day (the last 90), per tenant; "
+            "the admin token without tenant_id: every configured tenant",
+            "SpendHistory",
+            [_GRANULARITY, _TENANT_OPTIONAL],
+            {**_READ_ERRORS, **_STORE_ERROR},
+        ),
+        f"{PREFIX}/rejections": _get(
+            "The latest requests refused by a cap (429), newest first: the last 100 per "
+            "tenant; the admin token without tenant_id: the newest 100 of every tenant",
+            "RejectionList",
+            [_TENANT_OPTIONAL],
+            {**_READ_ERRORS, **_STORE_ERROR},
+        ),
         f"{PREFIX}/openapi.json": {
             "get": {
                 "summary": "This document",
@@ -337,6 +464,46 @@ OPENAPI: dict[str, Any] = {
                 tenant_windows={"type": "array", "items": _ref("WindowSpend")},
             ),
             "TenantList": _object(tenants={"type": "array", "items": _ref("SpendSnapshot")}),
+            "TenantHistory": _object(
+                tenant_id={"type": "string"},
+                spend_usd={
+                    "type": "array",
+                    "items": _USD,
+                    "description": "Settled in each bucket, aligned with bucket_starts",
+                },
+                total_usd=_USD,
+                today_usd={**_USD, "description": "Settled this local day"},
+                month_usd={**_USD, "description": "Settled this local month"},
+            ),
+            "SpendHistory": _object(
+                granularity={"type": "string", "enum": list(GRANULARITIES)},
+                time_zone={"type": "string", "description": "The caps file's time_zone"},
+                bucket_starts={
+                    "type": "array",
+                    "items": {"type": "integer"},
+                    "description": "Each bucket's start (epoch seconds), oldest first; the "
+                    "last is the current hour or day",
+                },
+                series={"type": "array", "items": _ref("TenantHistory")},
+            ),
+            "Rejection": _object(
+                tenant_id={"type": "string"},
+                time={"type": "number", "description": "Epoch seconds"},
+                agent_id={"type": "string"},
+                model={"type": "string"},
+                code={
+                    "type": "string",
+                    "description": "The 429's error code (budget_exceeded, "
+                    "token_cap_exceeded, concurrency_limit_exceeded, too_many_agents)",
+                },
+                windows={
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "The budget windows that refused it: 'daily' "
+                    "(tenant-wide) or 'agent daily'; empty for other caps",
+                },
+            ),
+            "RejectionList": _object(rejections={"type": "array", "items": _ref("Rejection")}),
             "BudgetCap": _object(window=_WINDOW, hard_limit_usd=_USD, soft_limit_usd=_USD_OR_NULL),
             "TokenCap": _object(**dict.fromkeys(TokenCap.model_fields, _TOKENS)),
             "Caps": _object(

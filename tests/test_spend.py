@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.config import Settings
 from proxy.counters import Counter, Store
+from proxy.memory_store import MemoryStore
 from proxy.pricing import micros_to_usd
 from proxy.redis_store import RedisStore
-from proxy.windows import Window
+from proxy.state import LEDGER
+from proxy.windows import Window, period_of
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
 from tests.harness import OTHER_KEY, TENANT_KEY, auth, chat, settings_for
@@ -456,3 +461,134 @@ async def test_api_is_never_proxied(upstream: FakeUpstream, make_client: MakeCli
     resp = await client.post(COSTS, headers=auth(), json={})
     assert resp.status == 405
     assert upstream.received == []
+
+
+# --- costs/history and rejections ----------------------------------------------------------
+
+HISTORY = "/api/v1/costs/history"
+REJECTIONS = "/api/v1/rejections"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """The embedded store, or a real Redis."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url: str = request.getfixturevalue("redis_url")
+    prefix: str = request.getfixturevalue("key_prefix")
+    store = RedisStore.from_url(url, prefix=prefix, timeout_s=0.25)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def test_history_shows_the_spend_settled_this_hour_day_and_month(
+    upstream: FakeUpstream, make_client: MakeClient, any_store: Store
+) -> None:
+    client = await make_client(settings(upstream), store=any_store)
+    for agent, key in (("bot", TENANT_KEY), (None, TENANT_KEY), (None, OTHER_KEY)):
+        await post(client, agent, key)  # $0.00005 each
+    hour = period_of(Window.HOURLY, time.time(), UTC).start
+
+    status, body = await get(client, HISTORY, auth(), granularity="hour")
+    assert status == 200, body
+    assert (body["granularity"], body["time_zone"]) == ("hour", "UTC")
+    starts = body["bucket_starts"]
+    assert len(starts) == 48 and starts[-1] in (hour, hour + 3600)  # an hour may turn
+    assert starts == [starts[-1] - 3600 * i for i in reversed(range(48))]
+    (acme,) = body["series"]
+    assert acme["tenant_id"] == "acme"
+    assert len(acme["spend_usd"]) == 48
+    assert sum(acme["spend_usd"]) == acme["total_usd"] == Decimal("0.0001")
+    assert acme["today_usd"] == acme["month_usd"] == Decimal("0.0001")
+
+    status, body = await get(client, HISTORY, admin(), granularity="day")
+    assert status == 200, body
+    assert len(body["bucket_starts"]) == 90
+    totals = {s["tenant_id"]: s["total_usd"] for s in body["series"]}
+    assert totals == {"acme": Decimal("0.0001"), "globex": Decimal("0.00005")}
+    status, body = await get(client, HISTORY, admin(), tenant_id="globex")
+    assert [s["tenant_id"] for s in body["series"]] == ["globex"]
+    text = await (await client.get(HISTORY, headers=auth())).text()
+    assert '"total_usd":0.000100' in text  # exact, six decimals
+
+
+async def test_history_granularity_is_hour_or_day(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    client = await make_client(settings(upstream))
+    status, body = await get(client, HISTORY, auth(), granularity="week")
+    assert (status, body["error"]["param"]) == (400, "granularity")
+
+
+async def test_rejections_list_what_the_caps_refused_newest_first(
+    upstream: FakeUpstream, make_client: MakeClient, any_store: Store
+) -> None:
+    tiny = {"window": "hourly", "hard_limit_usd": "0.00001"}
+    conf = settings(
+        upstream,
+        tenants=[
+            {"id": "acme", "api_keys": [TENANT_KEY], "budget_caps": [tiny]},
+            {"id": "globex", "api_keys": [OTHER_KEY]},
+        ],
+    )
+    client = await make_client(conf, store=any_store)
+    too_long = chat(max_completion_tokens=5000)  # over the token cap
+    resp = await client.post("/v1/chat/completions", json=too_long, headers=auth(agent="bot"))
+    assert resp.status == 429
+    resp = await client.post("/v1/chat/completions", json=chat(), headers=auth(agent="bot"))
+    assert resp.status == 429
+    assert upstream.received == []
+
+    status, body = await get(client, REJECTIONS, auth())
+    assert status == 200, body
+    budget, token = body["rejections"]
+    assert budget["time"] >= token["time"]
+    assert {k: v for k, v in budget.items() if k != "time"} == {
+        "tenant_id": "acme",
+        "agent_id": "bot",
+        "model": "test-model",
+        "code": "budget_exceeded",
+        "windows": ["hourly"],
+    }
+    assert (token["code"], token["windows"]) == ("token_cap_exceeded", [])
+    status, every = await get(client, REJECTIONS, admin())
+    assert every == body
+    status, other = await get(client, REJECTIONS, admin(), tenant_id="globex")
+    assert (status, other) == (200, {"rejections": []})
+
+
+async def test_a_tenant_key_reads_only_its_own_history_and_rejections(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    client = await make_client(settings(upstream))
+    for path in (HISTORY, REJECTIONS):
+        status, body = await get(client, path, auth(), tenant_id="globex")
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        status, body = await get(client, path, admin("wrong"))
+        assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+
+
+async def test_history_and_rejections_are_503_when_the_store_is_down(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
+    client = await make_client(settings(upstream), store=dead)
+    for path in (HISTORY, REJECTIONS):
+        status, body = await get(client, path, admin())
+        assert (status, body["error"]["code"]) == (503, "store_unavailable")
+
+
+async def test_a_rejection_the_store_cannot_keep_is_still_a_429(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
+    client = await make_client(settings(upstream), store=dead)
+    too_long = chat(max_completion_tokens=5000)
+    for _ in range(2):
+        resp = await client.post("/v1/chat/completions", json=too_long, headers=auth())
+        assert resp.status == 429
+        assert (await resp.json())["error"]["code"] == "token_cap_exceeded"
+    assert client.app[LEDGER].stats.rejections_unrecorded == 2
