@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import SecretStr
 
-from proxy import handlers, logs, spend
+from proxy import dashboard, handlers, logs, spend
 from proxy.alerts import Alerter
 from proxy.config import Settings
 from proxy.counters import Store
@@ -306,6 +306,7 @@ def create_app(
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     spend.add_routes(app)
+    dashboard.add_routes(app)
     app.router.add_get("/v1/models", handlers.models)
     metered = "|".join(re.escape(e.value) for e in Endpoint)
     app.router.add_post(f"/v1/{{path:(?:{metered})}}", handlers.metered)
