@@ -1,6 +1,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config.example.yaml
+# The dashboard's browser tests drive Debian's chromium (Playwright never downloads one).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint typecheck pytest install dev bench clean
 
@@ -11,8 +14,12 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	$(PY) -m pip install -e .
 
-dev: $(VENV)/bin/python
+dev: $(VENV)/bin/python $(CHROMIUM)
 	$(PY) -m pip install -e '.[dev]'
+
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 run: install
 	$(VENV)/bin/capproxy serve --config $(CONFIG)
