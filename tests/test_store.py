@@ -628,7 +628,10 @@ COUNTER_KEY = re.compile(
     r"(?P<start>\d+)(?P<holds>:holds)?"
 )
 SETTLED_KEY = re.compile(r"(?P<prefix>[^:{}]+):\{(?P<tenant>[A-Za-z0-9._-]+)\}:settled:(?P<rid>.+)")
-TENANT_KEY = re.compile(r"(?P<prefix>[^:{}]+):\{(?P<tenant>[A-Za-z0-9._-]+)\}:(?:epoch|agents:\d+)")
+TENANT_KEY = re.compile(
+    r"(?P<prefix>[^:{}]+):\{(?P<tenant>[A-Za-z0-9._-]+)\}:"
+    r"(?:epoch|agents:\d+|spend:(?:hour|day)|rejections)"
+)
 
 
 async def hgetall(raw: RawRedis, key: str) -> dict[str, str]:
@@ -748,8 +751,10 @@ async def test_redis_keys_hold_only_ids(redis_harness: Harness) -> None:
     result = await reserve(h, "rid-9", counters, 10)
     await h.store.settle("rid-9", result.states, 10, hold_ttl_s=TTL)
     await h.store.record("rid-10", counters, 10, tz=UTC, hold_ttl_s=TTL)
+    await h.store.note_rejection("acme", rejection(1, "agent.7"))
     keys = [k for k in await h.raw.keys(h.prefix) if ":{store}:" not in k]
-    assert len(keys) == 6  # 2 counters, 2 settled markers, the epoch, the day's agents
+    # 2 counters, 2 settled markers, the epoch, the day's agents, the history, rejections.
+    assert len(keys) == 9
     for key in keys:
         assert secret not in key
         match = (
