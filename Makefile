@@ -5,7 +5,7 @@ CONFIG ?= config.example.yaml
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck pytest install dev bench clean
+.PHONY: run test lint typecheck pytest install dev bench clean dashboard-screenshot
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -39,6 +39,9 @@ test: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
+
+dashboard-screenshot: dev
+	$(PY) -m tests.dashboard_demo docs/dashboard.png
 
 bench: dev
 	$(PY) bench/overhead.py
