@@ -172,7 +172,7 @@ def agent(limit: int, agent_id: str = "bot-1", window: Window = Window.DAILY) ->
 
 
 def amounts(states: tuple[CounterState, ...]) -> list[tuple[int, int]]:
-    return [(s.spent_micros, s.held_micros) for s in states]
+    return [(s.spent, s.held) for s in states]
 
 
 async def reserve(
@@ -200,7 +200,7 @@ async def test_reserve_within_limit(harness: Harness) -> None:
     assert [s.counter for s in result.states] == counters
     for s in result.states:
         assert s.period == period_of(s.counter.window, result.now, UTC)
-        assert s.room_micros == s.counter.limit_micros - 300
+        assert s.room == s.counter.limit - 300
     assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 300), (0, 300)]
 
 
@@ -243,7 +243,7 @@ async def test_settle_above_hold_counts_in_full(harness: Harness) -> None:
     result = await reserve(harness, "r1", counters, 100)
     await harness.store.settle("r1", result.states, 1200, hold_ttl_s=TTL)
     (state,) = await harness.store.snapshot(counters, tz=UTC)
-    assert (state.spent_micros, state.held_micros, state.room_micros) == (1200, 0, -200)
+    assert (state.spent, state.held, state.room) == (1200, 0, -200)
     assert not (await reserve(harness, "r2", counters, 0)).ok
 
 
@@ -447,7 +447,7 @@ async def test_a_dead_proxys_holds_end_charged_one_lease_later(harness: Harness)
     assert [s.holds_end for s in refused.states] == [pytest.approx(end, abs=0.002)] * 2
     while await harness.store.now() <= end + 0.001:
         states = await harness.store.snapshot(counters, tz=UTC)
-        assert [s.spent_micros + s.held_micros for s in states] == [2000, 2000]
+        assert [s.spent + s.held for s in states] == [2000, 2000]
         await harness.elapse(0.02)
     assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(2000, 0)] * 2
     refused = await reserve(harness, "next", counters, 501)
