@@ -13,18 +13,25 @@ Each alert is a JSON POST (``Content-Type: application/json``) to ``alerts.webho
 
     {
       "kind": "soft_limit",            # "budget_80_percent" | "soft_limit" | "hard_limit"
+                                       # | "rate_80_percent" | "rate_limit"
                                        # | "store_data_lost" (tenant "*": every tenant)
       "tenant_id": "acme",
       "agent_id": "planner",           # null for a tenant-wide window
-      "window": "daily",               # "hourly" | "daily" | "weekly" | "monthly"
+      "window": "daily",               # "minute" | "hourly" | "daily" | "weekly" | "monthly"
       "period_start": 1715731200,      # the window period [start, end), epoch seconds
       "period_end": 1715817600,
       "spend_usd": "41.250000",        # spend when the crossing was seen, exact, 6 places
       "limit_usd": "40.000000",        # the soft limit for "soft_limit", else the hard limit
-      "at": "2024-05-15T10:00:00.123Z" # when the crossing was seen, RFC 3339, UTC
+      "at": "2024-05-15T10:00:00.123Z",# when the crossing was seen, RFC 3339, UTC
+      "unit": "usd",                   # "usd" | "tokens" | "requests" (rate caps)
+      "model_cap": null,               # the model cap's name, for its windows
+      "user_id": null,                 # the end user, for user windows
+      "used": null,                    # rate caps: tokens or requests used (spend_usd and
+      "limit": null                    # limit_usd are then null)
     }
 
-"budget_80_percent" means ``spend_usd >= 0.8 x limit_usd``. The request also carries an
+"budget_80_percent" means ``spend_usd >= 0.8 x limit_usd``; "rate_80_percent" and
+"rate_limit" are the same crossings of a rate cap, in its unit. The request also carries an
 ``Idempotency-Key`` header naming the crossing (tenant, agent, window, period, kind), the same
 for every attempt and every replica, so a receiver can drop duplicates.
 
@@ -64,13 +71,15 @@ from datetime import UTC, datetime
 import aiohttp
 
 from proxy.budget import BudgetPlan
-from proxy.config import AlertsConfig, BudgetCap
-from proxy.counters import CounterState
+from proxy.config import AlertsConfig, BudgetCap, RateCap
+from proxy.counters import Amounts, CounterState, Unit
 from proxy.pricing import micros_to_usd, usd_to_micros
 
 __all__ = [
     "BUDGET_80_PERCENT",
     "HARD_LIMIT",
+    "RATE_80_PERCENT",
+    "RATE_LIMIT",
     "SOFT_LIMIT",
     "STORE_DATA_LOST",
     "Alert",
@@ -81,6 +90,8 @@ __all__ = [
 BUDGET_80_PERCENT = "budget_80_percent"
 SOFT_LIMIT = "soft_limit"
 HARD_LIMIT = "hard_limit"
+RATE_80_PERCENT = "rate_80_percent"
+RATE_LIMIT = "rate_limit"
 STORE_DATA_LOST = "store_data_lost"
 
 # (key, ttl_s) -> True when this process may send the alert named by ``key``.
@@ -101,15 +112,28 @@ class Alert:
     window: str
     period_start: int
     period_end: int
-    spend_usd: str
-    limit_usd: str
+    spend_usd: str | None
+    limit_usd: str | None
     at: str
+    unit: str = "usd"
+    model_cap: str | None = None
+    user_id: str | None = None
+    used: int | None = None
+    limit: int | None = None
 
     @property
     def key(self) -> str:
         """Names the crossing: equal for the same crossing in every process."""
-        scope = "t" if self.agent_id is None else f"a:{self.agent_id}"
-        return f"{self.tenant_id}:{scope}:{self.window}:{self.period_start}:{self.kind}"
+        if self.agent_id is not None:
+            scope = f"a:{self.agent_id}"
+        elif self.model_cap is not None:
+            scope = f"m:{self.model_cap}"
+        elif self.user_id is not None:
+            scope = f"u:{self.user_id}"
+        else:
+            scope = "t"
+        unit = "" if self.unit == "usd" else f":{self.unit}"
+        return f"{self.tenant_id}:{scope}:{self.window}:{self.period_start}:{self.kind}{unit}"
 
     def body(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -138,9 +162,11 @@ def _usd(micros: int) -> str:
     return str(micros_to_usd(micros))
 
 
-def _thresholds(state: CounterState, cap: BudgetCap) -> list[tuple[int, str]]:
-    """(spend in micro-USD at which the alert fires, kind), lowest first."""
-    hard = state.counter.limit_micros
+def _thresholds(state: CounterState, cap: BudgetCap | RateCap) -> list[tuple[int, str]]:
+    """(amount in the counter's unit at which the alert fires, kind), lowest first."""
+    hard = state.counter.limit
+    if isinstance(cap, RateCap):
+        return [(-(-4 * hard // 5), RATE_80_PERCENT), (hard, RATE_LIMIT)]
     found = [(-(-4 * hard // 5), BUDGET_80_PERCENT), (hard, HARD_LIMIT)]
     if cap.soft_limit_usd is not None:
         found.append((usd_to_micros(cap.soft_limit_usd), SOFT_LIMIT))
@@ -181,8 +207,8 @@ class Alerter:
         self._clock = clock
         self._queue: deque[_Queued] = deque()
         self._wake = asyncio.Event()
-        self._seen: set[tuple[str, str | None, str, int, str]] = set()
-        self._expiry: list[tuple[float, int, tuple[str, str | None, str, int, str]]] = []
+        self._seen: set[tuple[str, tuple[str, str], str, int, str]] = set()
+        self._expiry: list[tuple[float, int, tuple[str, tuple[str, str], str, int, str]]] = []
         self._order = itertools.count()
         self._overflowing = False
         self.sent = 0
@@ -207,23 +233,24 @@ class Alerter:
     # --- the request side: synchronous, cheap ----------------------------------------
 
     def observe(
-        self, plan: BudgetPlan, states: Sequence[CounterState], charged_micros: int
+        self, plan: BudgetPlan, states: Sequence[CounterState], charged: Amounts | int
     ) -> None:
         """After a request is settled: queue every threshold the charge reached, once each.
 
         ``states`` are the counters as reserved (``plan.caps`` in the same order); spend after
-        the request is their ``spent`` plus ``charged_micros``.
+        the request is their ``spent`` plus what it was ``charged`` in their unit (an int:
+        micro-USD).
         """
         if self._url is None or not states or len(states) != len(plan.caps):
             return
         now = self._prune()
-        charged = max(0, charged_micros)
+        amounts = charged if isinstance(charged, Amounts) else Amounts(charged)
         for state, cap in zip(states, plan.caps, strict=True):
-            spend = state.spent_micros + charged
+            spend = state.spent + max(0, amounts.of(state.counter.unit))
             for threshold, kind in _thresholds(state, cap):
                 if spend < threshold:
                     break
-                limit = threshold if kind == SOFT_LIMIT else state.counter.limit_micros
+                limit = threshold if kind == SOFT_LIMIT else state.counter.limit
                 self._offer(state, kind, spend, limit, now)
 
     def observe_rejection(self, plan: BudgetPlan, states: Sequence[CounterState]) -> None:
@@ -232,9 +259,10 @@ class Alerter:
             return
         now = self._prune()
         for state in states:
-            limit = state.counter.limit_micros
-            if state.spent_micros >= limit:
-                self._offer(state, HARD_LIMIT, state.spent_micros, limit, now)
+            limit = state.counter.limit
+            if state.spent >= limit:
+                kind = HARD_LIMIT if state.counter.unit is Unit.USD else RATE_LIMIT
+                self._offer(state, kind, state.spent, limit, now)
 
     def observe_data_loss(self, tenant_id: str | None) -> None:
         """The store lost recorded spend: of ``tenant_id``, or of every tenant (None).
@@ -264,7 +292,13 @@ class Alerter:
 
     def _offer(self, state: CounterState, kind: str, spend: int, limit: int, now: float) -> None:
         counter, period = state.counter, state.period
-        key = (counter.tenant_id, counter.agent_id, str(counter.window), period.start, kind)
+        key = (
+            counter.tenant_id,
+            counter.scope,
+            str(counter.window),
+            period.start,
+            f"{kind}:{counter.unit}",
+        )
         expiry = period.end + self._grace_s
         if key in self._seen or expiry <= now:  # a period long over is not worth an alert
             return
@@ -277,6 +311,7 @@ class Alerter:
         self._overflowing = False
         self._seen.add(key)
         heapq.heappush(self._expiry, (expiry, next(self._order), key))
+        usd = counter.unit is Unit.USD
         alert = Alert(
             kind=kind,
             tenant_id=counter.tenant_id,
@@ -284,9 +319,14 @@ class Alerter:
             window=str(counter.window),
             period_start=period.start,
             period_end=period.end,
-            spend_usd=_usd(spend),
-            limit_usd=_usd(limit),
+            spend_usd=_usd(spend) if usd else None,
+            limit_usd=_usd(limit) if usd else None,
             at=_rfc3339(now),
+            unit=counter.unit.value,
+            model_cap=counter.model_cap,
+            user_id=counter.user_id,
+            used=None if usd else spend,
+            limit=None if usd else limit,
         )
         self._queue.append(_Queued(alert))
         self._wake.set()

@@ -1,9 +1,9 @@
-"""Budget and token caps: what applies to a request, and what to say about it.
+"""Budget, rate and token caps: what applies to a request, and what to say about it.
 
 Pure decisions over config and counter states; the store does the atomic part.
 
-    plan = plan_budget(settings, identity.tenant_id, identity.agent_id, amount_micros=hold)
-    result = await store.reserve(rid, plan.counters, plan.amount_micros, ...)
+    plan = plan_budget(settings, tenant, agent, amount_micros=hold, tokens=900, model=m, user=u)
+    result = await store.reserve(rid, plan.counters, plan.amounts, ...)
     if not result.ok:
         raise rejection(plan, result)
 """
@@ -15,13 +15,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from proxy.config import DEFAULT_AGENT, BudgetCap, Settings, TokenCap
-from proxy.counters import NO_LIMITS, Counter, CounterState, Limits, ReserveResult
+from proxy.config import DEFAULT_AGENT, BudgetCap, RateCap, Settings, TokenCap
+from proxy.counters import (
+    NO_LIMITS,
+    Amounts,
+    Counter,
+    CounterState,
+    Limits,
+    ReserveResult,
+    Unit,
+    fits,
+)
 from proxy.errors import (
     BudgetExceeded,
+    CapExceeded,
     ConcurrencyLimitExceeded,
+    RateLimitExceeded,
     TokenCapExceeded,
     TooManyAgents,
+    TooManyUsers,
 )
 from proxy.pricing import (
     ModelPrice,
@@ -31,8 +43,18 @@ from proxy.pricing import (
     tool_call_micros,
     usd_to_micros,
 )
+from proxy.windows import Window
 
-__all__ = ["DEFAULT_AGENT", "BudgetPlan", "hold_micros", "plan_budget", "rejection", "status"]
+__all__ = [
+    "DEFAULT_AGENT",
+    "BudgetPlan",
+    "hold_micros",
+    "plan_budget",
+    "rate_status",
+    "refusal",
+    "rejection",
+    "status",
+]
 # A hold larger than the room a quick retry could free is hopeless within this many seconds.
 RETRY_HORIZON_S = 60
 # Retry-After when only other requests' holds stand in the way and the store did not say
@@ -46,35 +68,95 @@ DAY_S = 86_400  # agents are counted per UTC day
 
 @dataclass(frozen=True, slots=True)
 class BudgetPlan:
-    """The counters a request must fit into, with the cap behind each, and its hold."""
+    """The counters a request must fit into, with the cap behind each, and its hold: one
+    amount per unit (micro-USD, tokens, and the request itself)."""
 
     counters: tuple[Counter, ...]
-    caps: tuple[BudgetCap, ...]
-    amount_micros: int
+    caps: tuple[BudgetCap | RateCap, ...]
+    amounts: Amounts
     limits: Limits = NO_LIMITS  # distinct agents a day, requests in flight at once
+
+    @property
+    def amount_micros(self) -> int:
+        return self.amounts.micros
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """Where caps apply: the tenant (all None), or one agent, model cap or end user of it."""
+
+    agent_id: str | None = None
+    model_cap: str | None = None
+    user_id: str | None = None
 
 
 def plan_budget(
-    settings: Settings, tenant_id: str, agent_id: str, *, amount_micros: int
+    settings: Settings,
+    tenant_id: str,
+    agent_id: str,
+    *,
+    amount_micros: int,
+    tokens: int = 0,
+    model: str | None = None,
+    user: str | None = None,
+    every_model_cap: bool = False,
 ) -> BudgetPlan:
-    """Every budget window that applies: the tenant's own caps, then the (tenant, agent) caps."""
-    pairs: list[tuple[Counter, BudgetCap]] = [
-        (Counter(tenant_id, None, cap.window, usd_to_micros(cap.hard_limit_usd)), cap)
-        for cap in settings.tenant_budget_caps(tenant_id)
-    ]
-    if settings.cost_caps.enabled:
-        pairs.extend(
-            (Counter(tenant_id, agent_id, cap.window, usd_to_micros(cap.hard_limit_usd)), cap)
-            for cap in settings.cost_caps.budget_caps_for(agent_id)
-        )
+    """Every cap that applies to a request, resolved in one call: the tenant's budget and
+    rate caps, the (tenant, agent) caps, the caps of every model cap matching ``model``,
+    and ``user``'s caps (``every_model_cap``: every model cap, whatever the model).
+    ``tokens`` is the most the request can use (prompt + output)."""
+    pairs: list[tuple[Counter, BudgetCap | RateCap]] = []
+
+    def add(scope: _Scope, budgets: tuple[BudgetCap, ...], rates: tuple[RateCap, ...]) -> None:
+        for cap in budgets:
+            limit = usd_to_micros(cap.hard_limit_usd)
+            pairs.append((_counter(tenant_id, scope, cap.window, limit, Unit.USD), cap))
+        for rate in rates:
+            if rate.max_requests is not None:
+                counter = _counter(tenant_id, scope, rate.window, rate.max_requests, Unit.REQUESTS)
+                pairs.append((counter, rate))
+            if rate.max_tokens is not None:
+                counter = _counter(tenant_id, scope, rate.window, rate.max_tokens, Unit.TOKENS)
+                pairs.append((counter, rate))
+
+    caps = settings.cost_caps
+    add(_Scope(), settings.tenant_budget_caps(tenant_id), settings.tenant_rate_caps(tenant_id))
+    if caps.enabled:
+        agent = _Scope(agent_id=agent_id)
+        add(agent, caps.budget_caps_for(agent_id), caps.rate_caps_for(agent_id))
+        if every_model_cap:
+            model_caps = caps.model_caps
+        else:
+            model_caps = caps.model_caps_for(model) if model is not None else ()
+        for model_cap in model_caps:
+            add(_Scope(model_cap=model_cap.name), model_cap.budget_caps, model_cap.rate_caps)
+        if user is not None and caps.user_caps is not None:
+            add(_Scope(user_id=user), caps.user_caps.budget_caps, caps.user_caps.rate_caps)
     return BudgetPlan(
         counters=tuple(c for c, _ in pairs),
         caps=tuple(cap for _, cap in pairs),
-        amount_micros=min(MAX_HOLD_MICROS, max(1, amount_micros)),
+        amounts=Amounts(
+            min(MAX_HOLD_MICROS, max(1, amount_micros)),
+            min(MAX_HOLD_MICROS, max(0, tokens)),
+            1,
+        ),
         limits=Limits(
-            max_agents=settings.cost_caps.max_agents_per_tenant,
+            max_agents=caps.max_agents_per_tenant,
+            max_users=caps.max_users_per_tenant,
             max_concurrent=settings.concurrency_limits(tenant_id, agent_id),
         ),
+    )
+
+
+def _counter(tenant_id: str, scope: _Scope, window: Window, limit: int, unit: Unit) -> Counter:
+    return Counter(
+        tenant_id,
+        scope.agent_id,
+        window,
+        limit,
+        unit,
+        model_cap=scope.model_cap,
+        user_id=scope.user_id,
     )
 
 
@@ -100,10 +182,19 @@ def hold_micros(
     ) + tool_call_micros(tool_calls, tool_prices)
 
 
+def hold_tokens(
+    *, prompt_tokens: int, output_tokens: int, choices: int, tool_calls: Mapping[str, int]
+) -> int:
+    """The most tokens a request can use, counted as ``hold_micros`` counts their cost."""
+    return prompt_tokens * (1 + sum(tool_calls.values())) + output_tokens * choices
+
+
 def _scope(counter: Counter) -> str:
-    if counter.agent_id is None:
+    kind, ident = counter.scope
+    if kind == "tenant":
         return f"tenant '{counter.tenant_id}'"
-    return f"agent '{counter.agent_id}' of tenant '{counter.tenant_id}'"
+    name = {"agent": "agent", "model": "model cap", "user": "user"}[kind]
+    return f"{name} '{ident}' of tenant '{counter.tenant_id}'"
 
 
 def _usd4(micros: int) -> str:
@@ -144,42 +235,89 @@ def too_many_agents(plan: BudgetPlan, result: ReserveResult) -> TooManyAgents:
     )
 
 
-def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded:
-    """The 429 for a reservation the store refused, naming every exceeded window."""
-    amount = plan.amount_micros
+def too_many_users(plan: BudgetPlan, result: ReserveResult) -> TooManyUsers:
+    """The 429 for a request naming one end user more than its tenant may have today."""
+    tomorrow = (int(result.now // DAY_S) + 1) * DAY_S
+    return TooManyUsers(
+        f"Tenant '{plan.counters[0].tenant_id}' already has {plan.limits.max_users} end "
+        "users with caps today (cost_caps.max_users_per_tenant).",
+        retry_after_s=math.ceil(tomorrow - result.now),
+        should_retry=False,
+    )
+
+
+def refusal(plan: BudgetPlan, result: ReserveResult) -> CapExceeded:
+    """The 429 for any reservation the store refused."""
+    if result.too_many_agents:
+        return too_many_agents(plan, result)
+    if result.too_many_users:
+        return too_many_users(plan, result)
+    if result.concurrency_limited:
+        return too_many_in_flight(plan, result)
+    return rejection(plan, result)
+
+
+def _exceeded_text(counter: Counter, state: CounterState, amount: int) -> str:
+    if counter.unit is Unit.USD:
+        return (
+            f"{counter.window} budget cap exceeded for {_scope(counter)}: "
+            f"{_usd4(state.spent)} spent + {_usd4(state.held)} held + "
+            f"{_usd4(amount)} this request > {_usd2(counter.limit)} limit"
+        )
+    unit = counter.unit.value
+    return (
+        f"{counter.window} rate limit on {unit} exceeded for {_scope(counter)}: "
+        f"{state.spent} {unit} used + {state.held} held + {amount} this request > "
+        f"{counter.limit} limit"
+    )
+
+
+def rejection(plan: BudgetPlan, result: ReserveResult) -> BudgetExceeded | RateLimitExceeded:
+    """The 429 for a reservation the store refused, naming every exceeded window:
+    ``budget_exceeded`` when a budget is among them, else ``rate_limit_exceeded``."""
     parts: list[str] = []
     retry_after = 1
     hopeless = False
+    units: set[Unit] = set()
+    windows: list[str] = []
     for state in result.states:
         counter = state.counter
-        if state.spent_micros + state.held_micros + amount <= counter.limit_micros:
+        amount = plan.amounts.of(counter.unit)
+        if fits(state, amount):
             continue
-        parts.append(
-            f"{counter.window} budget cap exceeded for {_scope(counter)}: "
-            f"{_usd4(state.spent_micros)} spent + {_usd4(state.held_micros)} held + "
-            f"{_usd4(amount)} this request > {_usd2(counter.limit_micros)} limit"
-        )
-        if state.spent_micros + amount <= counter.limit_micros:
+        units.add(counter.unit)
+        windows.append(window_label(counter))
+        parts.append(_exceeded_text(counter, state, amount))
+        if state.spent + amount <= counter.limit:
             # Only in-flight holds are in the way: they end when their requests do, and at
             # the latest when their leases run out.
             wait = min(_holds_end_in(state, result.now), state.period.resets_in(result.now))
         else:
             wait = state.period.resets_in(result.now)
-            hopeless = hopeless or amount > counter.limit_micros
+            hopeless = hopeless or amount > counter.limit
         retry_after = max(retry_after, wait)
     if not parts:  # the store refused, yet every window has room: report the tightest
         parts.append("budget cap exceeded")
-    exc = BudgetExceeded(
-        "; ".join(parts),
-        retry_after_s=retry_after,
-        should_retry=not hopeless and retry_after <= RETRY_HORIZON_S,
-    )
-    exc.windows = tuple(
-        str(s.counter.window) if s.counter.agent_id is None else f"agent {s.counter.window}"
-        for s in result.states
-        if s.spent_micros + s.held_micros + amount > s.counter.limit_micros
-    )
+    should_retry = not hopeless and retry_after <= RETRY_HORIZON_S
+    exc: BudgetExceeded | RateLimitExceeded
+    if units and Unit.USD not in units:
+        kind = "requests" if Unit.REQUESTS in units else "tokens"
+        exc = RateLimitExceeded(
+            "; ".join(parts), kind=kind, retry_after_s=retry_after, should_retry=should_retry
+        )
+    else:
+        exc = BudgetExceeded("; ".join(parts), retry_after_s=retry_after, should_retry=should_retry)
+    exc.windows = tuple(windows)
     return exc
+
+
+def window_label(counter: Counter) -> str:
+    """How a refusing window is named for the dashboard: "daily" (tenant-wide), "agent
+    daily", "user daily", "model <cap> daily"; a rate window adds its unit ("minute
+    (requests)")."""
+    kind, ident = counter.scope
+    label = {"tenant": "", "model": f"model {ident} "}.get(kind, f"{kind} ") + counter.window
+    return label if counter.unit is Unit.USD else f"{label} ({counter.unit.value})"
 
 
 def _holds_end_in(state: CounterState, now: float) -> int:
@@ -212,23 +350,53 @@ def status(
     tightest: tuple[int, CounterState] | None = None
     warnings: list[str] = []
     for state, cap in zip(states, plan.caps, strict=True):
-        spent = state.spent_micros + charged_micros
-        others_held = max(0, state.held_micros - plan.amount_micros)
-        limit = state.counter.limit_micros
+        if not isinstance(cap, BudgetCap):
+            continue
+        spent = state.spent + charged_micros
+        others_held = max(0, state.held - plan.amount_micros)
+        limit = state.counter.limit
         remaining = max(0, limit - spent - others_held)
         if tightest is None or remaining < tightest[0]:
             tightest = (remaining, state)
         warning = _warning(cap, spent)
         if warning is not None:
             warnings.append(warning)
-    assert tightest is not None
+    if tightest is None:
+        return None
     remaining, state = tightest
     return BudgetStatus(
         window=str(state.counter.window),
-        limit_micros=state.counter.limit_micros,
+        limit_micros=state.counter.limit,
         remaining_micros=remaining,
         warnings=tuple(warnings),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RateStatus:
+    """What the ``x-ratelimit-*`` headers report for one unit: its tightest rate cap."""
+
+    limit: int
+    remaining: int
+    reset_s: float  # until that cap's window resets
+
+
+def rate_status(
+    plan: BudgetPlan, states: tuple[CounterState, ...], *, charged: Amounts, now: float
+) -> dict[Unit, RateStatus]:
+    """Per unit (requests, tokens), the rate counter with the least room once this request
+    is charged ``charged`` (its hold replaced); ``states`` as reserved, at ``now``."""
+    out: dict[Unit, RateStatus] = {}
+    for state in states:
+        unit = state.counter.unit
+        if unit is Unit.USD:
+            continue
+        others_held = max(0, state.held - plan.amounts.of(unit))
+        remaining = max(0, state.counter.limit - state.spent - others_held - charged.of(unit))
+        best = out.get(unit)
+        if best is None or remaining < best.remaining:
+            out[unit] = RateStatus(state.counter.limit, remaining, max(0.0, state.period.end - now))
+    return out
 
 
 def _warning(cap: BudgetCap, spent_micros: int) -> str | None:

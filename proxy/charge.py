@@ -1,8 +1,8 @@
 """What a request is charged, for every way it can end: the one place that decides
 "release or charge".
 
-    ending = Ending.ANSWERED
-    due = amount_due(ending, bill=bill, hold_micros=plan.amount_micros)
+    bill = Bill(ending=Ending.ANSWERED, usage=usage)
+    due = amounts_due(bill, tariff, held=plan.amounts)   # micro-USD, tokens, requests
     await hold.commit(due)
 
 The rule, in the order it is applied:
@@ -17,6 +17,10 @@ The rule, in the order it is applied:
 * anything else (cut, timed out, client gone without drain, an error of the proxy's own,
   cancelled): the whole hold, since the upstream may have billed up to it.
 
+Tokens follow the same rule (usage: prompt + completion tokens, counting reasoning where
+it is billed beyond the completion). The request itself counts once it was sent: a
+request the upstream refused still reached it.
+
 Sans-IO: no aiohttp, no store.
 """
 
@@ -26,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from proxy.counters import Amounts
 from proxy.price_files import SizeTier, price_at_prompt_size
 from proxy.pricing import ModelPrice, ToolPrice, charge_micros, estimate_micros
 from proxy.usage import Usage
@@ -83,3 +88,28 @@ def amount_due(bill: Bill, tariff: Tariff, *, hold_micros: int) -> int:
     ):
         return estimate_micros(tariff.prompt_tokens, bill.counted_output, tariff.hold_price)
     return hold_micros
+
+
+def amounts_due(bill: Bill, tariff: Tariff, *, held: Amounts) -> Amounts:
+    """What to commit for ``bill`` in every unit (``held``: what the request holds)."""
+    micros = amount_due(bill, tariff, hold_micros=held.micros)
+    if bill.ending is Ending.NOT_SENT:
+        return Amounts(micros, 0, 0)
+    return Amounts(micros, tokens_due(bill, tariff, held_tokens=held.tokens), held.requests)
+
+
+def tokens_due(bill: Bill, tariff: Tariff, *, held_tokens: int) -> int:
+    """The tokens to commit for ``bill``, by the same rule as the money."""
+    if bill.ending in (Ending.NOT_SENT, Ending.REFUSED):
+        return 0
+    usage = bill.usage
+    if usage is not None:
+        return usage.prompt_tokens + max(usage.completion_tokens, usage.reasoning_tokens)
+    if (
+        bill.ending is Ending.STREAM_COMPLETE
+        and bill.counted_output is not None
+        and not tariff.price.reasoning
+        and not tariff.tools_enabled
+    ):
+        return tariff.prompt_tokens + bill.counted_output
+    return held_tokens

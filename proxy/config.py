@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -94,7 +94,13 @@ def _empty_to_none(value: object) -> object:
     return None if value == "" else value
 
 
-def _unique_windows(caps: tuple[BudgetCap, ...]) -> tuple[BudgetCap, ...]:
+# No real model name comes near this; longer ones are refused before any lookup.
+MAX_MODEL_CHARS = 256
+
+_WindowedT = TypeVar("_WindowedT", "BudgetCap", "RateCap")
+
+
+def _unique_windows(caps: tuple[_WindowedT, ...]) -> tuple[_WindowedT, ...]:
     if dup := _first_duplicate(cap.window for cap in caps):
         first, i, window = dup
         raise _invalid(f"duplicate window '{window}' (also item [{first}])", i, "window")
@@ -141,6 +147,25 @@ class BudgetCap(_Model):
 BudgetCaps = Annotated[tuple[BudgetCap, ...], AfterValidator(_unique_windows)]
 
 
+class RateCap(_Model):
+    """Requests and tokens per calendar window (``minute`` through ``monthly``): past
+    either, requests are refused (429 ``rate_limit_exceeded``). Tokens are prompt +
+    completion, held as the prompt estimate + the output limit and settled to the usage."""
+
+    window: Window
+    max_requests: int | None = Field(default=None, ge=1, le=10**12)
+    max_tokens: int | None = Field(default=None, ge=1, le=10**15)
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> RateCap:
+        if self.max_requests is None and self.max_tokens is None:
+            raise _invalid("set max_requests, max_tokens or both")
+        return self
+
+
+RateCaps = Annotated[tuple[RateCap, ...], AfterValidator(_unique_windows)]
+
+
 class TokenCap(_Model):
     """Per-request token limits; ``None`` leaves that count unlimited."""
 
@@ -154,12 +179,51 @@ class AgentCostCap(_Model):
 
     agent_id: str = Field(pattern=AGENT_ID_PATTERN)
     budget_caps: BudgetCaps = ()
+    rate_caps: RateCaps = ()
     token_cap: TokenCap | None = None
     # Only keys bound to this agent (``api_keys: [{key, agent}]``) may act as it; a header
     # naming it from any other key is refused (403).
     bound_keys_only: bool = False
     # Requests in flight at once for this agent, in each tenant (over the default).
     max_concurrent_requests: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class ModelCap(_Model):
+    """Caps on one tenant's requests (all its agents) for the models ``models`` matches
+    (globs); ``name`` keys its counters, so renaming it starts them afresh."""
+
+    name: str = Field(pattern=ID_PATTERN)
+    models: tuple[_Glob, ...] = Field(min_length=1)
+    budget_caps: BudgetCaps = ()
+    rate_caps: RateCaps = ()
+
+    def matches(self, model: str) -> bool:
+        return any(fnmatchcase(model, glob) for glob in self.models)
+
+
+_USER_SOURCE = re.compile(r"body\.user|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class UserCaps(_Model):
+    """Caps per end user within a tenant. The user is the request body's ``user`` field
+    (``source: body.user``) or a header (``source: header:X-End-User``); a request that
+    names none is held to the tenant's and agent's caps only."""
+
+    source: str = "body.user"
+    budget_caps: BudgetCaps = ()
+    rate_caps: RateCaps = ()
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if not _USER_SOURCE.fullmatch(source):
+            raise _invalid("must be 'body.user' or 'header:<Name>'")
+        return source
+
+    @property
+    def header(self) -> str | None:
+        """The header naming the user, or None for the body's ``user`` field."""
+        return self.source.removeprefix("header:") if self.source.startswith("header:") else None
 
 
 class CostCapConfig(_Model):
@@ -177,8 +241,16 @@ class CostCapConfig(_Model):
     # inventing agent ids.
     default_tenant_budget_caps: BudgetCaps = ()
     default_budget_caps: BudgetCaps = ()
+    # Requests and tokens per (tenant, agent), for agents without rate caps of their own.
+    default_rate_caps: RateCaps = ()
     default_token_cap: TokenCap | None = None
     agents: tuple[AgentCostCap, ...] = ()
+    # Caps per tenant on the requests for some models.
+    model_caps: tuple[ModelCap, ...] = ()
+    # Caps per end user within a tenant.
+    user_caps: UserCaps | None = None
+    # Distinct end users with counters per tenant per day (each costs the store keys).
+    max_users_per_tenant: int = Field(default=10_000, ge=1, le=10_000_000)
     # Input the proxy cannot size (server-side state, files, image URLs on unknown models):
     # hold the model's whole input context (``max_input_tokens`` of its price), or refuse it.
     unsized_input: Literal["hold_context", "reject"] = "hold_context"
@@ -198,8 +270,24 @@ class CostCapConfig(_Model):
             raise _invalid(f"duplicate agent_id {name!r} (also agents[{first}])", i, "agent_id")
         return agents
 
+    @field_validator("model_caps")
+    @classmethod
+    def _unique_model_caps(cls, caps: tuple[ModelCap, ...]) -> tuple[ModelCap, ...]:
+        if dup := _first_duplicate(c.name for c in caps):
+            first, i, name = dup
+            raise _invalid(f"duplicate name {name!r} (also model_caps[{first}])", i, "name")
+        return caps
+
     def model_post_init(self, context: Any, /) -> None:
         self._by_id = {agent.agent_id: agent for agent in self.agents}
+
+    def rate_caps_for(self, agent_id: str) -> tuple[RateCap, ...]:
+        agent = self._by_id.get(agent_id)
+        return agent.rate_caps if agent and agent.rate_caps else self.default_rate_caps
+
+    def model_caps_for(self, model: str) -> tuple[ModelCap, ...]:
+        """The model caps whose globs match ``model``."""
+        return tuple(cap for cap in self.model_caps if cap.matches(model))
 
     @property
     def agent_ids(self) -> frozenset[str]:
@@ -255,6 +343,8 @@ class TenantConfig(_Model):
     id: str = Field(pattern=ID_PATTERN)
     api_keys: tuple[_KeyEntry, ...] = ()
     budget_caps: BudgetCaps = ()
+    # Requests and tokens per window, all agents together.
+    rate_caps: RateCaps = ()
     # Requests in flight at once, all agents together; None: no limit.
     max_concurrent_requests: int | None = Field(default=None, ge=1, le=1_000_000)
     _digests: tuple[bytes, ...] = PrivateAttr(default=())
@@ -600,6 +690,10 @@ class Settings(_Model):
         if tenant is not None and tenant.budget_caps:
             return tenant.budget_caps
         return self.cost_caps.default_tenant_budget_caps if self.cost_caps.enabled else ()
+
+    def tenant_rate_caps(self, tenant_id: str) -> tuple[RateCap, ...]:
+        tenant = self._tenants.get(tenant_id)
+        return tenant.rate_caps if tenant is not None else ()
 
     def concurrency_limits(self, tenant_id: str, agent_id: str) -> tuple[int | None, int | None]:
         """(tenant-wide, per agent) requests in flight at once, None for no limit (while

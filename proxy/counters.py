@@ -9,9 +9,12 @@ once, then settle it.
         ...
         await store.settle(rid, result.states, 9_870, hold_ttl_s=30)
 
-Amounts are integer micro-USD. A *counter* is one window (hourly, daily, ...) of one
-scope (a tenant, or one agent of a tenant); for each period of its window it keeps the
-amount ``spent`` and the amount ``held`` by in-flight reservations. ``reserve`` places a
+A *counter* is one window (minute, hourly, daily, ...) of one scope (a tenant, one agent
+of a tenant, one model cap of a tenant, or one end user of a tenant) in one *unit*:
+micro-USD, tokens, or requests. For each period of its window it keeps the amount
+``spent`` and the amount ``held`` by in-flight reservations. A request's ``Amounts`` give
+one amount per unit; each counter takes the amount of its unit, so money, tokens and
+requests are held in one call. ``reserve`` places a
 hold in all counters or in none; ``settle`` replaces the hold by the actual cost exactly
 once per request id (``rid``); ``record`` adds spend without a prior hold.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -48,11 +52,15 @@ __all__ = [
     "MAX_MICROS",
     "MIN_MARKER_TTL_S",
     "NO_LIMITS",
+    "Amounts",
     "Counter",
     "CounterState",
     "Limits",
     "ReserveResult",
     "Store",
+    "Unit",
+    "as_amounts",
+    "fits",
 ]
 
 MAX_MICROS = 2**53  # amounts up to this are exact in Lua's doubles
@@ -64,14 +72,67 @@ _AGENT_RE = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 _RID_RE = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
+class Unit(StrEnum):
+    """What a counter counts."""
+
+    USD = "usd"  # micro-USD
+    TOKENS = "tokens"  # prompt + completion tokens
+    REQUESTS = "requests"  # admitted requests
+
+
 @dataclass(frozen=True, slots=True)
 class Counter:
-    """One budget window of one scope."""
+    """One window of one scope, in one unit.
+
+    The scope is the tenant (``agent_id``, ``model_cap`` and ``user_id`` all None), one
+    agent of it, one model cap of it (all its agents' requests for the cap's models), or
+    one end user of it; at most one of the three is set.
+    """
 
     tenant_id: str
     agent_id: str | None  # None = tenant-wide scope
     window: Window
-    limit_micros: int  # hard limit
+    limit: int  # hard limit, in its unit
+    unit: Unit = Unit.USD
+    model_cap: str | None = None
+    user_id: str | None = None
+
+    @property
+    def scope(self) -> tuple[str, str]:
+        """(kind, id): ("tenant", tenant), ("agent", A), ("model", cap name), ("user", U)."""
+        if self.agent_id is not None:
+            return "agent", self.agent_id
+        if self.model_cap is not None:
+            return "model", self.model_cap
+        if self.user_id is not None:
+            return "user", self.user_id
+        return "tenant", self.tenant_id
+
+
+@dataclass(frozen=True, slots=True)
+class Amounts:
+    """A request's amount in each unit: what it holds, or what it is charged.
+
+    ``Amounts(12_000)`` is 12,000 micro-USD and nothing else."""
+
+    micros: int
+    tokens: int = 0
+    requests: int = 0
+
+    def of(self, unit: Unit) -> int:
+        if unit is Unit.USD:
+            return self.micros
+        return self.tokens if unit is Unit.TOKENS else self.requests
+
+    def charges(self, counters: Sequence[Counter]) -> bool:
+        """Whether any of ``counters`` gets a positive amount (else committing it is a
+        release)."""
+        return any(self.of(c.unit) > 0 for c in counters)
+
+
+def as_amounts(amount: Amounts | int) -> Amounts:
+    """An amount as given to a store: ``Amounts``, or an int of micro-USD."""
+    return amount if isinstance(amount, Amounts) else Amounts(amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +146,14 @@ class CounterState:
 
     counter: Counter
     period: Period
-    spent_micros: int
-    held_micros: int
+    spent: int
+    held: int
     holds_end: float | None = None
 
     @property
-    def room_micros(self) -> int:
+    def room(self) -> int:
         """What may still be reserved (negative after an overspend)."""
-        return self.counter.limit_micros - self.spent_micros - self.held_micros
+        return self.counter.limit - self.spent - self.held
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +162,14 @@ class Limits:
 
     ``max_agents``: refuse (``too_many_agents``) a request naming an agent when the tenant
     already named that many others this (UTC) day; agents whose requests cost nothing are
-    not counted. ``max_concurrent``: (tenant-wide, for the request's agent) requests whose
+    not counted. ``max_users``: the same for the end users of user counters
+    (``too_many_users``). ``max_concurrent``: (tenant-wide, for the request's agent) requests whose
     holds are live at once; beyond either, refused (``concurrency_limited``). A hold counts
     from its reserve to its settle, or until its lease runs out. None: no limit.
     """
 
     max_agents: int | None = None
+    max_users: int | None = None
     max_concurrent: tuple[int | None, int | None] = (None, None)
 
 
@@ -124,9 +187,11 @@ class ReserveResult:
     ok: bool
     now: float  # the store clock's time used for the decision
     states: tuple[CounterState, ...]
-    amount_micros: int = 0
+    amounts: Amounts = Amounts(0)
     # Refused because the tenant already named ``max_agents`` other agents today.
     too_many_agents: bool = False
+    # Refused because the tenant already named ``max_users`` other end users today.
+    too_many_users: bool = False
     # Refused because of requests in flight at once: "tenant" or "agent" ('' otherwise).
     concurrency_limited: str = ""
     # The tenant's epoch in the store ('' when it has none yet): it changes only when
@@ -136,13 +201,14 @@ class ReserveResult:
     @property
     def exceeded(self) -> tuple[CounterState, ...]:
         """The states that rejected the request (empty when ``ok``)."""
-        if self.ok or self.too_many_agents or self.concurrency_limited:
+        if self.ok or self.too_many_agents or self.too_many_users or self.concurrency_limited:
             return ()
-        return tuple(
-            s
-            for s in self.states
-            if s.spent_micros + s.held_micros + self.amount_micros > s.counter.limit_micros
-        )
+        return tuple(s for s in self.states if not fits(s, self.amounts.of(s.counter.unit)))
+
+
+def fits(state: CounterState, amount: int) -> bool:
+    """Whether ``amount`` more fits under the counter's hard limit (the store's rule)."""
+    return state.spent + state.held + amount <= state.counter.limit
 
 
 class Store(Protocol):
@@ -152,14 +218,14 @@ class Store(Protocol):
         self,
         rid: str,
         counters: Sequence[Counter],
-        amount_micros: int,
+        amount: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
         limits: Limits = NO_LIMITS,
     ) -> ReserveResult:
-        """Hold ``amount_micros`` in every counter's current period, or in none, within
-        ``limits`` (see ``Limits``).
+        """Hold ``amount`` (each counter: the amount of its unit; an int is micro-USD) in
+        every counter's current period, or in none, within ``limits`` (see ``Limits``).
 
         Allowed when spent + held + amount <= limit in every counter, after charging
         the expired leases found. The hold is a lease of ``hold_ttl_s``. Repeating a
@@ -181,12 +247,12 @@ class Store(Protocol):
         self,
         rid: str,
         states: Sequence[CounterState],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         hold_ttl_s: float,
         tz: ZoneInfo | None = None,
     ) -> None:
-        """Replace ``rid``'s hold by the actual cost in the given periods, once per rid.
+        """Replace ``rid``'s hold by the actual amounts in the given periods, once per rid.
 
         0 releases, negative counts as 0. A hold whose lease ran out was charged its
         amount; the settle replaces that charge by the actual cost (spent += actual -
@@ -200,7 +266,7 @@ class Store(Protocol):
         self,
         rid: str,
         counters: Sequence[Counter],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
@@ -214,6 +280,11 @@ class Store(Protocol):
     ) -> tuple[CounterState, ...]:
         """The counters in their current periods; holds whose lease ran out count as
         spent, as they will once charged."""
+        ...
+
+    async def in_flight(self, tenant_id: str, agent_id: str | None) -> tuple[int, int]:
+        """Requests in flight now under a concurrency limit: the tenant's, and the
+        agent's (0 without one)."""
         ...
 
     async def now(self) -> float:
@@ -261,29 +332,38 @@ def check_counters(counters: Sequence[Counter]) -> str:
     if not counters:
         raise ValueError("at least one counter is required")
     tenant = counters[0].tenant_id
-    seen: set[tuple[str | None, Window]] = set()
+    seen: set[tuple[tuple[str, str], Window, Unit]] = set()
     for c in counters:
         if c.tenant_id != tenant:
             raise ValueError("all counters of one request must belong to one tenant")
         if not _TENANT_RE.fullmatch(c.tenant_id):
             raise ValueError("tenant id must match [A-Za-z0-9._-]{1,64}")
-        if c.agent_id is not None and not _AGENT_RE.fullmatch(c.agent_id):
-            raise ValueError("agent id must match [A-Za-z0-9._:@/-]{1,128}")
-        if c.limit_micros < 0:
+        kind, ident = c.scope
+        if sum(x is not None for x in (c.agent_id, c.model_cap, c.user_id)) > 1:
+            raise ValueError("a counter has one scope: an agent, a model cap or a user")
+        if kind == "model" and not _TENANT_RE.fullmatch(ident):
+            raise ValueError("model cap name must match [A-Za-z0-9._-]{1,64}")
+        if kind in ("agent", "user") and not _AGENT_RE.fullmatch(ident):
+            raise ValueError(f"{kind} id must match [A-Za-z0-9._:@/-]{{1,128}}")
+        if c.limit < 0:
             raise ValueError("limit must not be negative")
-        if (c.agent_id, c.window) in seen:
+        if (c.scope, c.window, c.unit) in seen:
             raise ValueError("duplicate counter")
-        seen.add((c.agent_id, c.window))
+        seen.add((c.scope, c.window, c.unit))
     return tenant
 
 
-def check_amount(amount_micros: int) -> None:
-    if not 0 <= amount_micros <= MAX_MICROS:
-        raise ValueError(f"amount must be in [0, {MAX_MICROS}] micro-USD")
+def check_amount(amount: Amounts | int) -> Amounts:
+    amounts = as_amounts(amount)
+    for value in (amounts.micros, amounts.tokens, amounts.requests):
+        if not 0 <= value <= MAX_MICROS:
+            raise ValueError(f"amounts must be in [0, {MAX_MICROS}]")
+    return amounts
 
 
-def clamp_actual(actual_micros: int) -> int:
-    return min(max(0, actual_micros), MAX_MICROS)
+def clamp_actual(actual: Amounts | int) -> Amounts:
+    a = as_amounts(actual)
+    return Amounts(*(min(max(0, v), MAX_MICROS) for v in (a.micros, a.tokens, a.requests)))
 
 
 def check_ttl(hold_ttl_s: float) -> int:

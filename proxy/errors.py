@@ -21,8 +21,10 @@ and ``headers``. Third-party exceptions are translated at the boundary
     ├── CapExceeded                429 (Retry-After)
     │   ├── BudgetExceeded         code=budget_exceeded
     │   ├── TokenCapExceeded       code=token_cap_exceeded
+    │   ├── RateLimitExceeded      code=rate_limit_exceeded
     │   ├── ConcurrencyLimitExceeded code=concurrency_limit_exceeded
-    │   └── TooManyAgents          code=too_many_agents
+    │   ├── TooManyAgents          code=too_many_agents
+    │   └── TooManyUsers           code=too_many_users
     ├── StoreUnavailable           503 code=store_unavailable (Retry-After)
     │   └── StoreDataLost          503 code=store_data_lost
     ├── UpstreamError              502 code=upstream_unreachable
@@ -160,6 +162,22 @@ class TokenCapExceeded(CapExceeded):
     code = "token_cap_exceeded"
 
 
+class RateLimitExceeded(CapExceeded):
+    """A rate cap (requests or tokens per window) would be exceeded; the error's ``type``
+    says which, as OpenAI's rate-limit errors do (``requests`` or ``tokens``)."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, retry_after_s: int, should_retry: bool) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, should_retry=should_retry)
+        self.kind = kind
+
+    def body(self) -> dict[str, Any]:
+        out = super().body()
+        out["error"]["type"] = self.kind
+        return out
+
+
 class ConcurrencyLimitExceeded(CapExceeded):
     """Too many of the tenant's (or agent's) requests are in flight at once."""
 
@@ -170,6 +188,12 @@ class TooManyAgents(CapExceeded):
     """The tenant already named ``cost_caps.max_agents_per_tenant`` agents today."""
 
     code = "too_many_agents"
+
+
+class TooManyUsers(CapExceeded):
+    """The tenant already has ``cost_caps.max_users_per_tenant`` end users today."""
+
+    code = "too_many_users"
 
 
 class StoreUnavailable(ProxyError):

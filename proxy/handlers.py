@@ -20,9 +20,10 @@ import aiohttp
 from aiohttp import web
 
 from proxy import budget, headers, upstream
-from proxy.auth import Identity
-from proxy.charge import Bill, Ending, Tariff, amount_due
-from proxy.config import UpstreamConfig
+from proxy.auth import AGENT_ID, Identity
+from proxy.charge import Bill, Ending, Tariff, amounts_due
+from proxy.config import MAX_MODEL_CHARS, UpstreamConfig, UserCaps
+from proxy.counters import Amounts, Unit
 from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
     BadRequest,
@@ -35,10 +36,12 @@ from proxy.errors import (
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    RateLimitExceeded,
     ServiceUnavailable,
     StoreUnavailable,
     TokenCapExceeded,
     TooManyAgents,
+    TooManyUsers,
     Unauthorized,
     UnsizedInput,
     UnsupportedMediaType,
@@ -78,8 +81,6 @@ OFFLOAD_BYTES = 64 * 1024
 # The output limit injected (and held) when neither the request, a cap nor the price
 # table bounds a request's output.
 FALLBACK_OUTPUT_TOKENS = 16_384
-# No real model name comes near this; longer ones are refused before any lookup.
-MAX_MODEL_CHARS = 256
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -144,6 +145,9 @@ class Admission:
     plan: budget.BudgetPlan
     stream: bool
     strip_usage_chunk: bool
+    # The upstream's x-ratelimit-* headers reach the client only when they describe the
+    # client's own account and no rate cap of the proxy's applies.
+    upstream_rate_headers: bool = False
 
 
 async def admit(
@@ -185,6 +189,7 @@ async def admit(
     if route is None:
         raise BadRequest(f"No upstream serves model '{model[:128]}'.", param="model")
     caps = settings.cost_caps
+    user = end_user(request, body, caps.user_caps) if caps.enabled else None
     try:
         requested_output = output_limit(endpoint, body)
         n = choice_count(endpoint, body)
@@ -238,6 +243,7 @@ async def admit(
         prompt_tokens=prompt,
         tools_enabled=bool(tools),
     )
+    tool_calls = {tool: calls_per_tool for tool in tools}
     plan = budget.plan_budget(
         settings,
         identity.tenant_id,
@@ -247,9 +253,14 @@ async def admit(
             output_tokens=output or 0,
             choices=n,
             price=held_at,
-            tool_calls={tool: calls_per_tool for tool in tools},
+            tool_calls=tool_calls,
             tool_prices=tool_prices,
         ),
+        tokens=budget.hold_tokens(
+            prompt_tokens=prompt, output_tokens=output or 0, choices=n, tool_calls=tool_calls
+        ),
+        model=model,
+        user=user,
     )
     return Admission(
         endpoint=endpoint,
@@ -263,7 +274,28 @@ async def admit(
         plan=plan,
         stream=stream,
         strip_usage_chunk=strip_usage_chunk,
+        upstream_rate_headers=identity.client_key is not None
+        and all(c.unit is Unit.USD for c in plan.counters),
     )
+
+
+def end_user(request: web.Request, body: dict[str, Any], caps: UserCaps | None) -> str | None:
+    """The end user that ``cost_caps.user_caps`` are kept for, as its source names it;
+    None when no user caps are configured or the request names no user."""
+    if caps is None:
+        return None
+    header = caps.header
+    value: object = body.get("user") if header is None else request.headers.get(header)
+    if value is None or value == "":
+        return None
+    where = "'user'" if header is None else f"header '{header}'"
+    if not isinstance(value, str) or AGENT_ID.fullmatch(value) is None:
+        raise BadRequest(
+            f"The end user in {where} must be 1-128 characters of letters, digits and "
+            ". _ : @ / - (cost_caps.user_caps.source).",
+            param="user" if header is None else None,
+        )
+    return value
 
 
 def _bounded_prompt(
@@ -311,6 +343,7 @@ async def metered(request: web.Request) -> web.StreamResponse:
         rec.status = exc.status
         rec.outcome = _outcome(exc)
         if isinstance(exc, CapExceeded):
+            rec.rejected = exc.code
             await _note_rejection(request, rec, exc)
         raise
     except asyncio.CancelledError:
@@ -349,8 +382,10 @@ async def _note_rejection(request: web.Request, rec: RequestRecord, exc: CapExce
 
 
 def _outcome(exc: ProxyError) -> Outcome:
-    if isinstance(exc, (BudgetExceeded, TooManyAgents, ConcurrencyLimitExceeded)):
+    if isinstance(exc, (BudgetExceeded, TooManyAgents, TooManyUsers)):
         return Outcome.BUDGET_REJECTED
+    if isinstance(exc, (RateLimitExceeded, ConcurrencyLimitExceeded)):
+        return Outcome.RATE_REJECTED
     if isinstance(exc, TokenCapExceeded):
         return Outcome.TOKEN_REJECTED
     if isinstance(exc, StoreUnavailable):
@@ -395,13 +430,13 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
             # CUT, which charges the whole hold.
             charged = _due(adm, bill)
             await hold.commit(charged)
-            _settled(rec, adm, charged, bill)
+            _settled(rec, adm, charged.micros, bill)
             if JOURNAL in request.app:
-                request.app[JOURNAL].append(_journal_entry(adm, hold, bill, charged))
+                request.app[JOURNAL].append(_journal_entry(adm, hold, bill, charged.micros))
             if hold.states:
                 metrics.hold_ended()
-    if hold.states and rec.cost_micros is not None:
-        alerter.observe(adm.plan, hold.states, rec.cost_micros)
+    if hold.states:
+        alerter.observe(adm.plan, hold.states, charged)
     return out
 
 
@@ -433,8 +468,8 @@ def _journal_entry(adm: Admission, hold: Hold, bill: Bill, charged: int) -> Jour
     )
 
 
-def _due(adm: Admission, bill: Bill) -> int:
-    return amount_due(bill, adm.tariff, hold_micros=adm.plan.amount_micros)
+def _due(adm: Admission, bill: Bill) -> Amounts:
+    return amounts_due(bill, adm.tariff, held=adm.plan.amounts)
 
 
 async def _forward(
@@ -460,14 +495,14 @@ async def _forward(
             # Not billed by the upstream: relay it; the hold is released.
             bill.ending = Ending.REFUSED
             data = await upstream.read_body(resp, adm.route, limit=limit)
-            return _relay(resp, data, adm.identity)
+            return _relay(resp, data, adm.identity, rate_limits=adm.upstream_rate_headers)
         content_type = resp.headers.get("Content-Type", "")
         if adm.stream and content_type.startswith("text/event-stream"):
             return await _stream(request, adm, hold, resp, bill, rec)
         data = await upstream.read_body(resp, adm.route, limit=limit)
         bill.usage = await _offload(data, _usage_of, adm.endpoint, data)
         bill.ending = Ending.ANSWERED
-        out = _relay(resp, data, adm.identity)
+        out = _relay(resp, data, adm.identity, rate_limits=adm.upstream_rate_headers)
         out.headers.update(_budget_headers(adm, hold, _due(adm, bill)))
         _shadow_header(out, rec)
         return out
@@ -495,10 +530,12 @@ async def _stream(
     rec.streamed = True
     rec.status = resp.status
     out = web.StreamResponse(status=resp.status)
-    for name, value in headers.response_headers(resp.headers.items(), drop=_hidden(adm.identity)):
+    for name, value in headers.response_headers(
+        resp.headers.items(), drop=_hidden(adm.identity), rate_limits=adm.upstream_rate_headers
+    ):
         out.headers.add(name, value)
     # Sent before usage is known: the budget as if this request cost its whole hold.
-    out.headers.update(_budget_headers(adm, hold, adm.plan.amount_micros))
+    out.headers.update(_budget_headers(adm, hold, adm.plan.amounts))
     _shadow_header(out, rec)
     settings = adm.runtime.settings
     tap = StreamTap(adm.endpoint, strip_usage_chunk=adm.strip_usage_chunk)
@@ -559,12 +596,13 @@ async def _count_output(adm: Admission, tap: StreamTap) -> int:
     return tokenizer.count(adm.model, text)
 
 
-def _budget_headers(adm: Admission, hold: Hold, charged_micros: int) -> Mapping[str, str]:
+def _budget_headers(adm: Admission, hold: Hold, charged: Amounts) -> Mapping[str, str]:
+    """The ``x-budget-*`` and ``x-ratelimit-*`` headers, once this request is charged."""
     if not hold.states:
         return {}
-    return headers.budget_headers(
-        budget.status(adm.plan, hold.states, charged_micros=charged_micros)
-    )
+    status = budget.status(adm.plan, hold.states, charged_micros=charged.micros)
+    rates = budget.rate_status(adm.plan, hold.states, charged=charged, now=hold.now)
+    return {**headers.budget_headers(status), **headers.rate_limit_headers(rates)}
 
 
 def _usage_of(endpoint: Endpoint, data: bytes) -> Usage | None:
@@ -595,10 +633,16 @@ def _send_headers(
     )
 
 
-def _relay(upstream_resp: aiohttp.ClientResponse, data: bytes, identity: Identity) -> web.Response:
+def _relay(
+    upstream_resp: aiohttp.ClientResponse,
+    data: bytes,
+    identity: Identity,
+    *,
+    rate_limits: bool = True,
+) -> web.Response:
     resp = web.Response(status=upstream_resp.status, body=data)
     for name, value in headers.response_headers(
-        upstream_resp.headers.items(), drop=_hidden(identity)
+        upstream_resp.headers.items(), drop=_hidden(identity), rate_limits=rate_limits
     ):
         resp.headers.add(name, value)
     return resp
@@ -614,7 +658,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         request.app[SESSION], route, "models", method="GET", headers=send_headers, body=None
     ) as resp:
         data = await upstream.read_body(resp, route)
-        return _relay(resp, data, identity)
+        return _relay(resp, data, identity, rate_limits=identity.client_key is not None)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from proxy.budget import BudgetStatus
+from proxy.budget import BudgetStatus, RateStatus
+from proxy.counters import Unit
 from proxy.pricing import micros_to_usd
 
 HOP_BY_HOP = frozenset(
@@ -43,6 +44,9 @@ _REQUEST_OWNED = frozenset(
 # With the operator's upstream key (mode keys) a client must not pick the organization or
 # project it bills to, nor learn which ones the key belongs to.
 OPERATOR_ACCOUNT = frozenset({"openai-organization", "openai-project"})
+# OpenAI's rate-limit headers: from the upstream they describe the operator's account;
+# the proxy sends its own for the tenant's rate caps.
+RATE_LIMIT_PREFIX = "x-ratelimit-"
 # Response headers that describe a body the proxy re-frames (it may decompress it), and
 # cookies, which belong to the proxy's upstream session, not to the client.
 _RESPONSE_OWNED = frozenset({"content-length", "content-encoding", "server", "date", "set-cookie"})
@@ -83,14 +87,16 @@ def request_headers(
 
 
 def response_headers(
-    items: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()
+    items: Iterable[tuple[str, str]], *, drop: Iterable[str] = (), rate_limits: bool = True
 ) -> list[tuple[str, str]]:
     """Upstream response headers to relay to the client (never the upstream's own
-    ``x-budget-*``: only this proxy's budget headers reach the client)."""
+    ``x-budget-*``: only this proxy's budget headers reach the client; nor its
+    ``x-ratelimit-*`` unless ``rate_limits``)."""
+    owned = ("x-budget-",) if rate_limits else ("x-budget-", RATE_LIMIT_PREFIX)
     return [
         (name, value)
         for name, value in _filter(items, _RESPONSE_OWNED, frozenset(d.lower() for d in drop))
-        if not name.lower().startswith("x-budget-")
+        if not name.lower().startswith(owned)
     ]
 
 
@@ -110,3 +116,30 @@ def budget_headers(status: BudgetStatus | None) -> Mapping[str, str]:
     if status.warnings:
         headers["x-budget-warning"] = "; ".join(status.warnings)
     return headers
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format (Go durations): ``120ms``, ``1s``, ``6m0s``, ``1h2m3s``.
+
+    >>> duration(0.12), duration(1), duration(360), duration(3723.4)
+    ('120ms', '1s', '6m0s', '1h2m4s')
+    """
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = int(-(-seconds // 1))  # up: the window has reset by then
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def rate_limit_headers(statuses: Mapping[Unit, RateStatus]) -> Mapping[str, str]:
+    """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the tightest rate cap
+    of each unit; empty for a unit no rate cap counts."""
+    out: dict[str, str] = {}
+    for unit, status in statuses.items():
+        out[f"x-ratelimit-limit-{unit.value}"] = str(status.limit)
+        out[f"x-ratelimit-remaining-{unit.value}"] = str(status.remaining)
+        out[f"x-ratelimit-reset-{unit.value}"] = duration(status.reset_s)
+    return out

@@ -110,6 +110,6 @@ def cutoffs(at: float) -> tuple[int, int]:
     return int(at) - HOURS_KEPT * HOUR_S, int(at) - DAYS_KEPT * DAY_S - HOUR_S
 
 
-def kept(points: Iterable[tuple[int, int]], since: int) -> tuple[tuple[int, int], ...]:
+def buckets_since(points: Iterable[tuple[int, int]], since: int) -> tuple[tuple[int, int], ...]:
     """The buckets that start at ``since`` or later, with spend, oldest first."""
     return tuple(sorted((s, m) for s, m in points if s >= since and m > 0))

@@ -30,9 +30,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from proxy.budget import BudgetPlan, rejection, too_many_agents, too_many_in_flight
-from proxy.counters import Counter, CounterState, Store
-from proxy.errors import BudgetExceeded, StoreDataLost, StoreUnavailable
+from proxy.budget import BudgetPlan, refusal
+from proxy.counters import Amounts, Counter, CounterState, Store
+from proxy.errors import CapExceeded, StoreDataLost, StoreUnavailable
 from proxy.history import Rejection
 
 log = logging.getLogger("capproxy.ledger")
@@ -40,6 +40,7 @@ log = logging.getLogger("capproxy.ledger")
 # A lease is renewed this many times per lease period: two renewals may fail in a row
 # before it runs out.
 RENEWALS_PER_LEASE = 3
+NOTHING = Amounts(0)  # a release
 
 
 @dataclass(slots=True)
@@ -59,7 +60,7 @@ class _Pending:
     rid: str
     states: tuple[CounterState, ...]  # reserved periods; empty when admitted fail-open
     counters: tuple[Counter, ...]
-    actual_micros: int
+    actual: Amounts
     tz: ZoneInfo
     hold_ttl_s: float
     # The reserve call failed: it may still have run in the store (a reply lost to a
@@ -79,7 +80,7 @@ class Hold:
     _tz: ZoneInfo
     _hold_ttl_s: float
     # Shadow mode: the rejection the caps would have given (the request went ahead).
-    would_reject: BudgetExceeded | None = None
+    would_reject: CapExceeded | None = None
     reserve_failed: bool = False  # admitted fail-open after the store did not answer
 
     settled: bool = field(default=False)
@@ -99,17 +100,19 @@ class Hold:
         counters = self.plan.counters
         return self._ledger.store.epoch_of(counters[0].tenant_id) if counters else ""
 
-    async def commit(self, actual_micros: int) -> None:
-        """Replace the hold by the actual cost; later calls are no-ops."""
+    async def commit(self, actual: Amounts | int) -> None:
+        """Replace the hold by the actual amounts (an int: micro-USD only); later calls
+        are no-ops."""
         if self.settled:
             return
         self.settled = True
         self._ledger._stop_renewing(self)  # the lease is no longer needed
+        amounts = actual if isinstance(actual, Amounts) else Amounts(actual)
         pending = _Pending(
             self.rid,
             self.states,
             self.plan.counters,
-            max(0, actual_micros),
+            Amounts(max(0, amounts.micros), max(0, amounts.tokens), max(0, amounts.requests)),
             self._tz,
             self._hold_ttl_s,
             self.reserve_failed,
@@ -162,16 +165,18 @@ class Ledger:
         enforce: bool = True,
         on_reject: RejectHook | None = None,
     ) -> AsyncIterator[Hold]:
-        """Reserve ``plan`` (429 ``BudgetExceeded`` / 503 ``StoreUnavailable``), yield the hold.
+        """Reserve ``plan`` (429 ``CapExceeded`` / 503 ``StoreUnavailable``), yield the hold.
 
         ``hold_ttl_s`` is the hold's lease, renewed every third of it while the block
-        runs. With ``enforce=False`` (shadow mode) a refused reservation admits the
-        request anyway, without a hold, and its cost is recorded when it is committed.
+        runs. With ``enforce=False`` (shadow mode) a reservation refused by a cap admits
+        the request anyway, without a hold, and its amounts are recorded when it is
+        committed (too many agents or end users is refused still: each costs the store
+        keys).
         """
         rid = uuid.uuid4().hex
         states: tuple[CounterState, ...] = ()
         now = 0.0
-        would_reject: BudgetExceeded | None = None
+        would_reject: CapExceeded | None = None
         reserve_failed = False
         if plan.counters:
             try:
@@ -186,7 +191,7 @@ class Ledger:
             except asyncio.CancelledError:
                 # Cancelled with the script perhaps run: release this rid once possible.
                 self._defer(
-                    _Pending(rid, (), plan.counters, 0, tz, hold_ttl_s, reserve_failed=True)
+                    _Pending(rid, (), plan.counters, NOTHING, tz, hold_ttl_s, reserve_failed=True)
                 )
                 raise
             except StoreDataLost:
@@ -198,22 +203,23 @@ class Ledger:
                     # once the store answers (refunding it, if its lease ran out first and
                     # it was charged): this request never goes out.
                     self._defer(
-                        _Pending(rid, (), plan.counters, 0, tz, hold_ttl_s, reserve_failed=True)
+                        _Pending(
+                            rid, (), plan.counters, NOTHING, tz, hold_ttl_s, reserve_failed=True
+                        )
                     )
                     raise
                 self.stats.fail_open_admitted += 1
                 log.debug("store unavailable: admitting request without a reservation")
             else:
-                if result.too_many_agents:
-                    raise too_many_agents(plan, result)
-                if result.concurrency_limited:
-                    raise too_many_in_flight(plan, result)
                 if not result.ok:
-                    if on_reject is not None:
+                    refused = refusal(plan, result)
+                    if result.too_many_agents or result.too_many_users:
+                        raise refused
+                    if on_reject is not None and not result.concurrency_limited:
                         on_reject(plan, result.states)
                     if enforce:
-                        raise rejection(plan, result)
-                    would_reject = rejection(plan, result)
+                        raise refused
+                    would_reject = refused
                 else:
                     states, now = result.states, result.now
         hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s, would_reject, reserve_failed)
@@ -290,7 +296,8 @@ class Ledger:
         """Settle (or record, when admitted fail-open); queue it if the store is down."""
         if not pending.counters:
             return
-        if not pending.states and pending.actual_micros == 0 and not pending.reserve_failed:
+        charges = pending.actual.charges(pending.counters)
+        if not pending.states and not charges and not pending.reserve_failed:
             return  # nothing held, nothing spent
         try:
             await self._apply(pending)
@@ -299,16 +306,16 @@ class Ledger:
 
     async def _apply(self, p: _Pending) -> None:
         if p.states:
-            await self.store.settle(
-                p.rid, p.states, p.actual_micros, hold_ttl_s=p.hold_ttl_s, tz=p.tz
-            )
+            await self.store.settle(p.rid, p.states, p.actual, hold_ttl_s=p.hold_ttl_s, tz=p.tz)
         else:
-            await self.store.record(
-                p.rid, p.counters, p.actual_micros, tz=p.tz, hold_ttl_s=p.hold_ttl_s
-            )
+            await self.store.record(p.rid, p.counters, p.actual, tz=p.tz, hold_ttl_s=p.hold_ttl_s)
 
     def _defer(self, pending: _Pending) -> None:
-        release_only = pending.reserve_failed and pending.actual_micros == 0 and not pending.states
+        release_only = (
+            pending.reserve_failed
+            and not pending.actual.charges(pending.counters)
+            and not pending.states
+        )
         if release_only and len(self._pending) >= self._max_pending // 2:
             # Never crowd out settles that carry spend: a stray hold is charged when its
             # lease ends (an overcount, never an undercount).

@@ -1,7 +1,7 @@
 """The store in process memory: one proxy instance, and tests.
 
     store = MemoryStore()
-    result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=30)
+    result = await store.reserve(rid, counters, Amounts(12_000, 900, 1), tz=tz, hold_ttl_s=30)
 
 Same semantics as every ``proxy.counters.Store``; see that module.
 """
@@ -18,6 +18,7 @@ from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
     MIN_MARKER_TTL_S,
     NO_LIMITS,
+    Amounts,
     Counter,
     CounterState,
     Limits,
@@ -27,6 +28,7 @@ from proxy.counters import (
     check_rid,
     check_ttl,
     clamp_actual,
+    fits,
 )
 from proxy.history import (
     REJECTIONS_KEPT,
@@ -34,8 +36,8 @@ from proxy.history import (
     Rejection,
     SpendHistory,
     buckets,
+    buckets_since,
     cutoffs,
-    kept,
 )
 from proxy.windows import Period, Window, period_of
 
@@ -67,7 +69,7 @@ class _Bucket:
         return CounterState(counter, period, self.spent, held, end)
 
 
-_BucketKey = tuple[str, str | None, Window, int]
+_BucketKey = tuple[str, tuple[str, str], Window, str, int]
 
 
 class MemoryStore:
@@ -92,6 +94,7 @@ class MemoryStore:
         self._settled: dict[tuple[str, str], float] = {}  # (tenant, rid) -> marker expiry
         self._claims: dict[str, float] = {}  # claimed name -> expiry
         self._agents: dict[tuple[str, int], set[str]] = {}  # (tenant, UTC day) -> agents
+        self._users: dict[tuple[str, int], set[str]] = {}  # (tenant, UTC day) -> end users
         # Requests in flight: (tenant, None) or (tenant, agent) -> rid -> lease expiry.
         self._in_flight: dict[tuple[str, str | None], dict[str, float]] = {}
         self._next_prune = 0.0
@@ -105,7 +108,7 @@ class MemoryStore:
         self,
         rid: str,
         counters: Sequence[Counter],
-        amount_micros: int,
+        amount: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
@@ -113,7 +116,7 @@ class MemoryStore:
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
-        check_amount(amount_micros)
+        amounts = check_amount(amount)
         check_ttl(hold_ttl_s)
         now = self._clock()
         self._prune(now)
@@ -127,21 +130,19 @@ class MemoryStore:
         ok = not over and (
             replay
             or all(
-                b.spent + sum(a for a, _ in b.holds.values()) + amount_micros <= c.limit_micros
-                for c, b in zip(counters, buckets, strict=True)
+                fits(b.state(c, p), amounts.of(c.unit))
+                for c, p, b in zip(counters, periods, buckets, strict=True)
             )
         )
         agent = next((c.agent_id for c in counters if c.agent_id is not None), None)
-        agents = self._agents.setdefault((tenant, int(now // DAY_S)), set())
-        crowded = (
-            ok
-            and not replay
-            and agent is not None
-            and agent not in agents
-            and limits.max_agents is not None
-            and len(agents) >= limits.max_agents
-        )
+        user = next((c.user_id for c in counters if c.user_id is not None), None)
+        day = int(now // DAY_S)
+        agents = self._agents.setdefault((tenant, day), set())
+        users = self._users.setdefault((tenant, day), set())
+        crowded = ok and not replay and _crowded(agents, agent, limits.max_agents)
         ok = ok and not crowded
+        too_many_users = ok and not replay and _crowded(users, user, limits.max_users)
+        ok = ok and not too_many_users
         busy = ""
         if ok and not replay:
             for scope, fkey, limit in self._flights(tenant, agent, limits.max_concurrent):
@@ -156,12 +157,14 @@ class MemoryStore:
             for _, fkey, limit in self._flights(tenant, agent, limits.max_concurrent):
                 if limit is not None:
                     self._in_flight.setdefault(fkey, {})[rid] = now + hold_ttl_s
-            for b, p in zip(buckets, periods, strict=True):
+            for c, b, p in zip(counters, buckets, periods, strict=True):
                 if not replay and rid not in b.holds:
-                    b.holds[rid] = (amount_micros, now + hold_ttl_s)
+                    b.holds[rid] = (amounts.of(c.unit), now + hold_ttl_s)
                 b.expires_at = max(b.expires_at, p.end + hold_ttl_s + self._margin_s)
             if agent is not None:
                 agents.add(agent)
+            if user is not None:
+                users.add(user)
         states = tuple(b.state(c, p) for c, p, b in zip(counters, periods, buckets, strict=True))
         for key, b in zip(self._keys(counters, periods), buckets, strict=True):
             self._drop_if_empty(key, b)
@@ -169,8 +172,9 @@ class MemoryStore:
             ok,
             now,
             states,
-            amount_micros,
+            amounts,
             too_many_agents=crowded,
+            too_many_users=too_many_users,
             concurrency_limited=busy,
             epoch=MEMORY_EPOCH,
         )
@@ -200,7 +204,7 @@ class MemoryStore:
         self,
         rid: str,
         states: Sequence[CounterState],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         hold_ttl_s: float,
         tz: ZoneInfo | None = None,
@@ -209,13 +213,13 @@ class MemoryStore:
         tenant = check_counters([s.counter for s in states])
         check_ttl(hold_ttl_s)
         targets = [(s.counter, s.period) for s in states]
-        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=False, tz=tz)
+        self._commit(rid, tenant, targets, actual, hold_ttl_s, check=False, tz=tz)
 
     async def record(
         self,
         rid: str,
         counters: Sequence[Counter],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
@@ -225,7 +229,7 @@ class MemoryStore:
         check_ttl(hold_ttl_s)
         now = self._clock()
         targets = [(c, period_of(c.window, now, tz)) for c in counters]
-        self._commit(rid, tenant, targets, actual_micros, hold_ttl_s, check=True, tz=tz)
+        self._commit(rid, tenant, targets, actual, hold_ttl_s, check=True, tz=tz)
 
     async def snapshot(
         self, counters: Sequence[Counter], *, tz: ZoneInfo
@@ -242,6 +246,14 @@ class MemoryStore:
             b.charge_expired(now)
             states.append(b.state(c, period))
         return tuple(states)
+
+    async def in_flight(self, tenant_id: str, agent_id: str | None) -> tuple[int, int]:
+        now = self._clock()
+
+        def live(key: tuple[str, str | None]) -> int:
+            return sum(exp > now for exp in self._in_flight.get(key, {}).values())
+
+        return live((tenant_id, None)), live((tenant_id, agent_id)) if agent_id else 0
 
     async def now(self) -> float:
         return self._clock()
@@ -266,8 +278,8 @@ class MemoryStore:
     async def history(self, tenant_id: str) -> SpendHistory:
         hour_cut, day_cut = cutoffs(self._clock())
         return SpendHistory(
-            hours=kept(self._hours.get(tenant_id, {}).items(), hour_cut),
-            days=kept(self._days.get(tenant_id, {}).items(), day_cut),
+            hours=buckets_since(self._hours.get(tenant_id, {}).items(), hour_cut),
+            days=buckets_since(self._days.get(tenant_id, {}).items(), day_cut),
         )
 
     async def note_rejection(self, tenant_id: str, rejection: Rejection) -> None:
@@ -299,7 +311,7 @@ class MemoryStore:
         rid: str,
         tenant: str,
         targets: Sequence[tuple[Counter, Period]],
-        actual_micros: int,
+        actual_amounts: Amounts | int,
         hold_ttl_s: float,
         *,
         check: bool,
@@ -317,29 +329,35 @@ class MemoryStore:
             flight.pop(rid, None)
             if not flight:
                 del self._in_flight[fkey]
-        actual = clamp_actual(actual_micros)
-        if check or actual > 0:  # a release is idempotent as it is (as in Redis)
+        amounts = clamp_actual(actual_amounts)
+        if check or amounts.charges(
+            [c for c, _ in targets]
+        ):  # a release is idempotent as it is (as in Redis)
             self._settled[marker] = now + max(2 * hold_ttl_s, MIN_MARKER_TTL_S)
-        if actual > 0:
-            self._add_history(tenant, actual, now, tz or UTC)
-        agent, agent_left = None, False
+            if amounts.micros > 0:  # once per rid, as the marker makes it
+                self._add_history(tenant, amounts.micros, now, tz or UTC)
+        # An agent (end user) whose counters are all left empty costs nothing today: it
+        # does not count against max_agents (max_users).
+        left: dict[tuple[str, str], bool] = {}
         for counter, period in targets:
+            actual = amounts.of(counter.unit)
             key = self._key(counter, period)
             b = self._buckets.get(key)
-            if b is None:
-                if actual == 0:
-                    continue
-                b = self._bucket(counter, period)
-            b.holds.pop(rid, None)
-            # A lease that ran out was charged its hold: the actual cost replaces that.
-            b.spent += actual - b.charged.pop(rid, 0)
-            b.expires_at = max(b.expires_at, period.end + hold_ttl_s + self._margin_s)
-            gone = self._drop_if_empty(key, b)
-            if counter.agent_id is not None:
-                agent, agent_left = counter.agent_id, agent_left or not gone
-        if agent is not None and not agent_left:
-            # An agent that costs nothing today does not count against max_agents.
-            self._agents.get((tenant, int(now // DAY_S)), set()).discard(agent)
+            gone = True
+            if b is not None or actual != 0:
+                b = b if b is not None else self._bucket(counter, period)
+                b.holds.pop(rid, None)
+                # A lease that ran out was charged its hold: the actual amount replaces it.
+                b.spent += actual - b.charged.pop(rid, 0)
+                b.expires_at = max(b.expires_at, period.end + hold_ttl_s + self._margin_s)
+                gone = self._drop_if_empty(key, b)
+            if counter.scope[0] in ("agent", "user"):
+                left[counter.scope] = left.get(counter.scope, False) or not gone
+        day = int(now // DAY_S)
+        for (kind, ident), kept in left.items():
+            if not kept:
+                ids = self._agents if kind == "agent" else self._users
+                ids.get((tenant, day), set()).discard(ident)
 
     @staticmethod
     def _flights(
@@ -365,7 +383,7 @@ class MemoryStore:
 
     @staticmethod
     def _key(counter: Counter, period: Period) -> _BucketKey:
-        return (counter.tenant_id, counter.agent_id, counter.window, period.start)
+        return (counter.tenant_id, counter.scope, counter.window, counter.unit, period.start)
 
     def _bucket(self, counter: Counter, period: Period) -> _Bucket:
         key = self._key(counter, period)
@@ -385,11 +403,17 @@ class MemoryStore:
         for name in [n for n, exp in self._claims.items() if exp <= now]:
             del self._claims[name]
         today = int(now // DAY_S)
-        for day in [d for d in self._agents if d[1] < today]:
-            del self._agents[day]
+        for ids in (self._agents, self._users):
+            for day in [d for d in ids if d[1] < today]:
+                del ids[day]
         for tenant in [t for t, (_, until) in self._rejections.items() if until <= now]:
             del self._rejections[tenant]
         hour_cut, day_cut = cutoffs(now)
         for series, cut in ((self._hours, hour_cut), (self._days, day_cut)):
             for tenant in [t for t, points in series.items() if max(points, default=0) < cut]:
                 del series[tenant]  # spent nothing for as long as history is kept
+
+
+def _crowded(ids: set[str], new: str | None, limit: int | None) -> bool:
+    """Whether naming ``new`` goes past ``limit`` distinct ids (of today's ``ids``)."""
+    return new is not None and new not in ids and limit is not None and len(ids) >= limit

@@ -36,7 +36,20 @@ OTHER = "other"
 MAX_UNPRICED_MODELS = 100
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
 ROUTES = frozenset({*(e.value for e in Endpoint), "models", OTHER})
-SHADOW_REASONS = frozenset({"budget_exceeded", "token_cap_exceeded"})
+# The codes of the proxy's own 429s (the cap_rejections label set).
+CAP_CODES = frozenset(
+    {
+        "budget_exceeded",
+        "token_cap_exceeded",
+        "rate_limit_exceeded",
+        "concurrency_limit_exceeded",
+        "too_many_agents",
+        "too_many_users",
+    }
+)
+SHADOW_REASONS = frozenset(
+    {"budget_exceeded", "token_cap_exceeded", "rate_limit_exceeded", "concurrency_limit_exceeded"}
+)
 MICROS_PER_USD = 1_000_000
 
 # Upstream calls run from tens of milliseconds (embeddings) to minutes (long generations).
@@ -51,6 +64,7 @@ class Outcome(StrEnum):
     ALLOWED = "allowed"  # forwarded, upstream answered 2xx
     BUDGET_REJECTED = "budget_rejected"  # 429 from a budget cap
     TOKEN_REJECTED = "token_rejected"  # noqa: S105 (a label, not a secret): 429 from a token cap
+    RATE_REJECTED = "rate_rejected"  # 429 from a rate cap or a concurrency limit
     STORE_ERROR = "store_error"  # 503: the spend store was unreachable (fail-closed)
     UPSTREAM_ERROR = "upstream_error"  # upstream non-2xx, unreachable or timed out
     CLIENT_ERROR = "client_error"  # the request was refused before any cap was checked
@@ -73,7 +87,8 @@ class RequestRecord:
     upstream_s: float | None = None  # waiting on the upstream (to its first byte for streams)
     streamed: bool = False
     usage_missing: bool = False  # charged from the estimate or hold: usage was absent
-    would_reject: str | None = None  # shadow mode: "budget_exceeded" / "token_cap_exceeded"
+    would_reject: str | None = None  # shadow mode: the code of the 429 it would have had
+    rejected: str | None = None  # the code of the proxy's own 429
     fail_open: bool = False  # admitted without the store
     # Streams only: from arrival to the first byte sent to the client. The stream's overhead
     # is first_byte_s - upstream_s; without it a stream adds no overhead sample.
@@ -190,6 +205,12 @@ class Metrics:
             ("scope",),
             keys=[("store",), ("tenant",)],
         )
+        self._rejections = _Tally(
+            "capproxy_cap_rejections",
+            "Requests refused with 429 by the proxy's caps, by error code.",
+            ("code",),
+            keys=[(code,) for code in sorted(CAP_CODES)],
+        )
         self._shadow = _Tally(
             "capproxy_shadow_rejections",
             "Requests shadow mode would have rejected, by reason.",
@@ -205,6 +226,7 @@ class Metrics:
             self._reloads,
             self._fail_open,
             self._shadow,
+            self._rejections,
             self._data_loss,
             self._unpriced,
         ):
@@ -250,6 +272,8 @@ class Metrics:
         if rec.would_reject is not None:
             reason = rec.would_reject if rec.would_reject in SHADOW_REASONS else OTHER
             self._shadow.add((reason,))
+        if rec.rejected is not None:
+            self._rejections.add((rec.rejected if rec.rejected in CAP_CODES else OTHER,))
 
         upstream_s = rec.upstream_s
         if upstream_s is not None:

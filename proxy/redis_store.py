@@ -1,7 +1,7 @@
 """The store in Redis, shared by every proxy instance.
 
     store = RedisStore.from_url("redis://localhost:6379/0", timeout_s=0.5)
-    result = await store.reserve(rid, counters, 12_000, tz=tz, hold_ttl_s=30)
+    result = await store.reserve(rid, counters, Amounts(12_000, 900, 1), tz=tz, hold_ttl_s=30)
 
 Semantics: ``proxy.counters``. The scripts (``proxy/lua/*.lua``) and the connections that
 carry them: ``proxy.redis_scripts``.
@@ -13,11 +13,18 @@ name, ``S`` = period start in epoch seconds)::
                                  x:<rid> = amount charged when rid's lease ran out
                                  (removed by rid's settle, else expires with the key)
     P:{T}:a:A:W:S          HASH  agent counter, same fields
+    P:{T}:m:M:W:S          HASH  model cap M's counter (the tenant's requests for its models)
+    P:{T}:u:U:W:S          HASH  end user U's counter
+    <counter key>:tokens   HASH  the same scope and window counting tokens
+    <counter key>:requests HASH  ... counting requests (a plain key counts micro-USD)
     <counter key>:holds    ZSET  rid -> lease expiry (epoch ms, Redis clock)
     P:{T}:settled:<rid>    STRING marker making settle/record idempotent (not written by
                            a plain release, which is idempotent as it is),
                            TTL max(2 x hold TTL, 60 s)
     P:{T}:agents:<day>     SET   agents the tenant named on that UTC day (max_agents)
+    P:{T}:users:<day>      SET   end users of user counters that day (max_users)
+    P:{T}:inflight[:a:A]   ZSET  the tenant's (agent's) requests in flight: rid -> lease
+                                 expiry (max_concurrent)
     P:{T}:epoch            STRING the tenant's epoch, set at its first recorded spend:
                                  gone means its spend was lost (no TTL)
     P:{T}:restored:<rid>   STRING a journal entry already restored, until its periods end
@@ -78,10 +85,12 @@ from proxy.counters import (
     MAX_MICROS,
     MIN_MARKER_TTL_S,
     NO_LIMITS,
+    Amounts,
     Counter,
     CounterState,
     Limits,
     ReserveResult,
+    Unit,
     check_amount,
     check_counters,
     check_rid,
@@ -98,8 +107,8 @@ from proxy.history import (
     Rejection,
     SpendHistory,
     buckets,
+    buckets_since,
     cutoffs,
-    kept,
 )
 from proxy.journal import JournalEntry
 from proxy.logs import log_event
@@ -148,6 +157,10 @@ def _agent_of(counters: Sequence[Counter]) -> str:
     return next((c.agent_id for c in counters if c.agent_id is not None), "")
 
 
+def _user_of(counters: Sequence[Counter]) -> str:
+    return next((c.user_id for c in counters if c.user_id is not None), "")
+
+
 def _states(
     counters: Sequence[Counter], periods: Sequence[Period], values: Sequence[Any]
 ) -> tuple[CounterState, ...]:
@@ -163,7 +176,7 @@ def _states(
 def _points(flat: Sequence[Any], since: int) -> tuple[tuple[int, int], ...]:
     """A history hash's fields and values (HGETALL, flat), as kept buckets."""
     pairs = zip(flat[0::2], flat[1::2], strict=True)
-    return kept(((int(_text(f)), int(_text(v))) for f, v in pairs), since)
+    return buckets_since(((int(_text(f)), int(_text(v))) for f, v in pairs), since)
 
 
 def _honour_cancel() -> None:
@@ -316,9 +329,10 @@ class RedisStore:
     def counter_key(self, counter: Counter, period: Period) -> str:
         """The HASH key of ``counter`` in ``period`` (its holds ZSET adds ``:holds``)."""
         tag = f"{self._prefix}:{{{counter.tenant_id}}}"
-        if counter.agent_id is None:
-            return f"{tag}:t:{counter.window.value}:{period.start}"
-        return f"{tag}:a:{counter.agent_id}:{counter.window.value}:{period.start}"
+        kind, ident = counter.scope
+        scope = "t" if kind == "tenant" else f"{kind[0]}:{ident}"
+        unit = "" if counter.unit is Unit.USD else f":{counter.unit.value}"
+        return f"{tag}:{scope}:{counter.window.value}:{period.start}{unit}"
 
     def settled_key(self, tenant_id: str, rid: str) -> str:
         return f"{self._prefix}:{{{tenant_id}}}:settled:{rid}"
@@ -345,6 +359,10 @@ class RedisStore:
         """The SET of agents the tenant named on the UTC day of ``at``."""
         return f"{self._prefix}:{{{tenant_id}}}:agents:{int(at // DAY_S)}"
 
+    def users_key(self, tenant_id: str, at: float) -> str:
+        """The SET of end users with counters of the tenant's on the UTC day of ``at``."""
+        return f"{self._prefix}:{{{tenant_id}}}:users:{int(at // DAY_S)}"
+
     def _agents_expire_at_ms(self, at: float) -> int:
         return (int(at // DAY_S) + 1) * DAY_S * 1000 + self._margin_ms
 
@@ -357,7 +375,7 @@ class RedisStore:
         self,
         rid: str,
         counters: Sequence[Counter],
-        amount_micros: int,
+        amount: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
@@ -365,10 +383,10 @@ class RedisStore:
     ) -> ReserveResult:
         check_rid(rid)
         tenant = check_counters(counters)
-        check_amount(amount_micros)
+        amounts = check_amount(amount)
         ttl_ms = check_ttl(hold_ttl_s)
 
-        agent = _agent_of(counters)
+        agent, user = _agent_of(counters), _user_of(counters)
         tenant_flight, agent_flight = limits.max_concurrent
         if not agent:
             agent_flight = None  # no agent: only the tenant's requests in flight count
@@ -377,17 +395,19 @@ class RedisStore:
         async def attempt(at: float) -> ReserveResult:
             periods = [period_of(c.window, at, tz) for c in counters]
             keys: list[str] = []
-            args: list[str | int] = [rid, amount_micros, ttl_ms]
+            args: list[str | int] = [rid, ttl_ms]
             for c, p in zip(counters, periods, strict=True):
                 key = self.counter_key(c, p)
                 keys += [key, key + ":holds"]
-                limit = min(c.limit_micros, MAX_MICROS)  # beyond it, a limit is no limit
-                args += [limit, p.start, p.end, self._expire_at_ms(p, ttl_ms)]
+                limit = min(c.limit, MAX_MICROS)  # beyond it, a limit is no limit
+                args += [limit, amounts.of(c.unit), p.start, p.end, self._expire_at_ms(p, ttl_ms)]
             keys += [self.settled_key(tenant, rid), self.epoch_key(tenant)]
             keys.append(self.agents_key(tenant, at))
             keys += self.in_flight_keys(tenant, agent)
+            keys.append(self.users_key(tenant, at))
             args += [agent, limits.max_agents or MAX_MICROS, self._agents_expire_at_ms(at)]
             args += [tenant_flight or "", agent_flight or ""]
+            args += [user, limits.max_users or MAX_MICROS]
             reply = await self._eval(self._reserve, keys, args)
             status, now = self._status(reply)
             states = _states(counters, periods, reply[4:])
@@ -395,8 +415,9 @@ class RedisStore:
                 status == "ok",
                 now,
                 states,
-                amount_micros,
+                amounts,
                 too_many_agents=status == "too_many_agents",
+                too_many_users=status == "too_many_users",
                 concurrency_limited=status.removeprefix("busy_") if status[:5] == "busy_" else "",
                 epoch=_text(reply[3]),
             )
@@ -435,7 +456,7 @@ class RedisStore:
         self,
         rid: str,
         states: Sequence[CounterState],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         hold_ttl_s: float,
         tz: ZoneInfo | None = None,
@@ -446,7 +467,7 @@ class RedisStore:
         targets = [(s.counter, s.period) for s in states]
         await self._guard(
             lambda: self._run_commit(
-                rid, tenant, targets, actual_micros, ttl_ms, check=False, tz=tz or UTC
+                rid, tenant, targets, actual, ttl_ms, check=False, tz=tz or UTC
             )
         )
 
@@ -454,7 +475,7 @@ class RedisStore:
         self,
         rid: str,
         counters: Sequence[Counter],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
@@ -465,7 +486,7 @@ class RedisStore:
 
         async def attempt(at: float) -> None:
             targets = [(c, period_of(c.window, at, tz)) for c in counters]
-            await self._run_commit(rid, tenant, targets, actual_micros, ttl_ms, check=True, tz=tz)
+            await self._run_commit(rid, tenant, targets, actual, ttl_ms, check=True, tz=tz)
 
         await self._guard(lambda: self._with_periods(attempt))
 
@@ -487,6 +508,17 @@ class RedisStore:
             return _states(counters, periods, reply[3:])
 
         return await self._guard(lambda: self._with_periods(attempt))
+
+    async def in_flight(self, tenant_id: str, agent_id: str | None) -> tuple[int, int]:
+        keys = self.in_flight_keys(tenant_id, agent_id or "")
+
+        async def count() -> tuple[int, int]:
+            now_ms = int(self._estimate() * 1000)
+            tenant = await self._client.zcount(keys[0], f"({now_ms}", "+inf")
+            agent = await self._client.zcount(keys[1], f"({now_ms}", "+inf") if agent_id else 0
+            return int(tenant), int(agent)
+
+        return await self._guard(count)
 
     async def now(self) -> float:
         async def read() -> float:
@@ -807,7 +839,7 @@ class RedisStore:
         rid: str,
         tenant: str,
         targets: Sequence[tuple[Counter, Period]],
-        actual_micros: int,
+        actual_amounts: Amounts | int,
         ttl_ms: int,
         *,
         check: bool,
@@ -815,29 +847,34 @@ class RedisStore:
     ) -> None:
         """Settle (``check=False``: the periods reserved) or record (``check=True``: the
         periods now). A settle of 0 writes no marker: releasing twice changes nothing, and
-        a release leaves no key behind. The cost also goes to the tenant's history, in the
-        hour and day (in ``tz``) of the store's time now."""
-        actual = clamp_actual(actual_micros)
+        a release leaves no key behind. The cost in micro-USD also goes to the tenant's
+        history, in the hour and day (in ``tz``) of the store's time now."""
+        amounts = clamp_actual(actual_amounts)
         keys = [self.settled_key(tenant, rid)]
-        marked = check or actual > 0
+        marked = check or amounts.charges([c for c, _ in targets])
         marker_ttl_ms = max(2 * ttl_ms, MIN_MARKER_TTL_S * 1000) if marked else 0
-        args: list[str | int] = [rid, actual, marker_ttl_ms, int(check)]
+        args: list[str | int] = [rid, marker_ttl_ms, int(check)]
         for c, p in targets:
             key = self.counter_key(c, p)
             keys += [key, key + ":holds"]
+            kind = c.scope[0]
             args += [
+                amounts.of(c.unit),
                 p.start,
                 p.end,
                 self._expire_at_ms(p, ttl_ms),
-                "t" if c.agent_id is None else "a",
+                kind[0] if kind in ("agent", "user") else "t",
             ]
         at = self._estimate()
-        agent = _agent_of([c for c, _ in targets])
+        counters = [c for c, _ in targets]
+        agent = _agent_of(counters)
         keys += [self.epoch_key(tenant), self.agents_key(tenant, at)]
         keys += self.in_flight_keys(tenant, agent)
-        args += [agent, secrets.token_hex(8)]
+        keys.append(self.users_key(tenant, at))
+        args += [agent, secrets.token_hex(8), _user_of(counters)]
         keys += self.history_keys(tenant)
-        args += [*buckets(at, tz), *cutoffs(at), *self._history_expiry_ms(at)]
+        history = amounts.micros if marked else 0  # once per rid, as the marker makes it
+        args += [history, *buckets(at, tz), *cutoffs(at), *self._history_expiry_ms(at)]
         reply = await self._eval(self._commit, keys, args)
         self._status(reply)
         if len(reply) > 1 and reply[1]:

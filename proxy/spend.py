@@ -34,7 +34,15 @@ from aiohttp import web
 
 from proxy.auth import AGENT_ID, bearer_key
 from proxy.budget import DEFAULT_AGENT, plan_budget
-from proxy.config import ID_PATTERN, BudgetCap, Settings, TokenCap
+from proxy.config import (
+    ID_PATTERN,
+    MAX_MODEL_CHARS,
+    BudgetCap,
+    ModelCap,
+    RateCap,
+    Settings,
+    TokenCap,
+)
 from proxy.counters import CounterState, Store
 from proxy.errors import BadRequest, Forbidden
 from proxy.history import DAYS_KEPT, HOURS_KEPT, REJECTIONS_KEPT, Rejection, SpendHistory
@@ -96,6 +104,16 @@ def requested_agent(request: web.Request) -> str:
     return agent
 
 
+def requested_user(request: web.Request) -> str | None:
+    user = request.query.get("user_id")
+    if user is not None and AGENT_ID.fullmatch(user) is None:
+        raise BadRequest(
+            "Invalid user_id: use 1-128 characters of letters, digits and . _ : @ / -",
+            param="user_id",
+        )
+    return user
+
+
 # --- rendering ---------------------------------------------------------------------------
 
 
@@ -120,40 +138,86 @@ def usd(value: Decimal | None) -> Decimal | None:
 
 
 def window_spend(state: CounterState, cap: BudgetCap, now: float) -> dict[str, Any]:
-    limit, period = state.counter.limit_micros, state.period
-    pct = Decimal(state.spent_micros * 100) / limit if limit else Decimal(0)
+    limit, period = state.counter.limit, state.period
+    pct = Decimal(state.spent * 100) / limit if limit else Decimal(0)
     return {
         "window": state.counter.window.value,
-        "current_spend_usd": micros_to_usd(state.spent_micros),
+        "current_spend_usd": micros_to_usd(state.spent),
         "hard_limit_usd": micros_to_usd(limit),
         "soft_limit_usd": usd(cap.soft_limit_usd),
         "utilization_pct": pct.quantize(PCT_PLACES, rounding=ROUND_HALF_UP),
         "resets_in_secs": min(period.resets_in(now), period.end - period.start),
-        "held_usd": micros_to_usd(state.held_micros),
+        "held_usd": micros_to_usd(state.held),
+    }
+
+
+def rate_window(state: CounterState, now: float) -> dict[str, Any]:
+    counter, period = state.counter, state.period
+    kind, ident = counter.scope
+    pct = Decimal(state.spent * 100) / counter.limit if counter.limit else Decimal(0)
+    return {
+        "scope": kind,
+        "scope_id": ident,
+        "window": counter.window.value,
+        "unit": counter.unit.value,
+        "used": state.spent,
+        "held": state.held,
+        "limit": counter.limit,
+        "utilization_pct": pct.quantize(PCT_PLACES, rounding=ROUND_HALF_UP),
+        "resets_in_secs": min(period.resets_in(now), period.end - period.start),
     }
 
 
 async def snapshot(
-    settings: Settings, store: Store, tenant_id: str, agent_id: str
+    settings: Settings, store: Store, tenant_id: str, agent_id: str, user_id: str | None = None
 ) -> dict[str, Any]:
-    """A tenant's agent windows and tenant-wide windows, read in one store round trip."""
-    plan = plan_budget(settings, tenant_id, agent_id, amount_micros=0)
+    """A tenant's windows of every kind (its own, the agent's, each model cap's, the end
+    user's), read in one store round trip, and its requests in flight."""
+    plan = plan_budget(
+        settings, tenant_id, agent_id, amount_micros=0, user=user_id, every_model_cap=True
+    )
     states = await store.snapshot(plan.counters, tz=settings.tz) if plan.counters else ()
+    tenant_limit, agent_limit = settings.concurrency_limits(tenant_id, agent_id)
+    in_flight = (0, 0)
+    if tenant_limit is not None or agent_limit is not None:
+        in_flight = await store.in_flight(tenant_id, agent_id)
     now = time.time()
-    agent: list[dict[str, Any]] = []
-    tenant: list[dict[str, Any]] = []
+    windows: dict[str, list[dict[str, Any]]] = {
+        "agent": [],
+        "tenant": [],
+        "model": [],
+        "user": [],
+        "rate": [],
+    }
     for state, cap in zip(states, plan.caps, strict=True):
-        scope = tenant if state.counter.agent_id is None else agent
-        scope.append(window_spend(state, cap, now))
+        if not isinstance(cap, BudgetCap):
+            windows["rate"].append(rate_window(state, now))
+            continue
+        kind, ident = state.counter.scope
+        spend = window_spend(state, cap, now)
+        if kind == "model":
+            spend = {"model_cap": ident, **spend}
+        windows[kind].append(spend)
     # Every request holds the same amount in each of its agent's windows at once, so
     # the largest window hold is what the agent has in flight (not their sum).
-    held = max((s.held_micros for s in states if s.counter.agent_id is not None), default=None)
+    held = max(
+        (s.held for s in states if s.counter.agent_id is not None and s.counter.unit == "usd"),
+        default=None,
+    )
     return {
         "tenant_id": tenant_id,
         "agent_id": agent_id,
-        "windows": agent,
+        "windows": windows["agent"],
         "held_usd": None if held is None else micros_to_usd(held),
-        "tenant_windows": tenant,
+        "tenant_windows": windows["tenant"],
+        "model_cap_windows": windows["model"],
+        "user_id": user_id,
+        "user_windows": windows["user"],
+        "rate_windows": windows["rate"],
+        "concurrency": {
+            "tenant": {"limit": tenant_limit, "in_flight": in_flight[0]},
+            "agent": {"limit": agent_limit, "in_flight": in_flight[1]},
+        },
     }
 
 
@@ -213,6 +277,24 @@ def budget_cap(cap: BudgetCap) -> dict[str, Any]:
     }
 
 
+def rate_cap(cap: RateCap) -> dict[str, Any]:
+    return {
+        "window": cap.window.value,
+        "max_requests": cap.max_requests,
+        "max_tokens": cap.max_tokens,
+    }
+
+
+def model_cap(cap: ModelCap, model: str | None) -> dict[str, Any]:
+    return {
+        "name": cap.name,
+        "models": list(cap.models),
+        "applies": None if model is None else cap.matches(model),
+        "budget_caps": [budget_cap(c) for c in cap.budget_caps],
+        "rate_caps": [rate_cap(c) for c in cap.rate_caps],
+    }
+
+
 # --- handlers ----------------------------------------------------------------------------
 
 
@@ -221,8 +303,9 @@ async def costs_current(request: web.Request) -> web.StreamResponse:
     rt: Runtime = request.app[RUNTIME].current
     tenant_id = readable_tenant(rt, request)
     agent_id = requested_agent(request)
+    user_id = requested_user(request)
     store = request.app[LEDGER].store
-    return json_response(await snapshot(rt.settings, store, tenant_id, agent_id))
+    return json_response(await snapshot(rt.settings, store, tenant_id, agent_id, user_id))
 
 
 async def tenants(request: web.Request) -> web.StreamResponse:
@@ -291,6 +374,11 @@ async def caps(request: web.Request) -> web.StreamResponse:
         return "override" if overridden else "default"
 
     enabled, token = cost_caps.enabled, cost_caps.token_cap_for(agent_id)
+    model = request.query.get("model")
+    if model is not None and not 0 < len(model) <= MAX_MODEL_CHARS:
+        raise BadRequest(f"model must be 1-{MAX_MODEL_CHARS} characters.", param="model")
+    users = cost_caps.user_caps if enabled else None
+    tenant_flight, agent_flight = rt.settings.concurrency_limits(tenant_id, agent_id)
     return json_response(
         {
             "tenant_id": tenant_id,
@@ -307,6 +395,22 @@ async def caps(request: web.Request) -> web.StreamResponse:
             "agent_budget_caps_source": source(override is not None and bool(override.budget_caps)),
             "token_cap": token.model_dump() if enabled and token is not None else None,
             "token_cap_source": source(override is not None and override.token_cap is not None),
+            "tenant_rate_caps": [rate_cap(c) for c in rt.settings.tenant_rate_caps(tenant_id)],
+            "agent_rate_caps": (
+                [rate_cap(c) for c in cost_caps.rate_caps_for(agent_id)] if enabled else []
+            ),
+            "agent_rate_caps_source": source(override is not None and bool(override.rate_caps)),
+            "max_concurrent_requests": {"tenant": tenant_flight, "agent": agent_flight},
+            "model": model,
+            "model_caps": [model_cap(c, model) for c in cost_caps.model_caps] if enabled else [],
+            "user_caps": None
+            if users is None
+            else {
+                "source": users.source,
+                "budget_caps": [budget_cap(c) for c in users.budget_caps],
+                "rate_caps": [rate_cap(c) for c in users.rate_caps],
+                "max_users_per_tenant": cost_caps.max_users_per_tenant,
+            },
         }
     )
 
@@ -357,6 +461,17 @@ _USD_OR_NULL = {**_USD, "type": ["number", "null"]}
 _TOKENS = {"type": ["integer", "null"], "minimum": 1}
 _WINDOW = {"type": "string", "enum": [w.value for w in Window]}
 _SOURCE = {"type": "string", "enum": ["override", "default", "disabled"]}
+_WINDOW_SPEND: dict[str, Any] = {
+    "window": _WINDOW,
+    "current_spend_usd": _USD,
+    "hard_limit_usd": _USD,
+    "soft_limit_usd": _USD_OR_NULL,
+    "utilization_pct": {"type": "number"},
+    "resets_in_secs": {"type": "integer", "minimum": 1},
+    "held_usd": _USD,
+}
+_USER = _query("user_id", "An end user, for its windows", pattern=f"^{AGENT_ID.pattern}$")
+_MODEL = _query("model", "A model: which model caps apply to it")
 _AGENT = _query(
     "agent_id",
     "As the agent header names it",
@@ -396,15 +511,15 @@ OPENAPI: dict[str, Any] = {
     "security": [{"bearer": []}, {"apiKey": []}],
     "paths": {
         f"{PREFIX}/costs/current": _get(
-            "A tenant's current spend per window",
+            "A tenant's current spend, requests and tokens per window, and its requests in flight",
             "SpendSnapshot",
-            [_AGENT, _TENANT],
+            [_AGENT, _TENANT, _USER],
             {**_READ_ERRORS, **_STORE_ERROR},
         ),
         f"{PREFIX}/caps": _get(
-            "The caps that apply to a tenant and agent, after resolution",
+            "The caps that apply to a tenant and agent (and model), after resolution",
             "Caps",
-            [_AGENT, _TENANT],
+            [_AGENT, _TENANT, _MODEL],
             _READ_ERRORS,
         ),
         f"{PREFIX}/tenants": _get(
@@ -443,14 +558,25 @@ OPENAPI: dict[str, Any] = {
             "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
         },
         "schemas": {
-            "WindowSpend": _object(
+            "WindowSpend": _object(**_WINDOW_SPEND),
+            "ModelCapSpend": {
+                **_object(model_cap={"type": "string"}, **_WINDOW_SPEND),
+                "description": "A model cap's budget window (the tenant's requests for its models)",
+            },
+            "RateWindow": _object(
+                scope={"type": "string", "enum": ["tenant", "agent", "model", "user"]},
+                scope_id={"type": "string", "description": "tenant, agent, model cap or user"},
                 window=_WINDOW,
-                current_spend_usd=_USD,
-                hard_limit_usd=_USD,
-                soft_limit_usd=_USD_OR_NULL,
+                unit={"type": "string", "enum": ["requests", "tokens"]},
+                used={"type": "integer"},
+                held={"type": "integer", "description": "Held by requests in flight"},
+                limit={"type": "integer"},
                 utilization_pct={"type": "number"},
                 resets_in_secs={"type": "integer", "minimum": 1},
-                held_usd=_USD,
+            ),
+            "InFlight": _object(
+                limit={"type": ["integer", "null"]},
+                in_flight={"type": "integer", "description": "0 without a limit"},
             ),
             "SpendSnapshot": _object(
                 tenant_id={"type": "string"},
@@ -462,6 +588,15 @@ OPENAPI: dict[str, Any] = {
                     "(each request holds in every window); null without agent windows",
                 },
                 tenant_windows={"type": "array", "items": _ref("WindowSpend")},
+                model_cap_windows={"type": "array", "items": _ref("ModelCapSpend")},
+                user_id={"type": ["string", "null"]},
+                user_windows={
+                    "type": "array",
+                    "items": _ref("WindowSpend"),
+                    "description": "The budget windows of user_id (empty without it)",
+                },
+                rate_windows={"type": "array", "items": _ref("RateWindow")},
+                concurrency=_object(tenant=_ref("InFlight"), agent=_ref("InFlight")),
             ),
             "TenantList": _object(tenants={"type": "array", "items": _ref("SpendSnapshot")}),
             "TenantHistory": _object(
@@ -506,6 +641,27 @@ OPENAPI: dict[str, Any] = {
             "RejectionList": _object(rejections={"type": "array", "items": _ref("Rejection")}),
             "BudgetCap": _object(window=_WINDOW, hard_limit_usd=_USD, soft_limit_usd=_USD_OR_NULL),
             "TokenCap": _object(**dict.fromkeys(TokenCap.model_fields, _TOKENS)),
+            "RateCap": _object(
+                window=_WINDOW,
+                max_requests={"type": ["integer", "null"]},
+                max_tokens={"type": ["integer", "null"]},
+            ),
+            "ModelCap": _object(
+                name={"type": "string"},
+                models={"type": "array", "items": {"type": "string"}},
+                applies={
+                    "type": ["boolean", "null"],
+                    "description": "Whether it applies to the model asked for (null: none)",
+                },
+                budget_caps={"type": "array", "items": _ref("BudgetCap")},
+                rate_caps={"type": "array", "items": _ref("RateCap")},
+            ),
+            "UserCaps": _object(
+                source={"type": "string", "description": "body.user or header:<Name>"},
+                budget_caps={"type": "array", "items": _ref("BudgetCap")},
+                rate_caps={"type": "array", "items": _ref("RateCap")},
+                max_users_per_tenant={"type": "integer"},
+            ),
             "Caps": _object(
                 tenant_id={"type": "string"},
                 agent_id={"type": "string"},
@@ -517,6 +673,15 @@ OPENAPI: dict[str, Any] = {
                 agent_budget_caps_source=_SOURCE,
                 token_cap={"oneOf": [_ref("TokenCap"), {"type": "null"}]},
                 token_cap_source=_SOURCE,
+                tenant_rate_caps={"type": "array", "items": _ref("RateCap")},
+                agent_rate_caps={"type": "array", "items": _ref("RateCap")},
+                agent_rate_caps_source=_SOURCE,
+                max_concurrent_requests=_object(
+                    tenant={"type": ["integer", "null"]}, agent={"type": ["integer", "null"]}
+                ),
+                model={"type": ["string", "null"], "description": "The model asked about"},
+                model_caps={"type": "array", "items": _ref("ModelCap")},
+                user_caps={"oneOf": [_ref("UserCaps"), {"type": "null"}]},
             ),
             "Error": _object(
                 error=_object(

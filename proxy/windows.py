@@ -1,4 +1,4 @@
-"""Calendar budget windows: which period an instant falls in, in a time zone.
+"""Calendar windows of budgets and rate caps: which period an instant falls in, in a time zone.
 
     >>> from zoneinfo import ZoneInfo
     >>> p = period_of(Window.DAILY, 1_700_000_000.0, ZoneInfo("UTC"))
@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 
 class Window(StrEnum):
+    MINUTE = "minute"  # starts at :00 seconds
     HOURLY = "hourly"
     DAILY = "daily"
     WEEKLY = "weekly"  # starts Monday 00:00 local time
@@ -56,6 +57,9 @@ def period_of(window: Window, now: float, tz: ZoneInfo) -> Period:
 
 
 def _compute(window: Window, now: float, tz: ZoneInfo) -> Period:
+    if window is Window.MINUTE:  # every zone's offset is whole minutes
+        start_ts = math.floor(now) // 60 * 60
+        return Period(start_ts, start_ts + 60)
     local = datetime.fromtimestamp(now, tz)
     if window is Window.HOURLY:
         # The local hour that contains ``now``, measured back from ``now`` itself so that

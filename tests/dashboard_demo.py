@@ -99,7 +99,7 @@ async def seed(store: MemoryStore, clock: DemoClock) -> Limits:
     limits: Limits = {}
     for tenant, share in NOW_USED.items():
         for state in await store.snapshot(counters(tenant), tz=UTC):
-            spent = Decimal(state.spent_micros) / USD
+            spent = Decimal(state.spent) / USD
             limit = (spent / Decimal(share)).quantize(Decimal("0.01"))
             if state.counter.agent_id is None:
                 limits[(tenant, None, state.counter.window)] = limit

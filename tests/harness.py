@@ -103,7 +103,7 @@ async def spent(
 ) -> tuple[Decimal, Decimal]:
     """(spent, held) in USD of one counter (``agent=None``: tenant-wide) in its period now."""
     (state,) = await store.snapshot([Counter(tenant, agent, window, 1)], tz=ZoneInfo("UTC"))
-    return micros_to_usd(state.spent_micros), micros_to_usd(state.held_micros)
+    return micros_to_usd(state.spent), micros_to_usd(state.held)
 
 
 class AccessLog(logging.Handler):

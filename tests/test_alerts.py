@@ -20,7 +20,7 @@ from pytest_aiohttp import AiohttpServer
 from proxy.alerts import Alert, Alerter
 from proxy.budget import BudgetPlan
 from proxy.config import AlertsConfig, BudgetCap
-from proxy.counters import Counter, CounterState
+from proxy.counters import Amounts, Counter, CounterState
 from proxy.pricing import usd_to_micros
 from proxy.windows import Period, Window
 
@@ -117,7 +117,7 @@ def plan(
         soft_limit_usd=None if soft is None else Decimal(soft),
     )
     counter = Counter(tenant_id, agent_id, window, usd_to_micros(cap.hard_limit_usd))
-    return BudgetPlan(counters=(counter,), caps=(cap,), amount_micros=1)
+    return BudgetPlan(counters=(counter,), caps=(cap,), amounts=Amounts(1))
 
 
 def states(p: BudgetPlan, spent_usd: str, *, start: int = START) -> tuple[CounterState, ...]:
@@ -239,6 +239,11 @@ async def test_body_shape(session: aiohttp.ClientSession, receiver: Receiver) ->
             "spend_usd": "30.000000",
             "limit_usd": "30.000000",
             "at": "2024-05-15T01:01:01.500Z",
+            "unit": "usd",
+            "model_cap": None,
+            "user_id": None,
+            "used": None,
+            "limit": None,
         }
     ]
     assert datetime.fromisoformat(receiver.bodies[0]["at"]).timestamp() == START + 3661.5
@@ -266,9 +271,7 @@ async def test_rejection_alerts_hard_limit_on_spend_only(
 ) -> None:
     a = alerter(session, receiver.url)
     p = plan("10", "9")
-    held = tuple(
-        CounterState(s.counter, s.period, s.spent_micros, usd("5")) for s in states(p, "9.5")
-    )
+    held = tuple(CounterState(s.counter, s.period, s.spent, usd("5")) for s in states(p, "9.5"))
     a.observe_rejection(p, held)  # refused because of holds: spend is below the limit
     assert a.pending == 0
     a.observe_rejection(p, states(p, "10"))
@@ -484,4 +487,9 @@ def test_alert_body_is_json_of_its_fields() -> None:
         "spend_usd": "1.000000",
         "limit_usd": "1.000000",
         "at": "x",
+        "unit": "usd",
+        "model_cap": None,
+        "user_id": None,
+        "used": None,
+        "limit": None,
     }

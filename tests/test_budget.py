@@ -20,7 +20,7 @@ from proxy.budget import (
     status,
 )
 from proxy.config import BudgetCap, Settings, TokenCap
-from proxy.counters import Counter, CounterState, ReserveResult
+from proxy.counters import Amounts, Counter, CounterState, ReserveResult
 from proxy.errors import BudgetExceeded, TokenCapExceeded
 from proxy.windows import Period, Window
 from tests.harness import settings_for
@@ -47,7 +47,7 @@ def state(
 
 
 def refused(plan: BudgetPlan, *states: CounterState) -> ReserveResult:
-    return ReserveResult(False, NOW, states, plan.amount_micros)
+    return ReserveResult(False, NOW, states, plan.amounts)
 
 
 HOURLY = Counter("acme", None, Window.HOURLY, 10 * USD)
@@ -55,8 +55,8 @@ AGENT_DAILY = Counter("acme", "bot", Window.DAILY, 100 * USD)
 
 
 def plan_for(*counters: Counter, amount: int) -> BudgetPlan:
-    caps = tuple(cap(c.window, str(Decimal(c.limit_micros) / USD)) for c in counters)
-    return BudgetPlan(counters=counters, caps=caps, amount_micros=amount)
+    caps = tuple(cap(c.window, str(Decimal(c.limit) / USD)) for c in counters)
+    return BudgetPlan(counters=counters, caps=caps, amounts=Amounts(amount))
 
 
 # --- plan_budget ---------------------------------------------------------------------------
@@ -83,7 +83,11 @@ def test_plan_lists_tenant_caps_first_then_agent_caps() -> None:
         Counter("acme", "bot", Window.HOURLY, 10 * USD),
         Counter("acme", "bot", Window.DAILY, 100 * USD),
     )
-    assert [(c.window, c.hard_limit_usd, c.soft_limit_usd) for c in plan.caps] == [
+    assert [
+        (c.window, c.hard_limit_usd, c.soft_limit_usd)
+        for c in plan.caps
+        if isinstance(c, BudgetCap)
+    ] == [
         (Window.DAILY, Decimal(50), None),
         (Window.MONTHLY, Decimal("500.5"), None),
         (Window.HOURLY, Decimal(10), Decimal(8)),
@@ -109,7 +113,9 @@ def test_disabled_cost_caps_without_tenant_caps_plan_nothing() -> None:
 def test_agent_override_replaces_the_default_caps() -> None:
     plan = plan_budget(settings(), "acme", "premium-agent", amount_micros=1)
     assert plan.counters == (Counter("acme", "premium-agent", Window.DAILY, 500 * USD),)
-    assert plan.caps[0].soft_limit_usd == Decimal(400)
+    assert plan.caps == (
+        BudgetCap(window=Window.DAILY, hard_limit_usd=Decimal(500), soft_limit_usd=Decimal(400)),
+    )
 
 
 @pytest.mark.parametrize("agent", [DEFAULT_AGENT, "unknown-agent"])
@@ -153,7 +159,7 @@ def test_hold_is_clamped(amount: int, held: int) -> None:
 
 def test_limits_are_exact_micros() -> None:
     s = settings(cost_caps={"default_budget_caps": [{"window": "hourly", "hard_limit_usd": "0.1"}]})
-    assert plan_budget(s, "acme", "bot", amount_micros=1).counters[0].limit_micros == 100_000
+    assert plan_budget(s, "acme", "bot", amount_micros=1).counters[0].limit == 100_000
 
 
 # --- check_tokens --------------------------------------------------------------------------
@@ -335,7 +341,9 @@ def test_holds_only_window_does_not_shorten_a_spent_window() -> None:
 
 def test_retry_after_rounds_up_to_whole_seconds() -> None:
     plan = plan_for(HOURLY, amount=USD)
-    result = ReserveResult(False, NOW + 0.25, (state(HOURLY, spent=10 * USD, resets_in=20),), USD)
+    result = ReserveResult(
+        False, NOW + 0.25, (state(HOURLY, spent=10 * USD, resets_in=20),), Amounts(USD)
+    )
     assert rejection(plan, result).retry_after_s == 20  # 19.75 s left
 
 

@@ -482,7 +482,7 @@ def test_env_malformed_reference() -> None:
         pytest.param(
             UPSTREAM
             + "cost_caps:\n  default_budget_caps:\n    - {window: yearly, hard_limit_usd: 1}\n",
-            "caps.yaml:4: cost_caps.default_budget_caps[0].window: Input should be 'hourly'",
+            "caps.yaml:4: cost_caps.default_budget_caps[0].window: Input should be 'minute'",
             id="unknown-window",
         ),
         pytest.param(

@@ -9,8 +9,8 @@ Measured per request (correlated by a marker sent as both the agent id and the b
 ``user``):
 
 * billed: ``BillingUpstream``'s invoice (its own prices, its own arithmetic);
-* hold: the ``amount_micros`` the ledger passed to ``Store.reserve`` (a recording store);
-* recorded: the ``actual_micros`` of ``Store.settle`` / ``Store.record`` for that rid,
+* hold: the micro-USD amount the ledger passed to ``Store.reserve`` (a recording store);
+* recorded: the actual micro-USD of ``Store.settle`` / ``Store.record`` for that rid,
   cross-checked with ``cost_usd`` on the ``capproxy.access`` log line.
 """
 
@@ -40,7 +40,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.counters import Counter, ReserveResult, Store
+from proxy.counters import Amounts, Counter, ReserveResult, Store, as_amounts
 from proxy.endpoints import endpoint_for
 from proxy.history import Rejection, SpendHistory
 from proxy.memory_store import MemoryStore
@@ -224,27 +224,32 @@ class RecordingStore:
         self.book = book
 
     async def reserve(
-        self, rid: str, counters: Sequence[Counter], amount_micros: int, **kw: Any
+        self, rid: str, counters: Sequence[Counter], amount: Amounts | int, **kw: Any
     ) -> ReserveResult:
-        result = await self.inner.reserve(rid, counters, amount_micros, **kw)
-        self.book.on_reserve(rid, counters, amount_micros, result)
+        result = await self.inner.reserve(rid, counters, amount, **kw)
+        self.book.on_reserve(rid, counters, as_amounts(amount).micros, result)
         return result
 
-    async def settle(self, rid: str, states: Sequence[Any], actual_micros: int, **kw: Any) -> None:
-        await self.inner.settle(rid, states, actual_micros, **kw)
-        self.book.on_settle(rid, [s.counter for s in states], actual_micros)
+    async def settle(
+        self, rid: str, states: Sequence[Any], actual: Amounts | int, **kw: Any
+    ) -> None:
+        await self.inner.settle(rid, states, actual, **kw)
+        self.book.on_settle(rid, [s.counter for s in states], as_amounts(actual).micros)
 
     async def record(
-        self, rid: str, counters: Sequence[Counter], actual_micros: int, **kw: Any
+        self, rid: str, counters: Sequence[Counter], actual: Amounts | int, **kw: Any
     ) -> None:
-        await self.inner.record(rid, counters, actual_micros, **kw)
-        self.book.on_settle(rid, counters, actual_micros)
+        await self.inner.record(rid, counters, actual, **kw)
+        self.book.on_settle(rid, counters, as_amounts(actual).micros)
 
     async def renew(self, rid: str, states: Sequence[Any], *, hold_ttl_s: float) -> bool:
         return await self.inner.renew(rid, states, hold_ttl_s=hold_ttl_s)
 
     async def snapshot(self, counters: Sequence[Counter], *, tz: ZoneInfo) -> tuple[Any, ...]:
         return await self.inner.snapshot(counters, tz=tz)
+
+    async def in_flight(self, tenant_id: str, agent_id: str | None) -> tuple[int, int]:
+        return await self.inner.in_flight(tenant_id, agent_id)
 
     async def now(self) -> float:
         return await self.inner.now()
@@ -905,7 +910,7 @@ async def test_sixty_concurrent_requests_never_bill_past_the_hard_cap(
     assert invoice <= limit, (
         f"the upstream billed ${micros_to_usd(invoice)}, past the ${hard_cap} hard cap"
     )
-    assert state.spent_micros >= invoice, f"recorded {state}, the upstream billed {invoice}"
-    assert state.spent_micros <= limit, f"recorded spend passed the hard cap: {state}"
-    assert state.held_micros == 0, f"holds left behind: {state}"
+    assert state.spent >= invoice, f"recorded {state}, the upstream billed {invoice}"
+    assert state.spent <= limit, f"recorded spend passed the hard cap: {state}"
+    assert state.held == 0, f"holds left behind: {state}"
     assert not problems, "\n".join(problems)

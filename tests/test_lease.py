@@ -15,7 +15,7 @@ import pytest
 
 from proxy.budget import BudgetPlan
 from proxy.config import BudgetCap
-from proxy.counters import Counter
+from proxy.counters import Amounts, Counter
 from proxy.ledger import Ledger
 from proxy.redis_store import RedisStore
 from proxy.windows import Window
@@ -27,7 +27,7 @@ COUNTER = Counter("acme", None, Window.DAILY, 2500)
 PLAN = BudgetPlan(
     counters=(COUNTER,),
     caps=(BudgetCap(window=Window.DAILY, hard_limit_usd=Decimal("0.0025")),),
-    amount_micros=100,
+    amounts=Amounts(100),
 )
 
 # A proxy process: admits ``n`` requests whose upstream never answers, then says so.
@@ -78,7 +78,7 @@ async def run_past(store: RedisStore, moment: float) -> None:
 
 async def held(store: RedisStore) -> tuple[int, int, float | None]:
     (state,) = await store.snapshot([COUNTER], tz=UTC)
-    return state.spent_micros, state.held_micros, state.holds_end
+    return state.spent, state.held, state.holds_end
 
 
 async def test_a_long_request_keeps_its_hold_for_several_leases(store: RedisStore) -> None:
@@ -127,7 +127,7 @@ async def test_a_proxy_killed_mid_flight_leaves_holds_that_end_charged(
     refused = await store.reserve("next", [COUNTER], 600, tz=UTC, hold_ttl_s=LEASE)
     assert not refused.ok
     (state,) = refused.states
-    assert (state.spent_micros, state.held_micros) == (0, 2000)
+    assert (state.spent, state.held) == (0, 2000)
     assert state.holds_end is not None and state.holds_end <= killed_at + LEASE
 
     await run_past(store, state.holds_end)

@@ -15,7 +15,15 @@ import pytest
 
 from proxy.budget import BudgetPlan
 from proxy.config import BudgetCap
-from proxy.counters import NO_LIMITS, Counter, CounterState, Limits, ReserveResult
+from proxy.counters import (
+    NO_LIMITS,
+    Amounts,
+    Counter,
+    CounterState,
+    Limits,
+    ReserveResult,
+    as_amounts,
+)
 from proxy.errors import BudgetExceeded, StoreUnavailable
 from proxy.history import Rejection, SpendHistory
 from proxy.ledger import Hold, Ledger
@@ -33,10 +41,9 @@ AGENT_DAILY = Counter("acme", "bot", Window.DAILY, 100_000_000)
 def plan(amount: int, *counters: Counter) -> BudgetPlan:
     counters = counters or (TENANT_HOURLY, AGENT_DAILY)
     caps = tuple(
-        BudgetCap(window=c.window, hard_limit_usd=Decimal(c.limit_micros) / 1_000_000)
-        for c in counters
+        BudgetCap(window=c.window, hard_limit_usd=Decimal(c.limit) / 1_000_000) for c in counters
     )
-    return BudgetPlan(counters=counters, caps=caps, amount_micros=amount)
+    return BudgetPlan(counters=counters, caps=caps, amounts=Amounts(amount))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +93,18 @@ class FakeStore:
         self,
         rid: str,
         counters: Sequence[Counter],
-        amount_micros: int,
+        amount: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
         limits: Limits = NO_LIMITS,
     ) -> ReserveResult:
         self._check()
-        self.calls.append(Call("reserve", rid, amount_micros))
+        self.calls.append(Call("reserve", rid, as_amounts(amount).micros))
         result = await self.memory.reserve(
             rid,
             counters,
-            amount_micros,
+            amount,
             tz=tz,
             hold_ttl_s=hold_ttl_s,
             limits=limits,
@@ -125,29 +132,29 @@ class FakeStore:
         self,
         rid: str,
         states: Sequence[CounterState],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         hold_ttl_s: float,
         tz: ZoneInfo | None = None,
     ) -> None:
         await self._wait()
         self._check(rid)
-        self.calls.append(Call("settle", rid, actual_micros))
-        await self.memory.settle(rid, states, actual_micros, hold_ttl_s=hold_ttl_s, tz=tz)
+        self.calls.append(Call("settle", rid, as_amounts(actual).micros))
+        await self.memory.settle(rid, states, actual, hold_ttl_s=hold_ttl_s, tz=tz)
 
     async def record(
         self,
         rid: str,
         counters: Sequence[Counter],
-        actual_micros: int,
+        actual: Amounts | int,
         *,
         tz: ZoneInfo,
         hold_ttl_s: float,
     ) -> None:
         await self._wait()
         self._check(rid)
-        self.calls.append(Call("record", rid, actual_micros))
-        await self.memory.record(rid, counters, actual_micros, tz=tz, hold_ttl_s=hold_ttl_s)
+        self.calls.append(Call("record", rid, as_amounts(actual).micros))
+        await self.memory.record(rid, counters, actual, tz=tz, hold_ttl_s=hold_ttl_s)
 
     async def snapshot(
         self, counters: Sequence[Counter], *, tz: ZoneInfo
@@ -157,6 +164,9 @@ class FakeStore:
 
     async def claim(self, name: str, ttl_s: int) -> bool:
         return await self.memory.claim(name, ttl_s)
+
+    async def in_flight(self, tenant_id: str, agent_id: str | None) -> tuple[int, int]:
+        return await self.memory.in_flight(tenant_id, agent_id)
 
     async def now(self) -> float:
         self._check()
@@ -190,9 +200,7 @@ class FakeStore:
         self, counters: Sequence[Counter] = (TENANT_HOURLY, AGENT_DAILY)
     ) -> list[tuple[int, int]]:
         """(spent, held) of each counter now."""
-        return [
-            (s.spent_micros, s.held_micros) for s in await self.memory.snapshot(counters, tz=UTC)
-        ]
+        return [(s.spent, s.held) for s in await self.memory.snapshot(counters, tz=UTC)]
 
 
 @pytest.fixture
@@ -220,7 +228,7 @@ async def test_commit_replaces_the_hold_once(store: FakeStore) -> None:
     ledger = ledger_for(store)
     async with ledger.hold(plan(1000), tz=UTC, hold_ttl_s=TTL) as hold:
         assert await store.totals() == [(0, 1000), (0, 1000)]
-        assert [s.held_micros for s in hold.states] == [1000, 1000]
+        assert [s.held for s in hold.states] == [1000, 1000]
         assert hold.now == T0
         assert hold.would_reject is None
         assert not hold.admitted_without_store
@@ -272,7 +280,7 @@ async def test_each_hold_has_its_own_id(store: FakeStore) -> None:
 async def test_a_plan_without_counters_never_touches_the_store(store: FakeStore) -> None:
     ledger = ledger_for(store)
     store.down = True
-    empty = BudgetPlan(counters=(), caps=(), amount_micros=1000)
+    empty = BudgetPlan(counters=(), caps=(), amounts=Amounts(1000))
     async with ledger.hold(empty, tz=UTC, hold_ttl_s=TTL) as hold:
         assert hold.states == ()
         assert not hold.admitted_without_store

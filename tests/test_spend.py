@@ -32,7 +32,22 @@ COSTS = "/api/v1/costs/current"
 CAPS = "/api/v1/caps"
 TENANTS = "/api/v1/tenants"
 OPENAPI = "/api/v1/openapi.json"
-SNAPSHOT_KEYS = {"tenant_id", "agent_id", "windows", "held_usd", "tenant_windows"}
+SNAPSHOT_KEYS = {
+    "tenant_id",
+    "agent_id",
+    "windows",
+    "held_usd",
+    "tenant_windows",
+    "model_cap_windows",
+    "user_id",
+    "user_windows",
+    "rate_windows",
+    "concurrency",
+}
+NO_CONCURRENCY = {
+    "tenant": {"limit": None, "in_flight": 0},
+    "agent": {"limit": None, "in_flight": 0},
+}
 WINDOW_KEYS = {
     "window",
     "current_spend_usd",
@@ -82,7 +97,7 @@ async def recorded(
 ) -> tuple[Decimal, Decimal]:
     """(spent, held) in USD of one counter, read straight from the store."""
     (state,) = await store.snapshot([Counter(tenant, agent, window, 1)], tz=UTC)
-    return micros_to_usd(state.spent_micros), micros_to_usd(state.held_micros)
+    return micros_to_usd(state.spent), micros_to_usd(state.held)
 
 
 async def post(client: Client, agent: str | None = None, key: str = TENANT_KEY) -> None:
@@ -200,6 +215,11 @@ async def test_no_windows_means_no_store_read_and_null_held(
         "windows": [],
         "held_usd": None,
         "tenant_windows": [],
+        "model_cap_windows": [],
+        "user_id": None,
+        "user_windows": [],
+        "rate_windows": [],
+        "concurrency": NO_CONCURRENCY,
     }
 
 
@@ -361,6 +381,13 @@ async def test_caps_resolve_overrides_and_defaults(
         "agent_budget_caps_source": "default",
         "token_cap": default_tokens,
         "token_cap_source": "default",
+        "tenant_rate_caps": [],
+        "agent_rate_caps": [],
+        "agent_rate_caps_source": "default",
+        "max_concurrent_requests": {"tenant": None, "agent": None},
+        "model": None,
+        "model_caps": [],
+        "user_caps": None,
     }
 
     _, body = await get(client, CAPS, auth(), agent_id="premium-agent")

@@ -19,11 +19,13 @@ from redis.asyncio import Redis
 
 from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
+    Amounts,
     Counter,
     CounterState,
     Limits,
     ReserveResult,
     Store,
+    Unit,
 )
 from proxy.errors import StoreUnavailable
 from proxy.history import DAYS_KEPT, HOURS_KEPT, Rejection, buckets
@@ -174,7 +176,7 @@ def agent(limit: int, agent_id: str = "bot-1", window: Window = Window.DAILY) ->
 
 
 def amounts(states: tuple[CounterState, ...]) -> list[tuple[int, int]]:
-    return [(s.spent_micros, s.held_micros) for s in states]
+    return [(s.spent, s.held) for s in states]
 
 
 async def reserve(
@@ -202,7 +204,7 @@ async def test_reserve_within_limit(harness: Harness) -> None:
     assert [s.counter for s in result.states] == counters
     for s in result.states:
         assert s.period == period_of(s.counter.window, result.now, UTC)
-        assert s.room_micros == s.counter.limit_micros - 300
+        assert s.room == s.counter.limit - 300
     assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 300), (0, 300)]
 
 
@@ -245,7 +247,7 @@ async def test_settle_above_hold_counts_in_full(harness: Harness) -> None:
     result = await reserve(harness, "r1", counters, 100)
     await harness.store.settle("r1", result.states, 1200, hold_ttl_s=TTL)
     (state,) = await harness.store.snapshot(counters, tz=UTC)
-    assert (state.spent_micros, state.held_micros, state.room_micros) == (1200, 0, -200)
+    assert (state.spent, state.held, state.room) == (1200, 0, -200)
     assert not (await reserve(harness, "r2", counters, 0)).ok
 
 
@@ -449,7 +451,7 @@ async def test_a_dead_proxys_holds_end_charged_one_lease_later(harness: Harness)
     assert [s.holds_end for s in refused.states] == [pytest.approx(end, abs=0.002)] * 2
     while await harness.store.now() <= end + 0.001:
         states = await harness.store.snapshot(counters, tz=UTC)
-        assert [s.spent_micros + s.held_micros for s in states] == [2000, 2000]
+        assert [s.spent + s.held for s in states] == [2000, 2000]
         await harness.elapse(0.02)
     assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(2000, 0)] * 2
     refused = await reserve(harness, "next", counters, 501)
@@ -1117,3 +1119,125 @@ async def test_redis_rejections_are_one_bounded_expiring_list(redis_harness: Har
     assert await h.raw.keys(h.prefix) == [key]
     assert await h.raw.call("LLEN", key) == 100
     assert 0 < await h.raw.call("PTTL", key) <= 7 * 86400 * 1000
+
+
+# --- units and scopes: money, tokens and requests in one reservation ----------------------
+
+
+def rate(limit: int, unit: Unit, window: Window = Window.DAILY, **scope: str) -> Counter:
+    return Counter("acme", scope.get("agent_id"), window, limit, unit, **_other_scopes(scope))
+
+
+def _other_scopes(scope: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in scope.items() if k in ("model_cap", "user_id")}
+
+
+async def test_each_counter_holds_the_amount_of_its_unit(harness: Harness) -> None:
+    counters = [
+        tenant(1_000_000),
+        rate(10, Unit.REQUESTS),
+        rate(5_000, Unit.TOKENS, agent_id="bot-1"),
+        rate(1_000_000, Unit.USD, Window.DAILY, model_cap="frontier"),
+        rate(3_000, Unit.TOKENS, Window.HOURLY, user_id="u@example.com"),
+    ]
+    held = Amounts(700, tokens=1_200, requests=1)
+    result = await harness.store.reserve("r1", counters, held, tz=UTC, hold_ttl_s=TTL)
+    assert result.ok
+    assert amounts(result.states) == [(0, 700), (0, 1), (0, 1_200), (0, 700), (0, 1_200)]
+    # Settled to what the request used, in each unit.
+    await harness.store.settle("r1", result.states, Amounts(300, 900, 1), hold_ttl_s=TTL)
+    after = await harness.store.snapshot(counters, tz=UTC)
+    assert amounts(after) == [(300, 0), (1, 0), (900, 0), (300, 0), (900, 0)]
+
+
+async def test_a_request_is_refused_by_whichever_unit_runs_out(harness: Harness) -> None:
+    counters = [tenant(1_000_000), rate(2, Unit.REQUESTS), rate(1_000, Unit.TOKENS)]
+    one = Amounts(10, tokens=400, requests=1)
+    assert (await harness.store.reserve("r1", counters, one, tz=UTC, hold_ttl_s=TTL)).ok
+    big = Amounts(10, tokens=601, requests=1)
+    refused = await harness.store.reserve("r2", counters, big, tz=UTC, hold_ttl_s=TTL)
+    assert not refused.ok
+    assert [s.counter.unit for s in refused.exceeded] == [Unit.TOKENS]
+    assert (await harness.store.reserve("r3", counters, one, tz=UTC, hold_ttl_s=TTL)).ok
+    third = await harness.store.reserve("r4", counters, Amounts(1, 1, 1), tz=UTC, hold_ttl_s=TTL)
+    assert [s.counter.unit for s in third.exceeded] == [Unit.REQUESTS]
+    # Nothing was held for the refused requests, in any unit.
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(0, 20), (0, 2), (0, 800)]
+
+
+async def test_concurrent_requests_never_overbook_a_request_or_token_limit(
+    harness: Harness,
+) -> None:
+    by_requests = [rate(7, Unit.REQUESTS), rate(10**9, Unit.TOKENS)]
+    results = await asyncio.gather(
+        *(
+            harness.store.reserve(f"q{i}", by_requests, Amounts(1, 10, 1), tz=UTC, hold_ttl_s=TTL)
+            for i in range(40)
+        )
+    )
+    assert sum(r.ok for r in results) == 7
+    by_tokens = [rate(1_000, Unit.TOKENS, agent_id="bot-2")]
+    results = await asyncio.gather(
+        *(
+            harness.store.reserve(f"t{i}", by_tokens, Amounts(1, 90, 1), tz=UTC, hold_ttl_s=TTL)
+            for i in range(40)
+        )
+    )
+    assert sum(r.ok for r in results) == 11  # 11 x 90 = 990 <= 1,000
+    assert amounts(await harness.store.snapshot(by_tokens, tz=UTC)) == [(0, 990)]
+
+
+async def test_a_released_request_gives_back_every_unit(harness: Harness) -> None:
+    counters = [rate(1, Unit.REQUESTS), rate(100, Unit.TOKENS)]
+    first = await harness.store.reserve("r1", counters, Amounts(5, 50, 1), tz=UTC, hold_ttl_s=TTL)
+    await harness.store.settle("r1", first.states, 0, hold_ttl_s=TTL)
+    again = await harness.store.reserve("r2", counters, Amounts(5, 100, 1), tz=UTC, hold_ttl_s=TTL)
+    assert again.ok
+
+
+async def test_a_lapsed_lease_is_charged_in_every_unit(harness: Harness) -> None:
+    counters = [rate(10, Unit.REQUESTS), rate(1_000, Unit.TOKENS)]
+    first = await harness.store.reserve(
+        "r1", counters, Amounts(5, 600, 1), tz=UTC, hold_ttl_s=LEASE
+    )
+    await harness.run_past(lease_end(first))
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(1, 0), (600, 0)]
+    # The late settle replaces the charge by what was used.
+    await harness.store.settle("r1", first.states, Amounts(5, 250, 1), hold_ttl_s=TTL)
+    assert amounts(await harness.store.snapshot(counters, tz=UTC)) == [(1, 0), (250, 0)]
+
+
+async def test_a_tenant_has_at_most_max_users_a_day(harness: Harness) -> None:
+    def for_user(user: str) -> list[Counter]:
+        return [tenant(10_000), rate(100, Unit.REQUESTS, user_id=user)]
+
+    async def hold(rid: str, user: str) -> ReserveResult:
+        return await harness.store.reserve(
+            rid,
+            for_user(user),
+            Amounts(1, 0, 1),
+            tz=UTC,
+            hold_ttl_s=TTL,
+            limits=Limits(max_users=2),
+        )
+
+    assert (await hold("r1", "u1")).ok
+    second = await hold("r2", "u2")
+    assert second.ok
+    third = await hold("r3", "u3")
+    assert not third.ok and third.too_many_users and third.exceeded == ()
+    assert (await hold("r4", "u1")).ok  # already counted today
+    # A user whose requests were all released leaves the count.
+    await harness.store.settle("r2", second.states, 0, hold_ttl_s=TTL)
+    assert (await hold("r5", "u3")).ok
+
+
+async def test_in_flight_counts_the_live_requests_under_a_limit(harness: Harness) -> None:
+    counters = [tenant(10_000), agent(10_000)]
+    limits = Limits(max_concurrent=(5, 5))
+    first = await harness.store.reserve("r1", counters, 1, tz=UTC, hold_ttl_s=TTL, limits=limits)
+    await harness.store.reserve("r2", counters, 1, tz=UTC, hold_ttl_s=TTL, limits=limits)
+    assert await harness.store.in_flight("acme", "bot-1") == (2, 2)
+    await harness.store.settle("r1", first.states, 1, hold_ttl_s=TTL)
+    assert await harness.store.in_flight("acme", "bot-1") == (1, 1)
+    assert await harness.store.in_flight("acme", "other") == (1, 0)

@@ -97,6 +97,7 @@ def test_periods_tile_time(zone: str, window: Window) -> None:
     t = at(2024, 1, 1)
     stop = at(2025, 1, 1)
     step = {
+        Window.MINUTE: 3600 * 5 + 61,
         Window.HOURLY: 3600 * 7 + 1,
         Window.DAILY: 86400,
         Window.WEEKLY: 86400 * 7,

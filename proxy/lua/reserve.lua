@@ -6,31 +6,34 @@
 --       * the tenant's epoch (read only: returned so the caller can tell a tenant whose
 --         spend the store lost from a new one);
 --       * the tenant's agents of the day (a SET), when the request names an agent;
---       * the tenant's and the agent's requests in flight (ZSETs rid -> lease expiry).
--- ARGV: rid, amount, hold ttl ms, then per counter: limit, period start, period end, key
---       expiry (epoch ms); then agent id ('' = none), most agents a day, agents key
---       expiry (epoch ms), most requests in flight for the tenant and for the agent ('' =
---       no limit).
+--       * the tenant's and the agent's requests in flight (ZSETs rid -> lease expiry);
+--       * the tenant's end users of the day (a SET), when user counters apply.
+-- ARGV: rid, hold ttl ms, then per counter: limit, amount (in the counter's unit), period
+--       start, period end, key expiry (epoch ms); then agent id ('' = none), most agents
+--       a day, agents key expiry (epoch ms), most requests in flight for the tenant and
+--       for the agent ('' = no limit), end user id ('' = none), most users a day.
 -- Returns {'skew', sec, usec} |
---         {'ok'|'rejected'|'settled'|'too_many_agents'|'busy_tenant'|'busy_agent', sec, usec, epoch,
---          spent1, held1, end1, spent2, ...}
+--         {'ok'|'rejected'|'settled'|'too_many_agents'|'too_many_users'|'busy_tenant'|
+--          'busy_agent', sec, usec, epoch, spent1, held1, end1, spent2, ...}
 --         (epoch '' when the tenant has none; end = latest lease expiry in epoch ms, '0'
 --         when nothing is held).
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = (#KEYS - 5) / 2
+local n = (#KEYS - 6) / 2
+local PER = 5
 for i = 1, n do
-  local a = 3 + (i - 1) * 4
-  if now_s < tonumber(ARGV[a + 2]) or now_s >= tonumber(ARGV[a + 3]) then
+  local a = 2 + (i - 1) * PER
+  if now_s < tonumber(ARGV[a + 3]) or now_s >= tonumber(ARGV[a + 4]) then
     return {'skew', t[1], t[2]}
   end
 end
 local rid = ARGV[1]
 local field = 'h:' .. rid
-local amount = tonumber(ARGV[2])
 local marker, epoch_key, agents_key = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3]
-local agent = ARGV[3 + 4 * n + 1]
+local users_key = KEYS[2 * n + 6]
+local rest = 2 + PER * n
+local agent, user = ARGV[rest + 1], ARGV[rest + 6]
 local spent, held = {}, {}
 for i = 1, n do
   local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
@@ -39,23 +42,31 @@ for i = 1, n do
   spent[i] = tonumber(v[1] or '0')
   held[i] = tonumber(v[2] or '0')
 end
+-- Whether naming `id` goes past `limit` distinct ids in today's set `ids`.
+local function crowded(ids, id, limit)
+  return id ~= '' and redis.call('SISMEMBER', ids, id) == 0
+    and redis.call('SCARD', ids) >= tonumber(limit)
+end
 local status = 'ok'
 local replay = redis.call('HEXISTS', KEYS[1], field) == 1
 if redis.call('EXISTS', marker) == 1 or redis.call('HEXISTS', KEYS[1], 'x:' .. rid) == 1 then
   status = 'settled'
 elseif not replay then
   for i = 1, n do
-    if spent[i] + held[i] + amount > tonumber(ARGV[3 + (i - 1) * 4 + 1]) then
+    local a = 2 + (i - 1) * PER
+    if spent[i] + held[i] + tonumber(ARGV[a + 2]) > tonumber(ARGV[a + 1]) then
       status = 'rejected'
       break
     end
   end
-  if status == 'ok' and agent ~= '' and redis.call('SISMEMBER', agents_key, agent) == 0
-      and redis.call('SCARD', agents_key) >= tonumber(ARGV[3 + 4 * n + 2]) then
+  if status == 'ok' and crowded(agents_key, agent, ARGV[rest + 2]) then
     status = 'too_many_agents'
   end
+  if status == 'ok' and crowded(users_key, user, ARGV[rest + 7]) then
+    status = 'too_many_users'
+  end
   for j, scope in ipairs({'busy_tenant', 'busy_agent'}) do
-    local limit, flight = ARGV[3 + 4 * n + 3 + j], KEYS[2 * n + 3 + j]
+    local limit, flight = ARGV[rest + 3 + j], KEYS[2 * n + 3 + j]
     if status == 'ok' and limit ~= '' then
       redis.call('ZREMRANGEBYSCORE', flight, '-inf', now_ms)  -- leases run out: not in flight
       if redis.call('ZCARD', flight) >= tonumber(limit) then
@@ -65,23 +76,26 @@ elseif not replay then
   end
 end
 if status == 'ok' then
-  local expiry = string.format('%d', now_ms + tonumber(ARGV[3]))
+  local expiry = string.format('%d', now_ms + tonumber(ARGV[2]))
   for i = 1, n do
     local key, holds = KEYS[2 * i - 1], KEYS[2 * i]
-    if redis.call('HSETNX', key, field, ARGV[2]) == 1 then
-      redis.call('HINCRBY', key, 'held', ARGV[2])
+    local a = 2 + (i - 1) * PER
+    local amount = ARGV[a + 2]
+    if redis.call('HSETNX', key, field, amount) == 1 then
+      redis.call('HINCRBY', key, 'held', amount)
       redis.call('ZADD', holds, expiry, rid)
-      held[i] = held[i] + amount
+      held[i] = held[i] + tonumber(amount)
     end
-    local at = ARGV[3 + (i - 1) * 4 + 4]
-    redis.call('PEXPIREAT', key, at)
-    redis.call('PEXPIREAT', holds, at)
+    redis.call('PEXPIREAT', key, ARGV[a + 5])
+    redis.call('PEXPIREAT', holds, ARGV[a + 5])
   end
-  if agent ~= '' and redis.call('SADD', agents_key, agent) == 1 then
-    redis.call('PEXPIREAT', agents_key, ARGV[3 + 4 * n + 3])
+  for _, named in ipairs({{agents_key, agent}, {users_key, user}}) do
+    if named[2] ~= '' and redis.call('SADD', named[1], named[2]) == 1 then
+      redis.call('PEXPIREAT', named[1], ARGV[rest + 3])
+    end
   end
   for j = 1, 2 do
-    if ARGV[3 + 4 * n + 3 + j] ~= '' then
+    if ARGV[rest + 3 + j] ~= '' then
       local flight = KEYS[2 * n + 3 + j]
       redis.call('ZADD', flight, expiry, rid)
       redis.call('PEXPIREAT', flight, expiry)
