@@ -150,7 +150,8 @@ class CapExceeded(ProxyError):
             },
         )
         self.retry_after_s = retry_after_s
-        # The budget windows that refused it ("daily", "agent daily"), for the dashboard.
+        # The windows that refused it ("daily", "agent daily", "minute (requests)"), for
+        # the dashboard (``proxy.budget.window_label``).
         self.windows: tuple[str, ...] = ()
 
 

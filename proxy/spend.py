@@ -317,7 +317,8 @@ async def tenants(request: web.Request) -> web.StreamResponse:
     store = request.app[LEDGER].store
     # One snapshot per tenant: a snapshot reads one tenant's keys (one Cluster slot).
     listed = [await snapshot(rt.settings, store, t.id, DEFAULT_AGENT) for t in rt.settings.tenants]
-    return json_response({"tenants": listed})
+    agents = sorted(rt.settings.cost_caps.agent_ids) if rt.settings.cost_caps.enabled else []
+    return json_response({"tenants": listed, "agents": agents})
 
 
 async def costs_history(request: web.Request) -> web.StreamResponse:
@@ -598,7 +599,15 @@ OPENAPI: dict[str, Any] = {
                 rate_windows={"type": "array", "items": _ref("RateWindow")},
                 concurrency=_object(tenant=_ref("InFlight"), agent=_ref("InFlight")),
             ),
-            "TenantList": _object(tenants={"type": "array", "items": _ref("SpendSnapshot")}),
+            "TenantList": _object(
+                tenants={"type": "array", "items": _ref("SpendSnapshot")},
+                agents={
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "The agents the caps file lists with caps of their own "
+                    "(cost_caps.agents): each tenant's are read with costs/current",
+                },
+            ),
             "TenantHistory": _object(
                 tenant_id={"type": "string"},
                 spend_usd={
@@ -629,13 +638,15 @@ OPENAPI: dict[str, Any] = {
                 code={
                     "type": "string",
                     "description": "The 429's error code (budget_exceeded, "
-                    "token_cap_exceeded, concurrency_limit_exceeded, too_many_agents)",
+                    "rate_limit_exceeded, token_cap_exceeded, concurrency_limit_exceeded, "
+                    "too_many_agents, too_many_users)",
                 },
                 windows={
                     "type": "array",
                     "items": {"type": "string"},
-                    "description": "The budget windows that refused it: 'daily' "
-                    "(tenant-wide) or 'agent daily'; empty for other caps",
+                    "description": "The windows that refused it: 'daily' (tenant-wide), "
+                    "'agent daily', 'user daily', 'model <cap> daily', and for a rate cap "
+                    "with its unit, as 'minute (requests)'; empty for other caps",
                 },
             ),
             "RejectionList": _object(rejections={"type": "array", "items": _ref("Rejection")}),

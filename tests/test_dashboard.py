@@ -47,7 +47,8 @@ USD = 1_000_000  # micro-USD
 
 def dashboard_settings(upstream_url: str, **over: Any) -> Settings:
     """Three tenants: acme with a tenant-wide daily cap, globex with an hourly one, and
-    initech with only the agents' default caps."""
+    initech with a rate cap; the agents' default caps, premium-agent's own, and a model
+    cap on the test model."""
     return settings_for(
         upstream_url,
         auth={"admin_token": ADMIN},
@@ -62,8 +63,21 @@ def dashboard_settings(upstream_url: str, **over: Any) -> Settings:
                 "api_keys": [OTHER_KEY],
                 "budget_caps": [{"window": "hourly", "hard_limit_usd": 1, "soft_limit_usd": 0.95}],
             },
-            {"id": "initech", "api_keys": [THIRD_KEY]},
+            {
+                "id": "initech",
+                "api_keys": [THIRD_KEY],
+                "rate_caps": [{"window": "minute", "max_requests": 100}],
+            },
         ],
+        cost_caps={
+            "model_caps": [
+                {
+                    "name": "frontier",
+                    "models": ["test-*"],
+                    "budget_caps": [{"window": "daily", "hard_limit_usd": 5}],
+                }
+            ]
+        },
         **over,
     )
 
@@ -240,7 +254,7 @@ def test_the_admin_signs_in_and_sees_every_tenant_of_the_caps_file(tab: Tab) -> 
         "initech",
     ]
     # Each window a bar: acme's own daily cap, then its _default agent's windows.
-    windows = tab.tenant("acme").locator(".window")
+    windows = tab.tenant("acme").locator(":scope > .windows > .window")
     expect(windows).to_have_count(3)
     expect(windows.first).to_have_attribute("data-window", "daily")
     expect(windows.first).to_have_attribute("data-scope", "tenant")
@@ -297,6 +311,30 @@ def test_bars_and_the_history_chart_show_what_the_spend_api_reports(
     tab.page.select_option("#chart-tenant", "globex")
     expect(tab.page.locator("#chart-legend li")).to_have_count(1)
     expect(tab.page.locator('#chart rect[data-tenant="acme"]')).to_have_count(0)
+
+
+def test_a_tenant_row_expands_to_its_agents_model_caps_and_rate_caps(
+    tab: Tab, proxy: LiveProxy
+) -> None:
+    assert proxy.post(chat(), key=TENANT_KEY, agent="premium-agent") == 200
+    assert proxy.post(chat(), key=THIRD_KEY) == 200
+    tab.sign_in(ADMIN)
+    acme = tab.tenant("acme")
+    more = acme.locator("details.more")
+    expect(more.locator("summary")).to_contain_text("1 agent")
+    agent = acme.locator('.agent[data-agent="premium-agent"] .window[data-window="daily"]')
+    expect(agent).to_have_count(0)  # read once the row is opened
+    more.locator("summary").click()
+    expect(agent).to_have_attribute("data-spend-usd", "0.00005")
+    expect(agent.locator(".window-name")).to_have_text("daily · agent premium-agent")
+    model = acme.locator('.window[data-scope="model frontier"]')
+    expect(model).to_have_attribute("data-spend-usd", "0.00005")
+    # Still open, and still current, after the next refreshes.
+    assert proxy.post(chat(), key=TENANT_KEY, agent="premium-agent") == 200
+    expect(agent).to_have_attribute("data-spend-usd", "0.0001")
+    requests = tab.tenant("initech").locator('.window[data-unit="requests"]')
+    expect(requests).to_have_attribute("data-amount", "1")
+    expect(requests.locator(".window-text")).to_contain_text("1 requests of 100 requests")
 
 
 def test_a_tenant_at_85_percent_shows_the_warning_state(tab: Tab, proxy: LiveProxy) -> None:

@@ -341,6 +341,7 @@ async def test_tenants_lists_every_configured_tenant(
     assert (globex["tenant_id"], globex["tenant_windows"]) == ("globex", [])
     # globex's spend was by agent "bot": its _default agent has spent nothing.
     assert by_window(globex["windows"])["hourly"]["current_spend_usd"] == 0
+    assert body["agents"] == ["premium-agent"]  # listed with caps of its own
 
 
 # --- caps ----------------------------------------------------------------------------------

@@ -20,6 +20,9 @@
     range: "hour",
     chartTenant: "",
     tenants: [],
+    agents: [], // agents the caps file lists with caps of their own (admin only)
+    expanded: new Set(), // tenants whose agents and model caps are shown
+    agentSnapshots: new Map(), // tenant -> its agents' snapshots
     history: { hour: null, day: null },
     rejections: [],
     fetchedAt: 0, // performance.now() of the last good overview
@@ -131,6 +134,9 @@
     state.tenants = [];
     state.history = { hour: null, day: null };
     state.rejections = [];
+    state.agents = [];
+    state.expanded = new Set();
+    state.agentSnapshots = new Map();
     state.updated = null;
     $("sign-in").hidden = true;
     $("sign-out").hidden = false;
@@ -146,6 +152,7 @@
       try {
         const body = await api("tenants");
         state.mode = "admin";
+        state.agents = body.agents || [];
         return body.tenants;
       } catch (err) {
         if (!(err instanceof ApiError && err.status === 403)) throw err;
@@ -164,6 +171,7 @@
         api("costs/history?granularity=day"),
         api("rejections"),
       ]);
+      await refreshAgents(generation);
       if (generation !== state.generation) return;
       state.tenants = tenants;
       state.history = { hour, day };
@@ -211,85 +219,187 @@
 
   // --- tenants overview ------------------------------------------------------------------
 
-  function windowState(w) {
-    const spent = Number(w.current_spend_usd);
-    const hard = Number(w.hard_limit_usd);
-    const soft = w.soft_limit_usd === null ? null : Number(w.soft_limit_usd);
-    if (spent >= hard) return "over";
-    if (soft !== null && spent >= soft) return "soft";
-    if (spent >= 0.8 * hard) return "warn";
+  // A window of any kind, as its bar shows it: money (a budget) or a count (a rate cap).
+  function spendView(w) {
+    return {
+      window: w.window,
+      unit: "usd",
+      raw: w.current_spend_usd,
+      spent: Number(w.current_spend_usd),
+      held: Number(w.held_usd),
+      hard: Number(w.hard_limit_usd),
+      soft: w.soft_limit_usd === null ? null : Number(w.soft_limit_usd),
+      pct: Number(w.utilization_pct),
+      resets: w.resets_in_secs,
+    };
+  }
+
+  function rateView(r) {
+    return {
+      window: r.window,
+      unit: r.unit,
+      raw: r.used,
+      spent: Number(r.used),
+      held: Number(r.held),
+      hard: Number(r.limit),
+      soft: null,
+      pct: Number(r.utilization_pct),
+      resets: r.resets_in_secs,
+    };
+  }
+
+  function amount(value, unit) {
+    return unit === "usd" ? usd(value) : Number(value).toLocaleString("en-US") + " " + unit;
+  }
+
+  function windowState(v) {
+    if (v.spent >= v.hard) return "over";
+    if (v.soft !== null && v.spent >= v.soft) return "soft";
+    if (v.spent >= 0.8 * v.hard) return "warn";
     return "ok";
   }
 
   const RANK = { ok: 0, warn: 1, soft: 2, over: 3 };
 
-  function windowRow(w, scope) {
-    const spent = Number(w.current_spend_usd);
-    const held = Number(w.held_usd);
-    const hard = Number(w.hard_limit_usd);
-    const scale = Math.max(hard, spent + held) || 1;
-    const status = windowState(w);
+  function windowRow(v, scope, label) {
+    const scale = Math.max(v.hard, v.spent + v.held) || 1;
+    const status = windowState(v);
     const bar = el("div", {
       class: "bar",
       role: "meter",
       "aria-valuemin": 0,
-      "aria-valuemax": hard,
-      "aria-valuenow": spent,
-      "aria-label": scope + " " + w.window,
+      "aria-valuemax": v.hard,
+      "aria-valuenow": v.spent,
+      "aria-label": label,
     });
     const fill = el("div", { class: "fill " + status });
-    fill.style.width = (100 * Math.min(spent, scale)) / scale + "%";
+    fill.style.width = (100 * Math.min(v.spent, scale)) / scale + "%";
     const hold = el("div", { class: "held" });
-    hold.style.left = (100 * spent) / scale + "%";
-    hold.style.width = (100 * held) / scale + "%";
+    hold.style.left = (100 * v.spent) / scale + "%";
+    hold.style.width = (100 * v.held) / scale + "%";
     bar.append(hold, fill);
-    if (w.soft_limit_usd !== null) {
-      const mark = el("div", { class: "mark soft-mark", title: "soft limit " + usd(w.soft_limit_usd) });
-      mark.style.left = (100 * Number(w.soft_limit_usd)) / scale + "%";
+    if (v.soft !== null) {
+      const mark = el("div", { class: "mark soft-mark", title: "soft limit " + amount(v.soft, v.unit) });
+      mark.style.left = (100 * v.soft) / scale + "%";
       bar.append(mark);
     }
-    if (scale > hard) {
-      const mark = el("div", { class: "mark", title: "hard limit " + usd(hard) });
-      mark.style.left = (100 * hard) / scale + "%";
+    if (scale > v.hard) {
+      const mark = el("div", { class: "mark", title: "hard limit " + amount(v.hard, v.unit) });
+      mark.style.left = (100 * v.hard) / scale + "%";
       bar.append(mark);
     }
-    const used = Number(w.utilization_pct);
-    const pct = (used > 0 && used < 0.1 ? "< 0.1" : used.toFixed(1)) + " %";
+    const pct = (v.pct > 0 && v.pct < 0.1 ? "< 0.1" : v.pct.toFixed(1)) + " %";
     const text = el("div", { class: "window-text" },
-      el("b", { text: usd(spent) }), " of " + usd(hard) + " · " + pct,
-      held > 0 ? " · " + usd(held) + " held" : null,
-      el("span", { class: "reset", "data-resets": w.resets_in_secs }));
+      el("b", { text: amount(v.spent, v.unit) }), " of " + amount(v.hard, v.unit) + " · " + pct,
+      v.held > 0 ? " · " + amount(v.held, v.unit) + " held" : null,
+      el("span", { class: "reset", "data-resets": v.resets }));
     return el("div", {
       class: "window",
       "data-state": status,
-      "data-window": w.window,
+      "data-window": v.window,
       "data-scope": scope,
-      "data-spend-usd": w.current_spend_usd,
-    }, el("span", { class: "window-name", text: w.window + (scope === "tenant" ? "" : " · " + scope) }), bar, text);
+      "data-unit": v.unit,
+      "data-amount": v.raw,
+      "data-spend-usd": v.unit === "usd" ? v.raw : null,
+    }, el("span", { class: "window-name", text: label }), bar, text);
+  }
+
+  function scopeLabel(window, scope) {
+    return scope === "tenant" ? window : window + " · " + scope;
+  }
+
+  // The windows of one snapshot (/costs/current or an entry of /tenants), as bars.
+  function snapshotRows(snap, { tenantWide }) {
+    const rows = [];
+    if (tenantWide) {
+      for (const w of snap.tenant_windows) rows.push(windowRow(spendView(w), "tenant", w.window));
+    }
+    const agent = "agent " + snap.agent_id;
+    for (const w of snap.windows) rows.push(windowRow(spendView(w), agent, scopeLabel(w.window, agent)));
+    for (const r of snap.rate_windows || []) {
+      if (!tenantWide && r.scope !== "agent") continue;
+      const scope = r.scope === "tenant" ? "tenant" : r.scope + " " + r.scope_id;
+      const label = r.window + " " + r.unit + (scope === "tenant" ? "" : " · " + scope);
+      rows.push(windowRow(rateView(r), scope, label));
+    }
+    return rows;
+  }
+
+  function inFlight(snap) {
+    const parts = [];
+    for (const [scope, c] of Object.entries(snap.concurrency || {})) {
+      if (c.limit !== null) parts.push(c.in_flight + " of " + c.limit + " in flight (" + scope + ")");
+    }
+    return parts.length ? el("p", { class: "hint in-flight", text: parts.join(" · ") }) : null;
+  }
+
+  function worstOf(rows) {
+    return rows.reduce((acc, r) => (RANK[r.dataset.state] > RANK[acc] ? r.dataset.state : acc), "ok");
+  }
+
+  function moreFor(t) {
+    const models = (t.model_cap_windows || []).map((w) => {
+      const scope = "model " + w.model_cap;
+      return windowRow(spendView(w), scope, scopeLabel(w.window, scope));
+    });
+    const agents = state.mode === "admin" ? state.agents.filter((a) => a !== t.agent_id) : [];
+    if (!models.length && !agents.length) return null;
+    const open = state.expanded.has(t.tenant_id);
+    const details = el("details", { class: "more", open });
+    const what = [];
+    if (agents.length) what.push(agents.length + (agents.length === 1 ? " agent" : " agents"));
+    if (models.length) what.push(models.length + (models.length === 1 ? " model cap window" : " model cap windows"));
+    details.append(el("summary", { text: "Per agent and model cap: " + what.join(", ") }));
+    const body = el("div", { class: "windows" }, ...models);
+    const snaps = state.agentSnapshots.get(t.tenant_id) || [];
+    for (const agent of agents) {
+      const snap = snaps.find((s) => s.agent_id === agent);
+      const rows = snap ? snapshotRows(snap, { tenantWide: false }) : [];
+      body.append(el("div", { class: "agent", "data-agent": agent }, ...rows));
+      if (open && snap && !rows.length) body.append(el("p", { class: "hint", text: "agent " + agent + ": no caps" }));
+    }
+    details.append(body);
+    details.addEventListener("toggle", () => {
+      if (details.open === state.expanded.has(t.tenant_id)) return;
+      if (details.open) state.expanded.add(t.tenant_id);
+      else state.expanded.delete(t.tenant_id);
+      if (details.open) refreshAgents(state.generation).then(renderTenants, () => {});
+    });
+    return details;
   }
 
   function renderTenants() {
     const totals = new Map();
     for (const s of (state.history.day || { series: [] }).series) totals.set(s.tenant_id, s);
     const rows = state.tenants.map((t) => {
-      const rows = [
-        ...t.tenant_windows.map((w) => windowRow(w, "tenant")),
-        ...t.windows.map((w) => windowRow(w, "agent " + t.agent_id)),
-      ];
-      const worst = rows.reduce((acc, r) => (RANK[r.dataset.state] > RANK[acc] ? r.dataset.state : acc), "ok");
+      const bars = snapshotRows(t, { tenantWide: true });
+      const more = moreFor(t);
+      const worst = worstOf([...bars, ...(more ? more.querySelectorAll(".window") : [])]);
       const sums = totals.get(t.tenant_id);
       const name = el("div", {},
         el("div", { class: "tenant-name" }, el("span", { class: "state " + worst }), t.tenant_id),
         el("div", { class: "tenant-totals" },
           "today ", el("b", { class: "today", text: sums ? usd(sums.today_usd) : "–" }),
-          " · month ", el("b", { class: "month", text: sums ? usd(sums.month_usd) : "–" })));
-      const windows = el("div", { class: "windows" }, ...rows);
-      if (!rows.length) windows.append(el("p", { class: "hint", text: "No budget caps apply." }));
+          " · month ", el("b", { class: "month", text: sums ? usd(sums.month_usd) : "–" })),
+        inFlight(t));
+      const windows = el("div", { class: "windows" }, ...bars);
+      if (!bars.length) windows.append(el("p", { class: "hint", text: "No budget caps apply." }));
+      if (more) windows.append(more);
       return el("div", { class: "tenant", "data-tenant": t.tenant_id, "data-state": worst }, name, windows);
     });
     $("tenants").replaceChildren(...rows);
     $("overview-title").textContent = state.mode === "admin" ? "Tenants" : "Tenant";
     tick();
+  }
+
+  // The agents' windows of every expanded tenant (admin: every agent the caps file lists).
+  async function refreshAgents(generation) {
+    const wanted = state.mode === "admin" ? [...state.expanded] : [];
+    const found = await Promise.all(wanted.map((tenant) => Promise.all(
+      state.agents.map((agent) => api("costs/current?tenant_id=" + encodeURIComponent(tenant) +
+        "&agent_id=" + encodeURIComponent(agent))))));
+    if (generation !== state.generation) return;
+    state.agentSnapshots = new Map(wanted.map((tenant, i) => [tenant, found[i]]));
   }
 
   function tick() {
