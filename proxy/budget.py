@@ -48,6 +48,7 @@ from proxy.windows import Window
 __all__ = [
     "DEFAULT_AGENT",
     "BudgetPlan",
+    "RateStatus",
     "hold_micros",
     "plan_budget",
     "rate_status",
