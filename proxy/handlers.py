@@ -48,7 +48,7 @@ from proxy.errors import (
     UnsupportedParameter,
     UpstreamError,
 )
-from proxy.journal import JournalEntry
+from proxy.journal import JournalEntry, journal_counter
 from proxy.ledger import Hold
 from proxy.logs import log_request
 from proxy.metrics import Outcome, RequestRecord
@@ -448,7 +448,7 @@ def _journal_entry(adm: Admission, hold: Hold, bill: Bill, charged: int) -> Jour
         outcome=bill.ending.value,
         usage_missing=usage is None,
         epoch=hold.epoch,
-        counters=tuple((c.agent_id, c.window.value, p.start, p.end) for c, p in periods),
+        counters=tuple(journal_counter(c, p) for c, p in periods if c.unit is Unit.USD),
     )
 
 
