@@ -48,6 +48,7 @@ from proxy.windows import Window
 __all__ = [
     "DEFAULT_AGENT",
     "BudgetPlan",
+    "RateStatus",
     "hold_micros",
     "plan_budget",
     "rate_status",
@@ -224,23 +225,30 @@ def too_many_in_flight(plan: BudgetPlan, result: ReserveResult) -> ConcurrencyLi
     )
 
 
-def too_many_agents(plan: BudgetPlan, result: ReserveResult) -> TooManyAgents:
-    """The 429 for a request naming one agent more than its tenant may name today."""
+def too_many_named(plan: BudgetPlan, result: ReserveResult) -> TooManyAgents | TooManyUsers:
+    """The 429 for a request naming one agent (or end user) more than its tenant may name
+    today: no retry helps before the next UTC day."""
     tomorrow = (int(result.now // DAY_S) + 1) * DAY_S
-    return TooManyAgents(
-        f"Tenant '{plan.counters[0].tenant_id}' already named {plan.limits.max_agents} agents "
-        "today (cost_caps.max_agents_per_tenant); use one of them.",
-        retry_after_s=math.ceil(tomorrow - result.now),
-        should_retry=False,
-    )
-
-
-def too_many_users(plan: BudgetPlan, result: ReserveResult) -> TooManyUsers:
-    """The 429 for a request naming one end user more than its tenant may have today."""
-    tomorrow = (int(result.now // DAY_S) + 1) * DAY_S
-    return TooManyUsers(
-        f"Tenant '{plan.counters[0].tenant_id}' already has {plan.limits.max_users} end "
-        "users with caps today (cost_caps.max_users_per_tenant).",
+    tenant = plan.counters[0].tenant_id
+    error: type[TooManyAgents | TooManyUsers]
+    if result.too_many_users:
+        error, text = (
+            TooManyUsers,
+            (
+                f"already has {plan.limits.max_users} end users with caps today "
+                "(cost_caps.max_users_per_tenant)."
+            ),
+        )
+    else:
+        error, text = (
+            TooManyAgents,
+            (
+                f"already named {plan.limits.max_agents} agents today "
+                "(cost_caps.max_agents_per_tenant); use one of them."
+            ),
+        )
+    return error(
+        f"Tenant '{tenant}' {text}",
         retry_after_s=math.ceil(tomorrow - result.now),
         should_retry=False,
     )
@@ -248,10 +256,8 @@ def too_many_users(plan: BudgetPlan, result: ReserveResult) -> TooManyUsers:
 
 def refusal(plan: BudgetPlan, result: ReserveResult) -> CapExceeded:
     """The 429 for any reservation the store refused."""
-    if result.too_many_agents:
-        return too_many_agents(plan, result)
-    if result.too_many_users:
-        return too_many_users(plan, result)
+    if result.too_many_agents or result.too_many_users:
+        return too_many_named(plan, result)
     if result.concurrency_limited:
         return too_many_in_flight(plan, result)
     return rejection(plan, result)

@@ -49,7 +49,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.history import Rejection
-from proxy.journal import JournalEntry
+from proxy.journal import JournalEntry, journal_counter
 from proxy.ledger import Hold
 from proxy.logs import log_request
 from proxy.metrics import Outcome, RequestRecord
@@ -464,7 +464,7 @@ def _journal_entry(adm: Admission, hold: Hold, bill: Bill, charged: int) -> Jour
         outcome=bill.ending.value,
         usage_missing=usage is None,
         epoch=hold.epoch,
-        counters=tuple((c.agent_id, c.window.value, p.start, p.end) for c, p in periods),
+        counters=tuple(journal_counter(c, p) for c, p in periods if c.unit is Unit.USD),
     )
 
 

@@ -19,8 +19,10 @@ data. One line per entry, ASCII, no spaces, keys in this order::
      "cost_usd":"0.003800","outcome":"ok","usage_missing":false,"epoch":"e7",
      "counters":[["planner","hourly",1764630000,1764633600],[null,"daily",...]]}
 
-``counters`` names every counter the cost was recorded in: (agent id, or null for the
-tenant-wide one; window; period start; period end). The entry holds ids, never keys.
+``counters`` names every budget counter the cost was recorded in: (agent id, or null for
+the tenant-wide one; window; period start; period end), and for a model cap's or an end
+user's counter a fifth item, ``"model"`` or ``"user"``, with the cap's name or the user's
+id in the first. The entry holds ids, never keys.
 
 Writing. ``append`` only puts the entry on a bounded in-memory buffer (``max_pending``
 lines); a full buffer drops the entry and counts it in ``stats.dropped``, with one warning
@@ -67,9 +69,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from proxy.counters import MAX_MICROS
+from proxy.counters import MAX_MICROS, Counter
 from proxy.pricing import micros_to_usd
 from proxy.usage import MAX_TOKENS
+from proxy.windows import Period, Window
 
 __all__ = [
     "FORMAT_VERSION",
@@ -100,7 +103,9 @@ _KEYS = frozenset(
 
 _log = logging.getLogger("capproxy.journal")
 
-CounterKey = tuple[str | None, str, int, int]  # (agent or None, window, start, end)
+# (agent or None, window, start, end), or (model cap or user, window, start, end, kind)
+CounterKey = tuple[str | None, str, int, int] | tuple[str, str, int, int, str]
+SCOPE_KINDS = frozenset({"model", "user"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,7 +162,7 @@ class JournalEntry:
     @property
     def windows(self) -> tuple[tuple[str, int, int], ...]:
         """The distinct (window, period start, period end) of ``counters``, in order."""
-        return tuple(dict.fromkeys((w, s, e) for _, w, s, e in self.counters))
+        return tuple(dict.fromkeys((c[1], c[2], c[3]) for c in self.counters))
 
     def to_json(self) -> str:
         """The entry as one line of JSON (no newline)."""
@@ -206,16 +211,21 @@ def _check_int(name: str, value: object, maximum: int) -> None:
 
 
 def _counter(value: object) -> CounterKey:
-    if not isinstance(value, tuple | list) or len(value) != 4:
-        raise TypeError("a counter is (agent or None, window, period start, period end)")
-    agent, window, start, end = value
+    if not isinstance(value, tuple | list) or len(value) not in (4, 5):
+        raise TypeError("a counter is (agent or None, window, period start, period end[, kind])")
+    agent, window, start, end = value[:4]
     if not (agent is None or isinstance(agent, str)) or not isinstance(window, str):
         raise TypeError("a counter's agent is a string or None, its window a string")
     _check_int("period start", start, int(_MAX_TIME))
     _check_int("period end", end, int(_MAX_TIME))
     if start > end:
         raise ValueError(f"period start {start} is after its end {end}")
-    return (agent, window, start, end)
+    if len(value) == 4:
+        return (agent, window, start, end)
+    kind = value[4]
+    if kind not in SCOPE_KINDS or agent is None:
+        raise ValueError("a counter's kind is 'model' or 'user', named in its first item")
+    return (agent, window, start, end, kind)
 
 
 def _month(t: float) -> str:
@@ -704,3 +714,22 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def journal_counter(counter: Counter, period: Period) -> CounterKey:
+    """How the journal names a budget counter in its period."""
+    kind, ident = counter.scope
+    window = counter.window.value
+    if kind in SCOPE_KINDS:
+        return (ident, window, period.start, period.end, kind)
+    return (counter.agent_id, window, period.start, period.end)
+
+
+def counter_of(tenant: str, key: CounterKey) -> Counter:
+    """The budget counter a journal entry names (its limit unknown: 0)."""
+    window = Window(key[1])
+    if len(key) == 5:
+        if key[4] == "model":
+            return Counter(tenant, None, window, 0, model_cap=key[0])
+        return Counter(tenant, None, window, 0, user_id=key[0])
+    return Counter(tenant, key[0], window, 0)

@@ -183,7 +183,7 @@ class Ledger:
                 result = await self.store.reserve(
                     rid,
                     plan.counters,
-                    plan.amount_micros,
+                    plan.amounts,
                     tz=tz,
                     hold_ttl_s=hold_ttl_s,
                     limits=plan.limits,

@@ -110,10 +110,10 @@ from proxy.history import (
     buckets_since,
     cutoffs,
 )
-from proxy.journal import JournalEntry
+from proxy.journal import JournalEntry, counter_of
 from proxy.logs import log_event
 from proxy.redis_scripts import QUIET_CONNECT, Script, Server, lua, server_options
-from proxy.windows import Period, Window, period_of
+from proxy.windows import Period, period_of
 
 __all__ = ["RedisStore", "RestoreReport"]
 
@@ -725,18 +725,18 @@ class RedisStore:
                 report.present += 1
                 continue
             live = [
-                (agent, Window(window), Period(start, end))
-                for agent, window, start, end in entry.counters
-                if end > now
+                (counter_of(tenant, key), Period(key[2], key[3]))
+                for key in entry.counters
+                if key[3] > now
             ]
             if not live or entry.cost_micros <= 0:
                 report.expired += 1
                 continue
             keys = [f"{self._prefix}:{{{tenant}}}:restored:{entry.request_id}"]
-            last_end = max(p.end for _, _, p in live)
+            last_end = max(p.end for _, p in live)
             args: list[str | int] = [entry.cost_micros, self._restore_expiry_ms(last_end)]
-            for agent, window, period in live:
-                keys.append(self.counter_key(Counter(tenant, agent, window, 0), period))
+            for counter, period in live:
+                keys.append(self.counter_key(counter, period))
                 args.append(self._restore_expiry_ms(period.end))
             added = await self._guard(functools.partial(self._eval, self._restore, keys, args))
             if int(added):

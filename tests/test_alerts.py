@@ -19,8 +19,8 @@ from pytest_aiohttp import AiohttpServer
 
 from proxy.alerts import Alert, Alerter
 from proxy.budget import BudgetPlan
-from proxy.config import AlertsConfig, BudgetCap
-from proxy.counters import Amounts, Counter, CounterState
+from proxy.config import AlertsConfig, BudgetCap, RateCap
+from proxy.counters import Amounts, Counter, CounterState, Unit
 from proxy.pricing import usd_to_micros
 from proxy.windows import Period, Window
 
@@ -493,3 +493,39 @@ def test_alert_body_is_json_of_its_fields() -> None:
         "used": None,
         "limit": None,
     }
+
+
+async def test_rate_caps_and_model_and_user_windows_alert_in_their_own_units(
+    session: aiohttp.ClientSession, receiver: Receiver
+) -> None:
+    a = alerter(session, receiver.url)
+    tokens = Counter("acme", None, Window.DAILY, 1000, Unit.TOKENS, user_id="u1")
+    money = Counter("acme", None, Window.DAILY, usd("20"), model_cap="frontier")
+    p = BudgetPlan(
+        counters=(tokens, money),
+        caps=(
+            RateCap(window=Window.DAILY, max_tokens=1000),
+            BudgetCap(window=Window.DAILY, hard_limit_usd=Decimal(20)),
+        ),
+        amounts=Amounts(1, 1, 1),
+    )
+    period = Period(START, START + DAY)
+    before = (CounterState(tokens, period, 700, 0), CounterState(money, period, usd("15"), 0))
+    a.observe(p, before, Amounts(usd("2"), 150, 1))  # 850 tokens; $17 (85 %)
+    await a.drain(WAIT_S)
+    by_kind = {b["kind"]: b for b in receiver.bodies}
+    assert set(by_kind) == {"rate_80_percent", "budget_80_percent"}
+    rate = by_kind["rate_80_percent"]
+    assert (rate["unit"], rate["user_id"], rate["used"], rate["limit"]) == (
+        "tokens",
+        "u1",
+        850,
+        1000,
+    )
+    assert rate["spend_usd"] is None and rate["limit_usd"] is None
+    budget = by_kind["budget_80_percent"]
+    assert (budget["unit"], budget["model_cap"], budget["spend_usd"]) == (
+        "usd",
+        "frontier",
+        "17.000000",
+    )

@@ -13,15 +13,17 @@ from proxy.budget import (
     MAX_HOLD_MICROS,
     RETRY_HORIZON_S,
     BudgetPlan,
+    RateStatus,
     TokenDecision,
     check_tokens,
     plan_budget,
+    rate_status,
     rejection,
     status,
 )
-from proxy.config import BudgetCap, Settings, TokenCap
-from proxy.counters import Amounts, Counter, CounterState, ReserveResult
-from proxy.errors import BudgetExceeded, TokenCapExceeded
+from proxy.config import BudgetCap, RateCap, Settings, TokenCap
+from proxy.counters import Amounts, Counter, CounterState, ReserveResult, Unit
+from proxy.errors import BudgetExceeded, RateLimitExceeded, TokenCapExceeded
 from proxy.windows import Period, Window
 from tests.harness import settings_for
 
@@ -504,3 +506,91 @@ def test_warnings_follow_plan_order() -> None:
         "hourly soft cap exceeded: $45.0000 / $8.00",
     )
     assert (got.window, got.remaining_micros) == ("hourly", 0)
+
+
+# --- rate caps, model caps, end users ---------------------------------------------------------
+
+
+def test_one_plan_resolves_every_kind_of_cap_in_order() -> None:
+    s = settings(
+        tenants=[{"id": "acme", "rate_caps": [{"window": "minute", "max_requests": 600}]}],
+        cost_caps={
+            "default_rate_caps": [{"window": "minute", "max_requests": 60, "max_tokens": 9000}],
+            "model_caps": [
+                {
+                    "name": "frontier",
+                    "models": ["gpt-4o*"],
+                    "rate_caps": [{"window": "daily", "max_requests": 30}],
+                },
+                {
+                    "name": "other",
+                    "models": ["claude-*"],
+                    "budget_caps": [{"window": "daily", "hard_limit_usd": 1}],
+                },
+            ],
+            "user_caps": {"budget_caps": [{"window": "daily", "hard_limit_usd": 2}]},
+        },
+    )
+    plan = plan_budget(s, "acme", "bot", amount_micros=5, tokens=700, model="gpt-4o", user="u1")
+    assert [(c.scope, c.window.value, c.unit.value, c.limit) for c in plan.counters] == [
+        (("tenant", "acme"), "minute", "requests", 600),
+        (("agent", "bot"), "hourly", "usd", 10 * USD),
+        (("agent", "bot"), "daily", "usd", 100 * USD),
+        (("agent", "bot"), "minute", "requests", 60),
+        (("agent", "bot"), "minute", "tokens", 9000),
+        (("model", "frontier"), "daily", "requests", 30),
+        (("user", "u1"), "daily", "usd", 2 * USD),
+    ]
+    assert plan.amounts == Amounts(5, 700, 1)
+    # No model given, no user named: only the tenant's and the agent's caps.
+    assert len(plan_budget(s, "acme", "bot", amount_micros=5).counters) == 5
+
+
+def test_a_rate_rejection_names_the_unit_the_window_and_the_scope() -> None:
+    requests = Counter("acme", None, Window.MINUTE, 3, Unit.REQUESTS, model_cap="frontier")
+    plan = BudgetPlan(
+        counters=(requests,),
+        caps=(RateCap(window=Window.MINUTE, max_requests=3),),
+        amounts=Amounts(10, 50, 1),
+    )
+    result = ReserveResult(False, NOW, (state(requests, spent=3, resets_in=20),), plan.amounts)
+    exc = rejection(plan, result)
+    assert isinstance(exc, RateLimitExceeded)
+    assert exc.code == "rate_limit_exceeded" and exc.body()["error"]["type"] == "requests"
+    assert exc.message == (
+        "minute rate limit on requests exceeded for model cap 'frontier' of tenant 'acme': "
+        "3 requests used + 0 held + 1 this request > 3 limit"
+    )
+    assert (exc.retry_after_s, exc.headers["x-should-retry"]) == (20, "true")
+
+
+def test_a_budget_among_the_exceeded_windows_makes_it_budget_exceeded() -> None:
+    tokens = Counter("acme", "bot", Window.DAILY, 100, Unit.TOKENS)
+    plan = BudgetPlan(
+        counters=(HOURLY, tokens),
+        caps=(cap(Window.HOURLY, "10"), RateCap(window=Window.DAILY, max_tokens=100)),
+        amounts=Amounts(USD, 50, 1),
+    )
+    states = (state(HOURLY, spent=10 * USD), state(tokens, spent=90))
+    exc = rejection(plan, ReserveResult(False, NOW, states, plan.amounts))
+    assert exc.code == "budget_exceeded" and "rate limit on tokens" in exc.message
+
+
+def test_rate_status_reports_the_tightest_cap_of_each_unit_after_the_charge() -> None:
+    loose = Counter("acme", None, Window.MINUTE, 600, Unit.REQUESTS)
+    tight = Counter("acme", "bot", Window.DAILY, 5, Unit.REQUESTS)
+    tokens = Counter("acme", "bot", Window.DAILY, 1000, Unit.TOKENS)
+    plan = BudgetPlan(
+        counters=(loose, tight, tokens),
+        caps=(RateCap(window=Window.MINUTE, max_requests=600),) * 3,
+        amounts=Amounts(1, 300, 1),
+    )
+    states = (
+        state(loose, spent=10, held=1, resets_in=30),
+        state(tight, spent=2, held=1, resets_in=3600),
+        state(tokens, spent=100, held=300 + 200, resets_in=3600),
+    )
+    got = rate_status(plan, states, charged=Amounts(1, 40, 1), now=NOW)
+    assert got[Unit.REQUESTS] == RateStatus(limit=5, remaining=2, reset_s=3600)
+    # Tokens: 100 spent, 200 held by others, 40 charged to this request.
+    assert got[Unit.TOKENS] == RateStatus(limit=1000, remaining=660, reset_s=3600)

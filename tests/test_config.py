@@ -942,3 +942,68 @@ def test_limits_of_requests_in_flight() -> None:
     assert parse(UPSTREAM).concurrency_limits("acme", "x") == (None, None)
     error = only_error(UPSTREAM + "tenants: [{id: acme, max_concurrent_requests: 0}]\n")
     assert "tenants[0].max_concurrent_requests" in error
+
+
+# --- rate, model and user caps ---------------------------------------------------------------
+
+
+def test_rate_model_and_user_caps_parse_with_every_field() -> None:
+    s = parse(
+        UPSTREAM
+        + """
+tenants:
+  - id: acme
+    rate_caps: [{window: minute, max_requests: 600, max_tokens: 200000}]
+cost_caps:
+  default_rate_caps: [{window: minute, max_requests: 60}]
+  agents:
+    - agent_id: premium-agent
+      rate_caps: [{window: minute, max_tokens: 1000000}, {window: daily, max_tokens: 20000000}]
+  model_caps:
+    - name: frontier
+      models: ["gpt-4o", "o3*", "gpt-5*"]
+      budget_caps: [{window: daily, hard_limit_usd: 20}]
+      rate_caps: [{window: minute, max_requests: 30}]
+  user_caps:
+    source: header:X-End-User
+    budget_caps: [{window: daily, hard_limit_usd: 2}]
+    rate_caps: [{window: minute, max_requests: 20}]
+  max_users_per_tenant: 500
+"""
+    )
+    caps = s.cost_caps
+    assert s.tenant_rate_caps("acme")[0].max_tokens == 200_000
+    assert caps.rate_caps_for("premium-agent")[1].window is Window.DAILY
+    assert caps.rate_caps_for("anyone")[0].max_requests == 60
+    assert [c.name for c in caps.model_caps_for("o3-mini")] == ["frontier"]
+    assert caps.model_caps_for("gpt-4o-mini") == ()
+    assert caps.user_caps is not None and caps.user_caps.header == "X-End-User"
+    assert caps.max_users_per_tenant == 500
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "cost_caps:\n  default_rate_caps: [{window: minute}]\n",
+            "cost_caps.default_rate_caps[0]: set max_requests, max_tokens or both",
+        ),
+        (
+            "cost_caps:\n  default_rate_caps: [{window: daily, max_requests: 1}, "
+            "{window: daily, max_tokens: 5}]\n",
+            "duplicate window 'daily'",
+        ),
+        (
+            "cost_caps:\n  default_rate_caps: [{window: minute, max_requests: 0}]\n",
+            "default_rate_caps[0].max_requests",
+        ),
+        (
+            "cost_caps:\n  model_caps: [{name: a, models: ['x']}, {name: a, models: ['y']}]\n",
+            "duplicate name 'a'",
+        ),
+        ("cost_caps:\n  model_caps: [{name: a, models: []}]\n", "model_caps[0].models"),
+        ("cost_caps:\n  user_caps: {source: query.user}\n", "'body.user' or 'header:<Name>'"),
+    ],
+)
+def test_bad_rate_model_and_user_caps_are_named(text: str, expected: str) -> None:
+    assert expected in only_error(UPSTREAM + text)

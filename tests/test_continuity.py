@@ -5,6 +5,7 @@ alert), and refused or gone on from, as configured; the spend journal restores i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -288,3 +289,52 @@ async def test_an_evicting_maxmemory_policy_is_warned_about_at_start(
         await store.aclose()
     finally:
         server.close()
+
+
+async def test_the_journal_restores_model_cap_and_end_user_budgets_and_only_budgets(
+    tmp_path: Path,
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    redis_server: RedisServer,
+) -> None:
+    journal = tmp_path / "spend.jsonl"
+    cost_caps = {
+        "default_rate_caps": [{"window": "daily", "max_tokens": 100_000, "max_requests": 50}],
+        "model_caps": [
+            {
+                "name": "all",
+                "models": ["*"],
+                "budget_caps": [{"window": "daily", "hard_limit_usd": 5}],
+            }
+        ],
+        "user_caps": {"budget_caps": [{"window": "daily", "hard_limit_usd": 1}]},
+    }
+    settings = caps(
+        upstream.url, redis_server.url, journal={"path": str(journal)}, cost_caps=cost_caps
+    )
+    store = RedisStore.from_url(redis_server.url, timeout_s=0.5)
+    client = await make_client(settings, store=store)
+    for _ in range(2):
+        resp = await client.post(CHAT, json=chat(max_tokens=10, user="u1"), headers=auth())
+        assert resp.status == 200
+    assert await client.app[JOURNAL].flush()
+    entries = list(read_entries(journal_files(journal)))
+    kinds = {
+        (c[4] if len(c) == 5 else "agent" if c[0] else "tenant", c[1]) for c in entries[0].counters
+    }
+    # Budgets only: the rate caps' windows count tokens and requests, not money.
+    assert kinds == {("agent", "hourly"), ("agent", "daily"), ("model", "daily"), ("user", "daily")}
+
+    redis_server.stop()
+    redis_server.start()
+    await until_refused(client)
+    path = write(settings, tmp_path)
+    assert await asyncio.to_thread(main, ["restore", "--config", str(path), str(journal)]) == 0
+    resp = await client.get("/api/v1/costs/current", headers=auth(), params={"user_id": "u1"})
+    snapshot = json.loads(await resp.text(), parse_float=Decimal)
+    (model,) = snapshot["model_cap_windows"]
+    (user,) = snapshot["user_windows"]
+    assert model["current_spend_usd"] == user["current_spend_usd"] == 2 * REQUEST
+    daily = [w for w in snapshot["windows"] if w["window"] == "daily"]
+    assert daily[0]["current_spend_usd"] == 2 * REQUEST  # restored once, not once per window
+    await store.aclose()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.budget import BudgetStatus
+from proxy.budget import BudgetStatus, RateStatus
+from proxy.counters import Unit
 from proxy.headers import (
     HOP_BY_HOP,
     OPERATOR_ACCOUNT,
     budget_headers,
+    duration,
+    rate_limit_headers,
     request_headers,
     response_headers,
 )
@@ -240,3 +243,36 @@ def test_expect_never_goes_upstream() -> None:
 def test_upstream_budget_headers_are_not_relayed() -> None:
     items = [("x-budget-warning", "from another proxy"), ("x-request-id", "r1")]
     assert response_headers(items) == [("x-request-id", "r1")]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.12, "120ms"),
+        (0.0004, "0ms"),
+        (1, "1s"),
+        (1.2, "2s"),
+        (59.5, "1m0s"),
+        (360, "6m0s"),
+        (3723.4, "1h2m4s"),
+        (86_400, "24h0m0s"),
+    ],
+)
+def test_reset_durations_use_openais_format(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+def test_rate_limit_headers_name_each_unit_its_cap_counts() -> None:
+    statuses = {Unit.REQUESTS: RateStatus(limit=60, remaining=59, reset_s=42.5)}
+    assert rate_limit_headers(statuses) == {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "43s",
+    }
+    assert rate_limit_headers({}) == {}
+
+
+def test_upstream_rate_limit_headers_are_dropped_when_the_proxy_owns_them() -> None:
+    items = [("x-ratelimit-remaining-tokens", "9"), ("x-request-id", "r")]
+    assert response_headers(items, rate_limits=False) == [("x-request-id", "r")]
+    assert response_headers(items) == items

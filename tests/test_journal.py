@@ -7,6 +7,7 @@ Writers are built with ``flush_interval_s=3600`` so that they write only when a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -18,14 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from proxy.counters import MAX_MICROS
+from proxy.counters import MAX_MICROS, Counter
 from proxy.journal import (
     MAX_LINE_BYTES,
     Journal,
     JournalEntry,
+    counter_of,
+    journal_counter,
     journal_files,
     read_entries,
 )
+from proxy.windows import Period, Window
 
 T0 = datetime(2026, 12, 1, 10, 20, 30, tzinfo=UTC).timestamp()
 NOV = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC).timestamp()
@@ -148,6 +152,22 @@ def test_the_line_keeps_a_fixed_key_order() -> None:
     ]
 
 
+def test_model_cap_and_end_user_counters_round_trip_with_their_kind() -> None:
+    scoped = Counter("acme", None, Window.DAILY, 0, model_cap="frontier")
+    user = Counter("acme", None, Window.DAILY, 0, user_id="u@x")
+    period = Period(HOUR, HOUR + 86_400)
+    keys = (journal_counter(scoped, period), journal_counter(user, period))
+    assert keys == (
+        ("frontier", "daily", HOUR, HOUR + 86_400, "model"),
+        ("u@x", "daily", HOUR, HOUR + 86_400, "user"),
+    )
+    original = dataclasses.replace(entry(), counters=keys)
+    again = JournalEntry.from_json(original.to_json())
+    assert again == original
+    assert [counter_of("acme", key) for key in again.counters] == [scoped, user]
+    assert counter_of("acme", entry().counters[0]).agent_id == "planner"
+
+
 def test_windows_are_the_distinct_windows_of_the_counters() -> None:
     assert entry().windows == (
         ("hourly", HOUR, HOUR + 3600),
@@ -193,6 +213,8 @@ def _edit(**changes: object) -> str:
         _edit(counters=[["planner", "hourly", 1]]),
         _edit(counters=[[1, "hourly", 1, 2]]),
         _edit(counters={"a": 1}),
+        _edit(counters=[["frontier", "daily", 1, 2, "team"]]),
+        _edit(counters=[[None, "daily", 1, 2, "model"]]),
     ],
 )
 def test_a_malformed_line_raises_value_error(line: str) -> None:
