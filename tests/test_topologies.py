@@ -178,9 +178,12 @@ async def test_a_cluster_master_killed_under_load_costs_its_failover_and_no_rest
                 assert await post(client, 0) == 200
                 await asyncio.sleep(0.05)
         assert len(events(caplog, "store_down")) == 1
-        (changed,) = events(caplog, "store_topology_changed")
-        assert f"127.0.0.1:{victim}" in changed["before"]
-        assert f"127.0.0.1:{victim}" not in changed["after"]
+        # The slots may be read mid-failover (the master gone, its replica not yet
+        # promoted): then the promotion is a second change. The victim leaves once.
+        changes = events(caplog, "store_topology_changed")
+        assert 1 <= len(changes) <= 2, changes
+        assert f"127.0.0.1:{victim}" in changes[0]["before"]
+        assert all(f"127.0.0.1:{victim}" not in change["after"] for change in changes)
         assert len(events(caplog, "store_back")) == 1
         with capsys.disabled():
             print(
