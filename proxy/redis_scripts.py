@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
@@ -217,6 +217,8 @@ class Server:
         self._timeout_s: float | None = float(timeout) if timeout else None
         self._pipes: list[_Pipe] = []
         self._opening = asyncio.Lock()
+        self._connects = 0  # attempts to open the connections
+        self._connect_error: BaseException | None = None  # of the last attempt
 
     @property
     def open_connections(self) -> int:
@@ -247,17 +249,27 @@ class Server:
             pipe.close()
 
     async def _pipe(self) -> _Pipe:
-        """The connection with the fewest calls waiting (opening them all if none is)."""
+        """The connection with the fewest calls waiting (opening them all if none is).
+
+        Callers that waited while another one failed to connect fail with it, without
+        trying again each: a server that is down fails its calls at once."""
         live = [pipe for pipe in self._pipes if not pipe.broken]
         if len(live) != len(self._pipes):
             self._pipes = live
         if not live:
+            ticket = self._connects
             async with self._opening:
-                if not any(not pipe.broken for pipe in self._pipes):
-                    self._pipes = await self._open_all()
-            live = [pipe for pipe in self._pipes if not pipe.broken]
-            if not live:
-                raise RedisConnectionError("connection to the store closed")
+                live = [pipe for pipe in self._pipes if not pipe.broken]
+                if not live:
+                    if self._connects != ticket and self._connect_error is not None:
+                        raise RedisConnectionError("the store refused a connection just now")
+                    self._connects += 1
+                    try:
+                        self._pipes = live = await self._open_all()
+                    except (RedisError, OSError) as exc:
+                        self._connect_error = exc
+                        raise
+                    self._connect_error = None
         return min(live, key=_pending)
 
     async def _open_all(self) -> list[_Pipe]:
