@@ -328,13 +328,17 @@ def create_app(
     return app
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop when it is installed (it is a dependency), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
+    """uvloop's event loop (a dependency; faster I/O), unless ``kind`` is ``asyncio`` or
+    uvloop is not installed."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def run(settings: Settings, *, config_path: Path | None) -> None:
@@ -347,6 +351,7 @@ def run(settings: Settings, *, config_path: Path | None) -> None:
             detail="no upstream api_key is set (e.g. OPENAI_API_KEY): upstreams may refuse",
         )
     soft, hard = raise_open_files_limit()
+    loop = new_event_loop(os.environ.get("CAPPROXY_EVENT_LOOP", "uvloop"))
     server = settings.server
     log_event(
         "startup",
@@ -357,6 +362,7 @@ def run(settings: Settings, *, config_path: Path | None) -> None:
         upstreams=len(settings.upstreams),
         max_connections=server.max_connections,
         open_files_limit=soft,
+        event_loop=type(loop).__module__.partition(".")[0],
     )
     if server.max_connections + FD_RESERVE > soft:
         log_event(
@@ -376,6 +382,6 @@ def run(settings: Settings, *, config_path: Path | None) -> None:
         limits=limits,
         host=server.host,
         port=server.port,
-        loop=new_event_loop(),
+        loop=loop,
     )
     log_event("stopped")
