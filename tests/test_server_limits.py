@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.config import ConfigError, parse_settings
 from proxy.listener import Limits, raise_open_files_limit, start
 from tests.fake_upstream import FakeUpstream
 from tests.harness import settings_for
@@ -148,3 +149,31 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("server", "max_connections", 0),
+        ("server", "request_header_timeout_s", 0),
+        ("server", "keepalive_timeout_s", -1),
+        ("store", "max_connections", 0),
+        ("store", "max_connections", 257),
+    ],
+)
+def test_limits_out_of_range_are_refused_naming_the_field(
+    section: str, field: str, value: int
+) -> None:
+    text = f"{section}: {{{field}: {value}}}\nupstreams: [{{name: up, base_url: 'http://h/v1'}}]\n"
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, source="caps.yaml", env={})
+    assert any(f"{section}.{field}" in line for line in info.value.errors), info.value.errors
+
+
+def test_the_limits_default_well_below_a_common_open_files_limit() -> None:
+    settings = parse_settings(
+        "upstreams: [{name: up, base_url: 'http://h/v1'}]\n", source="caps.yaml", env={}
+    )
+    assert settings.server.max_connections + 256 <= 4096
+    assert settings.server.request_header_timeout_s == 10
+    assert settings.store.max_connections == 4
