@@ -516,6 +516,20 @@ def redis_ok(port: int) -> bool:
         return False
 
 
+def redis_connections(port: int) -> int:
+    """Connections the Redis has accepted since it started (INFO stats)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"INFO stats\r\n")
+        data = b""
+        while b"total_connections_received:" not in data or not data.endswith(b"\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    line = data.split(b"total_connections_received:")[1].split(b"\r\n")[0]
+    return int(line)
+
+
 def read_message(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
     """The next JSON line a load generator prints, waiting at most ``timeout_s``."""
     assert proc.stdout is not None
@@ -987,7 +1001,8 @@ def report(
         if r is not None:
             print(
                 f"burst of {r.load['requests']} streams, {target}: {r.load['errors']} errors, "
-                f"{r.load.get('store_errors', 0)} store errors (503 store_unavailable)"
+                f"{r.load.get('store_errors', 0)} store errors (503 store_unavailable), "
+                f"{r.load.get('redis_connections_opened', 0)} Redis connections opened"
                 + (f"; first: {r.load['first_error'][:160]}" if r.load["errors"] else ""),
                 file=out,
             )
@@ -1063,7 +1078,10 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             for phase in phases:
                 for target in targets:
                     print(f"  {phase.name:<8} {target.name:<9} ...", file=sys.stderr, flush=True)
+                    before = redis_connections(ports["redis"])
                     results.append(run_phase(children, script, phase, target, pids, args.py_spy))
+                    opened = redis_connections(ports["redis"]) - before - 1  # less this probe's
+                    results[-1].load["redis_connections_opened"] = opened
                     for name, proc in procs.items():
                         children.check(name, proc)
             for name in memory:

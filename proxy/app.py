@@ -328,14 +328,19 @@ def create_app(
     return app
 
 
-def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
-    """uvloop's event loop (a dependency; faster I/O), unless ``kind`` is ``asyncio`` or
-    uvloop is not installed."""
-    if kind != "asyncio":
+def new_event_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
+    """asyncio's event loop, or uvloop's when ``kind`` is ``uvloop`` and it is installed
+    (``pip install 'capproxy[uvloop]'``; in ``make bench`` it made no difference beyond
+    the noise, see the README's Performance section)."""
+    if kind == "uvloop":
         try:
             import uvloop
         except ImportError:
-            pass
+            log_event(
+                "startup_warning",
+                level=logging.WARNING,
+                detail="CAPPROXY_EVENT_LOOP=uvloop but uvloop is not installed: asyncio's loop",
+            )
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
@@ -351,7 +356,7 @@ def run(settings: Settings, *, config_path: Path | None) -> None:
             detail="no upstream api_key is set (e.g. OPENAI_API_KEY): upstreams may refuse",
         )
     soft, hard = raise_open_files_limit()
-    loop = new_event_loop(os.environ.get("CAPPROXY_EVENT_LOOP", "uvloop"))
+    loop = new_event_loop(os.environ.get("CAPPROXY_EVENT_LOOP", "asyncio"))
     server = settings.server
     log_event(
         "startup",

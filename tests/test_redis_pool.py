@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proxy.app import new_event_loop
 from proxy.redis_scripts import QUIET_CONNECT, Script, Server
 from proxy.redis_store import RedisStore
 from tests.conftest import MakeClient
@@ -116,6 +117,32 @@ async def test_a_busy_event_loop_is_not_taken_for_a_slow_store(server: Server) -
     time.sleep(0.5)  # the proxy's loop is busy past the 0.25 s timeout; Redis answered
     assert await call == b"on time"
     await server.drop()
+
+
+def test_on_uvloop_too_a_busy_event_loop_is_not_taken_for_a_slow_store(
+    redis_server: RedisServer,
+) -> None:
+    # The same on uvloop (CAPPROXY_EVENT_LOOP=uvloop), whose loop orders timers and I/O its own way.
+    async def scenario() -> bytes:
+        client = Redis.from_url(redis_server.url, socket_timeout=0.25, **QUIET_CONNECT)
+        server = Server(client, connections=1)
+        try:
+            await server.warm()
+            call = asyncio.create_task(server.eval(ECHO, [], ["on time"]))
+            await asyncio.sleep(0)
+            time.sleep(0.5)
+            reply: bytes = await call
+            await server.drop()
+            return reply
+        finally:
+            await client.aclose()
+
+    loop = new_event_loop("uvloop")
+    assert type(loop).__module__.startswith("uvloop")
+    try:
+        assert loop.run_until_complete(scenario()) == b"on time"
+    finally:
+        loop.close()
 
 
 async def test_a_burst_of_a_thousand_streams_gets_no_store_error(
