@@ -58,6 +58,7 @@ DELAY_HEADER = "X-Bench-Delay-Ms"  # pause before each stream frame after the fi
 FRAMING_FRAMES = 4  # role chunk, finish chunk, usage chunk, [DONE]
 MAX_EVENTS = 10_000
 MAX_DELAY_MS = 1_000.0
+BURST = 1_000  # streams of the burst phase, all at once
 
 REQUEST_TIMEOUT_S = 30.0
 PHASE_TIMEOUT_S = 600.0  # a whole warm-up + measured run of one load generator
@@ -372,6 +373,7 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "requests": len(samples),
         "errors": len(errors),
+        "store_errors": sum("store_unavailable" in e for e in errors),
         "first_error": errors[0] if errors else "",
         "wall_s": wall,
         "rps": len(samples) / wall if wall > 0 else 0.0,
@@ -512,6 +514,20 @@ def redis_ok(port: int) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def redis_connections(port: int) -> int:
+    """Connections the Redis has accepted since it started (INFO stats)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"INFO stats\r\n")
+        data = b""
+        while b"total_connections_received:" not in data or not data.endswith(b"\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    line = data.split(b"total_connections_received:")[1].split(b"\r\n")[0]
+    return int(line)
 
 
 def read_message(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
@@ -660,7 +676,9 @@ class Phase:
 
     @property
     def stagger_ms(self) -> float:
-        """Spread paced streams evenly over one stream's duration."""
+        """Spread paced streams evenly over one stream's duration (a burst: all at once)."""
+        if self.name == "burst":
+            return 0.0
         return self.delay_ms * max(0, self.frames - 1) / self.concurrency
 
 
@@ -685,7 +703,7 @@ def capproxy_config(upstream_port: int, redis_port: int, port: int) -> dict[str,
     """One tenant key; 2 windows of tenant caps + 2 of agent caps (4 counters per reserve)."""
     return {
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 1},
-        "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout_ms": 1000},
+        "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout_ms": 250},  # the default
         "upstreams": [
             {
                 "name": "fake",
@@ -755,6 +773,15 @@ def phases_for(requests: int, warmup: int, concurrency: int, events: int) -> lis
             20,
             2.0,
         ),
+        Phase(
+            "burst",
+            f"{BURST} streams started at once, 20 chunks 2 ms apart, no warm-up (store errors)",
+            BURST,
+            0,
+            BURST,
+            20,
+            2.0,
+        ),
     ]
 
 
@@ -801,6 +828,14 @@ def run_phase(
         sched = after.sched_ns[who] - before.sched_ns[who]
         result.cpu_us_per_request_schedstat[who] = sched / n / 1e3
     return result
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of the process from /proc/<pid>/status, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def machine() -> dict[str, Any]:
@@ -951,6 +986,26 @@ def report(
         if target == "capproxy":
             line += f"  (+ Redis {s['redis_cpu_us_per_request']:.0f} us/request)"
         print(line, file=out)
+    memory = info.get("memory", {})
+    if memory:
+        print(
+            "\nmemory (MB): "
+            + "; ".join(
+                f"{name} RSS idle {m['rss_idle_mb']:.0f}, peak {m.get('rss_peak_mb', 0):.0f}"
+                for name, m in memory.items()
+            ),
+            file=out,
+        )
+    for target in ("baseline", "capproxy"):
+        r = by.get(("burst", target))
+        if r is not None:
+            print(
+                f"burst of {r.load['requests']} streams, {target}: {r.load['errors']} errors, "
+                f"{r.load.get('store_errors', 0)} store errors (503 store_unavailable), "
+                f"{r.load.get('redis_connections_opened', 0)} Redis connections opened"
+                + (f"; first: {r.load['first_error'][:160]}" if r.load["errors"] else ""),
+                file=out,
+            )
     base, cap = summary.get("baseline", {}), summary.get("capproxy", {})
     if "proxy_cpu_us_per_request" in base and "proxy_cpu_us_per_request" in cap:
         ratios = [
@@ -1012,6 +1067,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 _poll_until(probe, what=name, alive=functools.partial(children.check, name, proc))
             pids = {name: proc.pid for name, proc in procs.items()}
+            memory = {n: {"rss_idle_mb": rss_mb(pids[n])} for n in ("baseline", "capproxy")}
             if args.print_pids:
                 print(json.dumps(pids), file=sys.stderr)
             targets = [
@@ -1022,12 +1078,18 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             for phase in phases:
                 for target in targets:
                     print(f"  {phase.name:<8} {target.name:<9} ...", file=sys.stderr, flush=True)
+                    before = redis_connections(ports["redis"])
                     results.append(run_phase(children, script, phase, target, pids, args.py_spy))
+                    opened = redis_connections(ports["redis"]) - before - 1  # less this probe's
+                    results[-1].load["redis_connections_opened"] = opened
                     for name, proc in procs.items():
                         children.check(name, proc)
+            for name in memory:
+                memory[name]["rss_peak_mb"] = rss_mb(pids[name], "VmHWM")
         finally:
             children.stop_all()
     info["load_average_1m_at_end"] = os.getloadavg()[0]
+    info["memory"] = memory
     settings = {
         "requests": requests,
         "small_requests": phases[1].requests,
@@ -1064,7 +1126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--requests", type=int, help="measured requests per phase (2000)")
     parser.add_argument("--warmup", type=int, help="warm-up requests (requests / 10)")
-    parser.add_argument("--concurrency", type=int, default=8, help="in-flight requests (8)")
+    parser.add_argument("--concurrency", type=int, default=50, help="in-flight requests (50)")
     parser.add_argument("--events", type=int, default=50, help="content chunks per stream")
     parser.add_argument("--quick", action="store_true", help="300 requests per phase")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -34,6 +34,7 @@ from proxy.errors import (
 )
 from proxy.journal import Journal, journal_files
 from proxy.ledger import Ledger
+from proxy.listener import Limits, raise_open_files_limit, serve
 from proxy.logs import log_event
 from proxy.memory_store import MemoryStore
 from proxy.metrics import Metrics
@@ -54,6 +55,9 @@ from proxy.state import (
 from proxy.upstream import new_session
 
 log = logging.getLogger("capproxy")
+
+# Open files kept for upstream and store connections, journal and logs, beyond clients'.
+FD_RESERVE = 256
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTINGS = web.AppKey("settings", Settings)
@@ -117,7 +121,13 @@ def open_store(settings: Settings) -> Store:
         return MemoryStore()
     config = settings.store
     sentinel = config.sentinel
-    log_event("store", kind="redis", mode=config.mode, timeout_ms=config.timeout_ms)
+    log_event(
+        "store",
+        kind="redis",
+        mode=config.mode,
+        timeout_ms=config.timeout_ms,
+        max_connections=config.max_connections,
+    )
     return RedisStore.from_url(
         url,
         timeout_s=timeout_s,
@@ -125,6 +135,7 @@ def open_store(settings: Settings) -> Store:
         sentinels=sentinel.nodes if sentinel else (),
         service_name=sentinel.service_name if sentinel else "",
         sentinel_password=_secret(sentinel.password) if sentinel else None,
+        max_connections=config.max_connections,
     )
 
 
@@ -146,6 +157,11 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE] if STORE in app else open_store(app[SETTINGS])
+    if isinstance(store, RedisStore):
+        # Opens the script connections before the first request (a store that is down
+        # is logged here once, and the proxy starts anyway: /readyz says so).
+        with contextlib.suppress(StoreUnavailable):
+            await store.ping()
     ledger = Ledger(store, fail_open=app[SETTINGS].store.on_error == "fail_open")
     app[LEDGER] = ledger
     app[METRICS].set_pending_settles(lambda: ledger.pending)
@@ -313,6 +329,24 @@ def create_app(
     return app
 
 
+def new_event_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
+    """asyncio's event loop, or uvloop's when ``kind`` is ``uvloop`` and it is installed
+    (``pip install 'capproxy[uvloop]'``; in ``make bench`` it made no difference beyond
+    the noise, see the README's Performance section)."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log_event(
+                "startup_warning",
+                level=logging.WARNING,
+                detail="CAPPROXY_EVENT_LOOP=uvloop but uvloop is not installed: asyncio's loop",
+            )
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def run(settings: Settings, *, config_path: Path | None) -> None:
     """Serve until SIGINT/SIGTERM; SIGHUP reloads the caps file."""
     logs.setup(os.environ.get("CAPPROXY_LOG_LEVEL", "INFO"))
@@ -322,21 +356,38 @@ def run(settings: Settings, *, config_path: Path | None) -> None:
             level=logging.WARNING,
             detail="no upstream api_key is set (e.g. OPENAI_API_KEY): upstreams may refuse",
         )
+    soft, hard = raise_open_files_limit()
+    loop = new_event_loop(os.environ.get("CAPPROXY_EVENT_LOOP", "asyncio"))
+    server = settings.server
     log_event(
         "startup",
         config=str(config_path) if config_path else None,
-        host=settings.server.host,
-        port=settings.server.port,
+        host=server.host,
+        port=server.port,
         tenants=len(settings.tenants),
         upstreams=len(settings.upstreams),
+        max_connections=server.max_connections,
+        open_files_limit=soft,
+        event_loop=type(loop).__module__.partition(".")[0],
     )
-    web.run_app(
+    if server.max_connections + FD_RESERVE > soft:
+        log_event(
+            "startup_warning",
+            level=logging.WARNING,
+            detail=f"server.max_connections ({server.max_connections}) leaves fewer than "
+            f"{FD_RESERVE} of the {soft} open files (nofile) for upstream and store "
+            f"connections; lower it or raise nofile (hard limit {hard})",
+        )
+    limits = Limits(
+        max_connections=server.max_connections,
+        header_timeout_s=server.request_header_timeout_s,
+        keepalive_s=server.keepalive_timeout_s,
+    )
+    serve(
         create_app(settings, config_path=config_path),
-        host=settings.server.host,
-        port=settings.server.port,
-        access_log=None,
-        # In-flight requests were already drained by _on_shutdown; this is a backstop.
-        shutdown_timeout=1.0,
-        print=None,
+        limits=limits,
+        host=server.host,
+        port=server.port,
+        loop=loop,
     )
     log_event("stopped")

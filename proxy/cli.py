@@ -200,9 +200,12 @@ def describe(settings: Settings) -> list[str]:
     if auth.mode == "passthrough":
         auth_line += f", tenant hash key {_is_set(auth.tenant_hash_key)}"
     lines = [
-        f"server: {server.host}:{server.port} (max body {server.max_body_bytes} bytes)",
+        f"server: {server.host}:{server.port} (max body {server.max_body_bytes} bytes, "
+        f"{server.max_connections} connections, header timeout "
+        f"{server.request_header_timeout_s:g} s, keep-alive {server.keepalive_timeout_s:g} s)",
         f"store: {_redact(store.url.get_secret_value())} "
-        f"(on_error {store.on_error}, timeout {store.timeout_ms} ms)",
+        f"(on_error {store.on_error}, timeout {store.timeout_ms} ms, "
+        f"{store.max_connections} connections)",
         auth_line,
         f"time zone: {settings.time_zone}",
         "upstreams (first match wins):",

@@ -405,6 +405,14 @@ class ServerConfig(_Model):
     # still settled).
     client_write_timeout_s: _Seconds = 60
     shutdown_grace_s: float = Field(default=30, ge=0, allow_inf_nan=False)
+    # Client connections held at once. Past it a new connection takes the place of the
+    # oldest idle one, or is closed at once when all are busy; keep it well below the
+    # open-files limit (raised to its hard limit at startup): upstream and store need some.
+    max_connections: int = Field(default=2048, ge=1, le=1_000_000)
+    # A request's line and headers must arrive whole within this, from their first byte.
+    request_header_timeout_s: _Seconds = 10
+    # A connection with no request yet, or idle between requests, is closed after this.
+    keepalive_timeout_s: _Seconds = 75
 
 
 class SentinelConfig(_Model):
@@ -445,6 +453,9 @@ class StoreConfig(_Model):
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     on_data_loss: Literal["fail_closed", "continue"] = "fail_closed"
     timeout_ms: int = Field(default=250, gt=0)
+    # Connections to each Redis server that carry the budget scripts, opened at startup;
+    # each carries any number of concurrent calls (pipelined), so a burst opens none.
+    max_connections: int = Field(default=4, ge=1, le=256)
     # A hold is a lease renewed while its request runs: a dead proxy's holds end (and are
     # charged as spend) within this many seconds.
     hold_lease_s: float = Field(default=30, ge=1, le=3600, allow_inf_nan=False)

@@ -1,29 +1,44 @@
 """Lua scripts and the connections that carry them: the Redis store's hot path.
 
     script = Script(lua("reserve.lua", with_lib=True))
-    server = Server(Redis(host="127.0.0.1", port=6379, **QUIET_CONNECT))
+    server = Server(Redis(host="127.0.0.1", port=6379, **QUIET_CONNECT), connections=4)
     reply = await server.eval(script, keys, args)   # EVALSHA, EVAL when the server lost it
 
 The scripts are package files (``proxy/lua/*.lua``); ``lib.lua`` holds the functions
-the writing scripts share. Calls are packed straight into RESP and sent on connections
-of the store's own (see ``Server``).
+the writing scripts share. Calls are packed straight into RESP and written, as they come,
+on a few connections of the store's own that each carry many calls at once (see
+``Server``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import select
+from collections import deque
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+import hiredis
+
 # With redis_store.py, the only modules that talk to Redis.
+from redis._parsers import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["MAX_IDLE_CONNECTIONS", "QUIET_CONNECT", "Script", "Server", "lua", "server_options"]
+__all__ = [
+    "DEFAULT_CONNECTIONS",
+    "QUIET_CONNECT",
+    "Script",
+    "Server",
+    "lua",
+    "server_options",
+]
 
 # No CLIENT SETINFO on connect: one round trip less per connection, and redis-py 8's
 # cluster client breaks connections that several calls open at once while it sends it.
@@ -49,8 +64,10 @@ def server_options(url: str) -> dict[str, Any]:
     return options
 
 
-# Connections kept open for the scripts between calls (more are opened under a burst).
-MAX_IDLE_CONNECTIONS = 32
+# Connections that carry the script calls to each server (``store.max_connections``).
+DEFAULT_CONNECTIONS = 4
+# How often an expired call waits for the event loop to read its socket before it fails.
+MAX_LATE_CHECKS = 100
 
 
 class Script:
@@ -71,60 +88,209 @@ class Script:
         return b"".join(out)
 
 
-async def _call(
-    conn: AbstractConnection, script: Script, keys: list[str], args: Sequence[str | int]
-) -> Any:
-    try:
-        await conn.send_packed_command(script.packed(keys, args), check_health=False)
-        return await conn.read_response()
-    except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH)
-        await conn.send_packed_command(script.packed(keys, args, full=True), check_health=False)
-        return await conn.read_response()
+class _Pipe(asyncio.Protocol):
+    """One connection carrying many calls at once: each command is written as it comes,
+    each reply goes to the oldest call still waiting (Redis answers in order).
+
+    It takes over the transport of a redis-py connection that has done the handshake
+    (TLS, AUTH, SELECT, the Sentinel's primary). A caller that stops waiting (cancelled)
+    leaves its slot, and its reply is dropped when it comes: the connection stays in step.
+    A reply later than ``timeout_s`` after its command was written breaks the connection,
+    and every call still waiting on it fails with ``TimeoutError``.
+    """
+
+    def __init__(self, conn: AbstractConnection, timeout_s: float | None) -> None:
+        writer = conn._writer  # the stream redis-py opened and authenticated
+        if writer is None:
+            raise RedisConnectionError("the connection closed during its handshake")
+        self._conn = conn
+        self._transport = writer.transport
+        self._loop = asyncio.get_running_loop()
+        self._timeout_s = timeout_s
+        self._replies = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error
+        )
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self.broken = False
+        self._transport.set_protocol(self)
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting)
+
+    async def call(self, packed: bytes) -> Any:
+        if self.broken:
+            raise RedisConnectionError("connection to the store closed")
+        reply = self._loop.create_future()
+        self._waiting.append(reply)
+        self._transport.write(packed)
+        timer = None
+        if self._timeout_s is not None:
+            timer = self._loop.call_later(self._timeout_s, self._expire, reply, 0)
+        try:
+            return await reply
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, reply: asyncio.Future[Any], checks: int) -> None:
+        """The call's time is up. The event loop may have been too busy to read a reply
+        that came in time: while the socket has bytes to read, the loop gets more turns
+        (a late loop is the proxy's delay, not the store's)."""
+        if reply.done() or self.broken:
+            return
+        if checks < MAX_LATE_CHECKS and self._readable():
+            self._loop.call_soon(self._expire, reply, checks + 1)
+            return
+        self.close(RedisTimeoutError("the store did not answer in time"))
+
+    def _readable(self) -> bool:
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            ready, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
+
+    def data_received(self, data: bytes) -> None:
+        self._replies.feed(data)
+        while True:
+            try:
+                reply = self._replies.gets()
+            except InvalidResponse as exc:
+                self.close(RedisConnectionError(f"unreadable reply from the store: {exc}"))
+                return
+            if reply is False:
+                return
+            if not self._waiting:
+                self.close(RedisConnectionError("a reply from the store that nobody asked for"))
+                return
+            waiter = self._waiting.popleft()
+            if waiter.done():  # its caller stopped waiting
+                continue
+            if isinstance(reply, Exception):
+                waiter.set_exception(reply)
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(RedisConnectionError("connection to the store lost"))
+
+    def close(self, error: Exception | None = None) -> None:
+        """Close the connection; calls still waiting fail with ``error``."""
+        self.broken = True
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_exception(error or RedisConnectionError("connection closed"))
+        # Closes the transport without waiting (its protocol is no longer redis-py's).
+        self._conn._close()  # type: ignore[no-untyped-call]
 
 
 class Server:
-    """Script calls to one server, on connections of this store's own.
+    """Script calls to one server, multiplexed on a few connections of the store's own.
+
+        server = Server(client, connections=4)
+        reply = await server.eval(script, keys, args)
 
     The generic ``execute_command`` path of redis-py (command packing, pool bookkeeping,
     retry wrapper) costs more CPU than the rest of a proxied request; the scripts are the
-    store's whole hot path, so they are packed here and sent on connections kept in a
-    short list. A connection that failed is dropped with every idle one (after a restart
-    or a failover they all point at the past), and a call that failed before its reply is
-    tried once more on a fresh connection (safe: every script is idempotent by rid).
+    store's whole hot path, so they are packed here and written, as they come, on
+    ``connections`` connections that each carry any number of calls (Redis answers each
+    connection's commands in order; it runs one script at a time anyway). A burst of
+    requests thus opens no connection: the first call opens all of them. A call's timeout
+    (the client's ``socket_timeout``) runs from the moment its command is written, so it
+    measures the store, not the proxy's queueing. A connection that failed is dropped with
+    every other one (after a restart or a failover they all point at the past), and a call
+    that failed before its reply is tried once more on a fresh connection (safe: every
+    script is idempotent by rid).
     """
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, connections: int = DEFAULT_CONNECTIONS) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
         self.client = client
-        self._idle: list[AbstractConnection] = []  # last used first
+        self.connections = connections
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._timeout_s: float | None = float(timeout) if timeout else None
+        self._pipes: list[_Pipe] = []
+        self._opening = asyncio.Lock()
+        self._connects = 0  # attempts to open the connections
+        self._connect_error: BaseException | None = None  # of the last attempt
+
+    @property
+    def open_connections(self) -> int:
+        return sum(1 for pipe in self._pipes if not pipe.broken)
 
     async def eval(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
         for attempt in range(2):
-            conn = self._idle.pop() if self._idle else await self._connect()
+            pipe = await self._pipe()
             try:
-                reply = await _call(conn, script, keys, args)
+                try:
+                    return await pipe.call(script.packed(keys, args))
+                except NoScriptError:  # the server lost its script cache (restart, FLUSH)
+                    return await pipe.call(script.packed(keys, args, full=True))
             except RedisConnectionError:
-                await conn.disconnect()
                 await self.drop()
                 if attempt:
                     raise
-                continue
-            except BaseException:
-                # A timeout or cancellation mid-reply leaves the connection out of step.
-                await conn.disconnect()
-                raise
-            if len(self._idle) < MAX_IDLE_CONNECTIONS:
-                self._idle.append(conn)
-            else:  # a burst is over: keep a bounded set open
-                await conn.disconnect()
-            return reply
         raise AssertionError("unreachable")
 
-    async def drop(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect()
+    async def warm(self) -> None:
+        """Open the connections now (the first call would)."""
+        await self._pipe()
 
-    async def _connect(self) -> AbstractConnection:
+    async def drop(self) -> None:
+        """Close every connection; calls waiting on them fail (and are tried again)."""
+        pipes, self._pipes = self._pipes, []
+        for pipe in pipes:
+            pipe.close()
+
+    async def _pipe(self) -> _Pipe:
+        """The connection with the fewest calls waiting (opening them all if none is).
+
+        Callers that waited while another one failed to connect fail with it, without
+        trying again each: a server that is down fails its calls at once."""
+        live = [pipe for pipe in self._pipes if not pipe.broken]
+        if len(live) != len(self._pipes):
+            self._pipes = live
+        if not live:
+            ticket = self._connects
+            async with self._opening:
+                live = [pipe for pipe in self._pipes if not pipe.broken]
+                if not live:
+                    if self._connects != ticket and self._connect_error is not None:
+                        raise RedisConnectionError("the store refused a connection just now")
+                    self._connects += 1
+                    try:
+                        self._pipes = live = await self._open_all()
+                    except (RedisError, OSError) as exc:
+                        self._connect_error = exc
+                        raise
+                    self._connect_error = None
+        return min(live, key=_pending)
+
+    async def _open_all(self) -> list[_Pipe]:
+        opened = await asyncio.gather(
+            *(self._open() for _ in range(self.connections)), return_exceptions=True
+        )
+        pipes = [pipe for pipe in opened if isinstance(pipe, _Pipe)]
+        if not pipes:
+            error = next(e for e in opened if isinstance(e, BaseException))
+            raise error
+        return pipes
+
+    async def _open(self) -> _Pipe:
         conn: AbstractConnection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         await conn.connect()  # type: ignore[no-untyped-call]
-        return conn
+        try:
+            return _Pipe(conn, self._timeout_s)
+        except BaseException:
+            await conn.disconnect()
+            raise
+
+
+def _pending(pipe: _Pipe) -> int:
+    return pipe.pending

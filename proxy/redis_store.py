@@ -112,7 +112,14 @@ from proxy.history import (
 )
 from proxy.journal import JournalEntry, counter_of
 from proxy.logs import log_event
-from proxy.redis_scripts import QUIET_CONNECT, Script, Server, lua, server_options
+from proxy.redis_scripts import (
+    DEFAULT_CONNECTIONS,
+    QUIET_CONNECT,
+    Script,
+    Server,
+    lua,
+    server_options,
+)
 from proxy.windows import Period, period_of
 
 __all__ = ["RedisStore", "RestoreReport"]
@@ -136,6 +143,7 @@ WATCH_INTERVAL_S = 1.0  # how often each replica checks the store for lost spend
 BACK_AFTER_S = 1.0  # an outage ends after this long without a failed call
 DATA_LOST_RETRY_AFTER_S = 60
 CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
+GUARD_BACKSTOP = 8  # perf: an operation's limit, in store timeouts (see _guard)
 DAY_S = 86_400
 UTC = ZoneInfo("UTC")
 
@@ -210,6 +218,7 @@ class RedisStore:
         timeout_s: float,
         expiry_margin_s: int = DEFAULT_EXPIRY_MARGIN_S,
         local_clock: Callable[[], float] = time.time,
+        max_connections: int = DEFAULT_CONNECTIONS,  # perf: script connections per server
     ) -> None:
         if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError("prefix must match [A-Za-z0-9._:-]{1,64}")
@@ -227,7 +236,10 @@ class RedisStore:
         self._commit = Script(lua("history.lua") + lua("commit.lua"))
         self._snapshot = Script(lua("snapshot.lua"))
         # Standalone and Sentinel: the one server; Cluster: one per node, by name.
-        self._server = Server(client) if isinstance(client, Redis) else None
+        self._connections = max_connections
+        self._server = (
+            Server(client, connections=max_connections) if isinstance(client, Redis) else None
+        )
         self._nodes: dict[str, Server] = {}
         self._node_options: dict[str, Any] = {}  # how to connect to a cluster node
         self._topology_lock = asyncio.Lock()
@@ -263,6 +275,7 @@ class RedisStore:
         sentinels: Sequence[str] = (),
         service_name: str = "",
         sentinel_password: str | None = None,
+        max_connections: int = DEFAULT_CONNECTIONS,  # perf: script connections per server
     ) -> RedisStore:
         """A store owning a new client (closed by ``aclose``).
 
@@ -302,7 +315,13 @@ class RedisStore:
             client = Redis.from_url(url, retry=retry, **timeouts, **QUIET_CONNECT)
         else:
             raise ValueError(f"unknown store mode {mode!r}")
-        store = cls(client, prefix=prefix, timeout_s=timeout_s, expiry_margin_s=expiry_margin_s)
+        store = cls(
+            client,
+            prefix=prefix,
+            timeout_s=timeout_s,
+            expiry_margin_s=expiry_margin_s,
+            max_connections=max_connections,
+        )
         store._owns_client = True
         if mode == "cluster":
             store._node_options = {
@@ -801,7 +820,8 @@ class RedisStore:
         name = f"{host}:{port}"
         server = self._nodes.get(name)
         if server is None:
-            server = Server(Redis(host=host, port=port, **self._node_options))
+            client = Redis(host=host, port=port, **self._node_options)
+            server = Server(client, connections=self._connections)
             self._nodes[name] = server
         return server
 
@@ -914,7 +934,11 @@ class RedisStore:
 
     async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            async with asyncio.timeout(self._timeout_s):
+            # perf: each round trip is bounded by timeout_s from when its command is
+            # written (script calls: redis_scripts.Server; others: socket timeouts);
+            # this backstop for the whole operation must not trip on the proxy's own
+            # queueing or a busy event loop.
+            async with asyncio.timeout(self._timeout_s * GUARD_BACKSTOP):
                 result = await call()
         except (RedisError, OSError) as exc:  # OSError includes TimeoutError
             _honour_cancel()

@@ -76,8 +76,10 @@ def test_check_prints_effective_caps_without_secrets(
     assert "hunter2" not in out
     lines = out.splitlines()
     for expected in [
-        "server: 0.0.0.0:9000 (max body 10485760 bytes)",
-        "store: redis://***@redis.internal:6379/0 (on_error fail_open, timeout 250 ms)",
+        "server: 0.0.0.0:9000 (max body 10485760 bytes, 2048 connections, header timeout 10 s, "
+        "keep-alive 75 s)",
+        "store: redis://***@redis.internal:6379/0 (on_error fail_open, timeout 250 ms, "
+        "4 connections)",
         "auth: keys, admin token set",
         "  local: http://127.0.0.1:8000/v1 models llama-*; api key not set; timeout 600 s",
         "  openai: https://api.openai.com/v1 models *; api key set; timeout 600 s",

@@ -184,7 +184,14 @@ def test_loading_never_touches_network_or_tiktoken_cache(monkeypatch: pytest.Mon
 
 def test_encodings_are_loaded_once_per_process(tokenizer: Tokenizer) -> None:
     assert load_encoding("o200k_base") is load_encoding("o200k_base")
-    assert Tokenizer()._counters["cl100k_base"]._enc is load_encoding("cl100k_base")
+    assert Tokenizer()._counter("cl100k_base")._enc is load_encoding("cl100k_base")
+
+
+def test_a_tokenizer_loads_an_encoding_on_its_first_use_only() -> None:
+    fresh = Tokenizer()
+    assert fresh._counters == {}  # nothing held before a request needs it
+    assert fresh.count("gpt-4", "hello world") == 2
+    assert list(fresh._counters) == ["cl100k_base"]
 
 
 @pytest.mark.parametrize("name", list(ENCODINGS))

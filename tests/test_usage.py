@@ -27,6 +27,8 @@ from proxy.usage import (
     is_usage_only_chunk,
     max_tool_calls,
     output_limit,
+    read_object,
+    read_usage,
     stream_service_tier,
     stream_text,
     stream_tool_calls,
@@ -1264,3 +1266,26 @@ def test_random_request_junk_raises_only_invalid_param() -> None:
                     reader(endpoint, body)
         with contextlib.suppress(InvalidParam):
             max_tool_calls(body)
+
+
+# --- from raw bytes (orjson) ------------------------------------------------------------
+
+
+def test_usage_read_from_the_raw_answer_is_the_usage_of_the_parsed_one() -> None:
+    raw = json.dumps(CHAT_BODY).encode()
+    assert read_usage(Endpoint.CHAT, raw) == extract_usage(Endpoint.CHAT, CHAT_BODY)
+    assert read_usage(Endpoint.CHAT, raw.decode()) == extract_usage(Endpoint.CHAT, CHAT_BODY)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b"[1, 2]", b'"usage"', b"{", b'{"usage": NaN}', b"\xff\xfe", b"1e999999"],
+)
+def test_an_answer_that_is_not_a_json_object_has_no_usage(raw: bytes) -> None:
+    assert read_usage(Endpoint.CHAT, raw) is None
+    assert read_object(raw) is None
+
+
+def test_a_count_beyond_64_bits_reads_as_no_usage() -> None:
+    raw = b'{"usage": {"prompt_tokens": 1' + b"0" * 30 + b', "completion_tokens": 1}}'
+    assert read_usage(Endpoint.CHAT, raw) is None
