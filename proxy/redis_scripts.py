@@ -89,8 +89,9 @@ class Script:
 
 
 class _Pipe(asyncio.Protocol):
-    """One connection carrying many calls at once: each command is written as it comes,
-    each reply goes to the oldest call still waiting (Redis answers in order).
+    """One connection carrying many calls at once: the commands of the calls made in one
+    turn of the event loop go out in one write, and each reply goes to the oldest call
+    still waiting (Redis answers in order).
 
     It takes over the transport of a redis-py connection that has done the handshake
     (TLS, AUTH, SELECT, the Sentinel's primary). A caller that stops waiting (cancelled)
@@ -111,6 +112,9 @@ class _Pipe(asyncio.Protocol):
             protocolError=InvalidResponse, replyError=BaseParser.parse_error
         )
         self._waiting: deque[asyncio.Future[Any]] = deque()
+        # Commands of this turn of the loop, and their calls: written together, soon.
+        self._unsent: list[bytes] = []
+        self._unsent_calls: list[asyncio.Future[Any]] = []
         self.broken = False
         self._transport.set_protocol(self)
 
@@ -118,29 +122,40 @@ class _Pipe(asyncio.Protocol):
     def pending(self) -> int:
         return len(self._waiting)
 
+    @property
+    def gathering(self) -> bool:
+        """Whether commands of this turn of the loop wait to be written."""
+        return bool(self._unsent)
+
     async def call(self, packed: bytes) -> Any:
         if self.broken:
             raise RedisConnectionError("connection to the store closed")
         reply = self._loop.create_future()
         self._waiting.append(reply)
-        self._transport.write(packed)
-        timer = None
-        if self._timeout_s is not None:
-            timer = self._loop.call_later(self._timeout_s, self._expire, reply, 0)
-        try:
-            return await reply
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if not self._unsent:
+            self._loop.call_soon(self._write)
+        self._unsent.append(packed)
+        self._unsent_calls.append(reply)
+        return await reply
 
-    def _expire(self, reply: asyncio.Future[Any], checks: int) -> None:
-        """The call's time is up. The event loop may have been too busy to read a reply
-        that came in time: while the socket has bytes to read, the loop gets more turns
-        (a late loop is the proxy's delay, not the store's)."""
-        if reply.done() or self.broken:
+    def _write(self) -> None:
+        """Write the commands gathered in this turn; their timeout starts now."""
+        if self.broken or not self._unsent:
+            return
+        data, calls = b"".join(self._unsent), self._unsent_calls
+        self._unsent, self._unsent_calls = [], []
+        self._transport.write(data)
+        if self._timeout_s is not None:
+            self._loop.call_later(self._timeout_s, self._expire, calls, 0)
+
+    def _expire(self, calls: list[asyncio.Future[Any]], checks: int) -> None:
+        """The time of the calls written together is up. The event loop may have been
+        too busy to read replies that came in time: while the socket has bytes to read,
+        the loop gets more turns (a late loop is the proxy's delay, not the store's)."""
+        if self.broken or all(call.done() for call in calls):
             return
         if checks < MAX_LATE_CHECKS and self._readable():
-            self._loop.call_soon(self._expire, reply, checks + 1)
+            self._loop.call_soon(self._expire, calls, checks + 1)
             return
         self.close(RedisTimeoutError("the store did not answer in time"))
 
@@ -181,6 +196,7 @@ class _Pipe(asyncio.Protocol):
     def close(self, error: Exception | None = None) -> None:
         """Close the connection; calls still waiting fail with ``error``."""
         self.broken = True
+        self._unsent, self._unsent_calls = [], []
         waiting, self._waiting = self._waiting, deque()
         for waiter in waiting:
             if not waiter.done():
@@ -270,7 +286,8 @@ class Server:
                         self._connect_error = exc
                         raise
                     self._connect_error = None
-        return min(live, key=_pending)
+        # A connection already gathering this turn's commands takes one more: one write.
+        return next((pipe for pipe in live if pipe.gathering), None) or min(live, key=_pending)
 
     async def _open_all(self) -> list[_Pipe]:
         opened = await asyncio.gather(
