@@ -10,13 +10,13 @@ is decided by ``proxy.charge`` from how it ended.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from proxy import budget, headers, upstream
@@ -64,13 +64,13 @@ from proxy.usage import (
     Usage,
     choice_count,
     container_memory,
-    extract_usage,
     hosted_tools,
     inject_max_tool_calls,
     inject_output_limit,
     is_background,
     max_tool_calls,
     output_limit,
+    read_usage,
     unreported_tool_calls,
     unsized_state,
 )
@@ -90,8 +90,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             f"Content-Encoding '{encoding[:32]}' is not supported: send the JSON body uncompressed."
         )
     too_large = PayloadTooLarge(f"Request body exceeds the proxy's limit of {limit} bytes.")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise too_large
+        return await request.read()  # framed by its length: no more than it says arrives
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
@@ -102,14 +105,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object (orjson: strict JSON, so NaN, Infinity, numbers
+    out of range, integers beyond 64 bits and nesting past 254 levels are refused)."""
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise InvalidJSON("The request body is not valid JSON.") from exc
     if not isinstance(body, dict):
         raise InvalidJSON("The request body must be a JSON object.")
@@ -118,9 +119,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 def encode_json(body: dict[str, Any]) -> bytes:
     try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-    except (ValueError, RecursionError) as exc:
-        # 1e999 parses as infinity; very deep nesting cannot be written back.
+        return orjson.dumps(body)
+    except (orjson.JSONEncodeError, RecursionError) as exc:
         raise InvalidJSON("The request body has a number out of range or nests too deep.") from exc
 
 
@@ -607,11 +607,7 @@ def _budget_headers(adm: Admission, hold: Hold, charged: Amounts) -> Mapping[str
 
 def _usage_of(endpoint: Endpoint, data: bytes) -> Usage | None:
     """The usage a successful non-streamed answer reports, or ``None``."""
-    try:
-        parsed = json.loads(data)
-    except ValueError:
-        return None
-    return extract_usage(endpoint, parsed) if isinstance(parsed, dict) else None
+    return read_usage(endpoint, data)
 
 
 def _secret(value: Any) -> str | None:

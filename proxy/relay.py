@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from collections import Counter
 from enum import StrEnum
 
@@ -34,6 +33,7 @@ from proxy.usage import (
     Usage,
     extract_stream_usage,
     is_usage_only_chunk,
+    read_object,
     stream_service_tier,
     stream_text,
     stream_tool_calls,
@@ -84,11 +84,8 @@ class StreamTap:
         if not data or data[0] != "{":
             return True
         self.events += 1
-        try:
-            parsed = json.loads(data)
-        except ValueError:
-            return True
-        if not isinstance(parsed, dict):
+        parsed = read_object(data)
+        if parsed is None:
             return True
         text = stream_text(self.endpoint, parsed)
         if text:
