@@ -65,6 +65,9 @@ HELD_RETRY_AFTER_S = 2
 # (any real cap is far smaller, so such a request is refused as usual).
 MAX_HOLD_MICROS = 2**53
 DAY_S = 86_400  # agents are counted per UTC day
+# Resolved plans remembered per settings (tenant, agent, model and user ids come from
+# clients: past this many, the memo starts again).
+MAX_REMEMBERED_PLANS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +108,43 @@ def plan_budget(
     """Every cap that applies to a request, resolved in one call: the tenant's budget and
     rate caps, the (tenant, agent) caps, the caps of every model cap matching ``model``,
     and ``user``'s caps (``every_model_cap``: every model cap, whatever the model).
-    ``tokens`` is the most the request can use (prompt + output)."""
+    ``tokens`` is the most the request can use (prompt + output).
+
+    The resolution is remembered per (tenant, agent, model, user) with the settings."""
+    memo = settings.derived
+    key = ("plan", tenant_id, agent_id, model, user, every_model_cap)
+    resolved: _Resolved | None = memo.get(key)
+    if resolved is None:
+        if len(memo) >= MAX_REMEMBERED_PLANS:
+            memo.clear()
+        resolved = memo[key] = _resolve(
+            settings, tenant_id, agent_id, model, user, every_model_cap=every_model_cap
+        )
+    counters, caps, limits = resolved
+    return BudgetPlan(
+        counters=counters,
+        caps=caps,
+        amounts=Amounts(
+            min(MAX_HOLD_MICROS, max(1, amount_micros)),
+            min(MAX_HOLD_MICROS, max(0, tokens)),
+            1,
+        ),
+        limits=limits,
+    )
+
+
+_Resolved = tuple[tuple[Counter, ...], tuple[BudgetCap | RateCap, ...], Limits]
+
+
+def _resolve(
+    settings: Settings,
+    tenant_id: str,
+    agent_id: str,
+    model: str | None,
+    user: str | None,
+    *,
+    every_model_cap: bool,
+) -> _Resolved:
     pairs: list[tuple[Counter, BudgetCap | RateCap]] = []
 
     def add(scope: _Scope, budgets: tuple[BudgetCap, ...], rates: tuple[RateCap, ...]) -> None:
@@ -133,20 +172,12 @@ def plan_budget(
             add(_Scope(model_cap=model_cap.name), model_cap.budget_caps, model_cap.rate_caps)
         if user is not None and caps.user_caps is not None:
             add(_Scope(user_id=user), caps.user_caps.budget_caps, caps.user_caps.rate_caps)
-    return BudgetPlan(
-        counters=tuple(c for c, _ in pairs),
-        caps=tuple(cap for _, cap in pairs),
-        amounts=Amounts(
-            min(MAX_HOLD_MICROS, max(1, amount_micros)),
-            min(MAX_HOLD_MICROS, max(0, tokens)),
-            1,
-        ),
-        limits=Limits(
-            max_agents=caps.max_agents_per_tenant,
-            max_users=caps.max_users_per_tenant,
-            max_concurrent=settings.concurrency_limits(tenant_id, agent_id),
-        ),
+    limits = Limits(
+        max_agents=caps.max_agents_per_tenant,
+        max_users=caps.max_users_per_tenant,
+        max_concurrent=settings.concurrency_limits(tenant_id, agent_id),
     )
+    return tuple(c for c, _ in pairs), tuple(cap for _, cap in pairs), limits
 
 
 def _counter(tenant_id: str, scope: _Scope, window: Window, limit: int, unit: Unit) -> Counter:

@@ -624,6 +624,9 @@ class Settings(_Model):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     journal: JournalConfig | None = None
     _tenants: dict[str, TenantConfig] = PrivateAttr(default_factory=dict)
+    # What the request path derives from these settings, remembered while they are the
+    # settings in force (a reload makes new settings, so it never goes stale).
+    _derived: dict[tuple[Any, ...], Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("upstreams")
     @classmethod
@@ -678,6 +681,11 @@ class Settings(_Model):
 
     def model_post_init(self, context: Any, /) -> None:
         self._tenants = {tenant.id: tenant for tenant in self.tenants}
+
+    @property
+    def derived(self) -> dict[tuple[Any, ...], Any]:
+        """A memo for values computed from these settings alone (bound its size)."""
+        return self._derived
 
     @property
     def tz(self) -> ZoneInfo:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -173,7 +173,7 @@ class Ledger:
         committed (too many agents or end users is refused still: each costs the store
         keys).
         """
-        rid = uuid.uuid4().hex
+        rid = os.urandom(16).hex()
         states: tuple[CounterState, ...] = ()
         now = 0.0
         would_reject: CapExceeded | None = None

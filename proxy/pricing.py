@@ -272,6 +272,9 @@ def _base_names(model: str) -> list[str]:
     return names
 
 
+_MAX_REMEMBERED = 1024  # model names whose price lookup is remembered
+
+
 class PriceTable:
     """Resolves a request's ``model`` to its price, and hosted tools to theirs.
 
@@ -295,6 +298,7 @@ class PriceTable:
         files: Mapping[str, ModelPrice] | None = None,
     ) -> None:
         self._overrides: Mapping[str, ModelPrice] = dict(overrides or {})
+        self._found: dict[str, tuple[str, ModelPrice, str] | None] = {}
         self._files: Mapping[str, ModelPrice] = dict(files or {})
         self._default = default
         self._tools: Mapping[str, ToolPrice] = MappingProxyType(
@@ -308,7 +312,18 @@ class PriceTable:
 
     def find(self, model: str) -> tuple[str, ModelPrice, str] | None:
         """``(entry name, price, where from)`` for ``model``: where from is ``caps file``
-        (``pricing.models``), ``price file``, ``built-in`` or ``default``."""
+        (``pricing.models``), ``price file``, ``built-in`` or ``default``. Answers are
+        remembered (a bounded number of model names; the table never changes)."""
+        try:
+            return self._found[model]
+        except KeyError:
+            pass
+        if len(self._found) >= _MAX_REMEMBERED:
+            self._found.clear()
+        found = self._found[model] = self._find(model)
+        return found
+
+    def _find(self, model: str) -> tuple[str, ModelPrice, str] | None:
         for name in (model, *_base_names(model)):
             for table, origin in (
                 (self._overrides, "caps file"),
