@@ -57,6 +57,7 @@ __all__ = [
     "CounterState",
     "Limits",
     "ReserveResult",
+    "SeenToday",
     "Store",
     "Unit",
     "as_amounts",
@@ -66,6 +67,8 @@ __all__ = [
 MAX_MICROS = 2**53  # amounts up to this are exact in Lua's doubles
 DEFAULT_EXPIRY_MARGIN_S = 300  # counters outlive their period by the hold TTL + this
 MIN_MARKER_TTL_S = 60  # settle markers live max(2 x hold TTL, this)
+SEEN_LIMIT_MAX = 100  # ``seen_today`` lists at most this many agents (end users)
+SEEN_READ_MAX = 10_000  # ... chosen among at most this many of them (Redis: a sample)
 
 _TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _AGENT_RE = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
@@ -206,6 +209,24 @@ class ReserveResult:
         return tuple(s for s in self.states if not fits(s, self.amounts.of(s.counter.unit)))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeenToday:
+    """The agents and the end users a tenant named on one UTC day (``Store.seen_today``).
+
+    ``agents`` and ``users``: the first of them in sorted order, as many as asked for;
+    ``agents_total`` and ``users_total``: how many there are in all. ``day``: the start of
+    the UTC day (epoch seconds, store clock). An agent is named by a request that held in
+    one of its counters (and stays named unless all its requests that day cost nothing);
+    an end user likewise, by its user counters.
+    """
+
+    day: int
+    agents: tuple[str, ...]
+    agents_total: int
+    users: tuple[str, ...]
+    users_total: int
+
+
 def fits(state: CounterState, amount: int) -> bool:
     """Whether ``amount`` more fits under the counter's hard limit (the store's rule)."""
     return state.spent + state.held + amount <= state.counter.limit
@@ -318,6 +339,13 @@ class Store(Protocol):
         """The tenant's latest rejections, newest first."""
         ...
 
+    async def seen_today(self, tenant_id: str, *, limit: int) -> SeenToday:
+        """The agents and end users the tenant named this UTC day (store clock): the
+        first ``limit`` (1 to ``SEEN_LIMIT_MAX``) of each in sorted order, and how many in
+        all. Bounded: past ``SEEN_READ_MAX`` of one kind, the first of a sample of that
+        many (Redis; the memory store sorts them all)."""
+        ...
+
 
 # --- validation shared by the stores -------------------------------------------------
 
@@ -351,6 +379,14 @@ def check_counters(counters: Sequence[Counter]) -> str:
             raise ValueError("duplicate counter")
         seen.add((c.scope, c.window, c.unit))
     return tenant
+
+
+def check_seen(tenant_id: str, limit: int) -> None:
+    """Validate the arguments of ``Store.seen_today``."""
+    if not _TENANT_RE.fullmatch(tenant_id):
+        raise ValueError("tenant id must match [A-Za-z0-9._-]{1,64}")
+    if not 1 <= limit <= SEEN_LIMIT_MAX:
+        raise ValueError(f"limit must be in [1, {SEEN_LIMIT_MAX}]")
 
 
 def check_amount(amount: Amounts | int) -> Amounts:

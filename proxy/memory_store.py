@@ -8,6 +8,7 @@ Same semantics as every ``proxy.counters.Store``; see that module.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,9 +24,11 @@ from proxy.counters import (
     CounterState,
     Limits,
     ReserveResult,
+    SeenToday,
     check_amount,
     check_counters,
     check_rid,
+    check_seen,
     check_ttl,
     clamp_actual,
     fits,
@@ -292,6 +295,19 @@ class MemoryStore:
     async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
         entries, until = self._rejections.get(tenant_id, (deque(), 0.0))
         return tuple(reversed(entries)) if until > self._clock() else ()
+
+    async def seen_today(self, tenant_id: str, *, limit: int) -> SeenToday:
+        check_seen(tenant_id, limit)
+        day = int(self._clock() // DAY_S)
+        agents = self._agents.get((tenant_id, day), set())
+        users = self._users.get((tenant_id, day), set())
+        return SeenToday(
+            day=day * DAY_S,
+            agents=tuple(heapq.nsmallest(limit, agents)),
+            agents_total=len(agents),
+            users=tuple(heapq.nsmallest(limit, users)),
+            users_total=len(users),
+        )
 
     def _add_history(self, tenant: str, actual: int, now: float, tz: ZoneInfo) -> None:
         """Add a settled cost to its hour and day; a new bucket trims those too old."""

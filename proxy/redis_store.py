@@ -22,7 +22,8 @@ name, ``S`` = period start in epoch seconds)::
                            a plain release, which is idempotent as it is),
                            TTL max(2 x hold TTL, 60 s)
     P:{T}:agents:<day>     SET   agents the tenant named on that UTC day (max_agents)
-    P:{T}:users:<day>      SET   end users of user counters that day (max_users)
+    P:{T}:users:<day>      SET   end users of user counters that day (max_users); both
+                                 also read, bounded, by ``seen_today``
     P:{T}:inflight[:a:A]   ZSET  the tenant's (agent's) requests in flight: rid -> lease
                                  expiry (max_concurrent)
     P:{T}:epoch            STRING the tenant's epoch, set at its first recorded spend:
@@ -85,15 +86,18 @@ from proxy.counters import (
     MAX_MICROS,
     MIN_MARKER_TTL_S,
     NO_LIMITS,
+    SEEN_READ_MAX,
     Amounts,
     Counter,
     CounterState,
     Limits,
     ReserveResult,
+    SeenToday,
     Unit,
     check_amount,
     check_counters,
     check_rid,
+    check_seen,
     check_ttl,
     clamp_actual,
 )
@@ -248,6 +252,7 @@ class RedisStore:
         self._restore = Script(lua("restore.lua"))
         self._history = Script(lua("history_read.lua"))
         self._rejection = Script(lua("rejection.lua"))
+        self._seen = Script(lua("seen_read.lua"))
         # Continuity: the store's identity as this process knows it, what is lost, and
         # who is told (``on_data_loss(tenant or None for the whole store, detail)``).
         self.data_loss_policy = "fail_closed"
@@ -597,6 +602,25 @@ class RedisStore:
         entries = await self._guard(lambda: self._client.lrange(key, 0, REJECTIONS_KEPT - 1))
         found = (Rejection.decode(e) for e in entries)
         return tuple(r for r in found if r is not None)
+
+    async def seen_today(self, tenant_id: str, *, limit: int) -> SeenToday:
+        check_seen(tenant_id, limit)
+
+        async def read() -> SeenToday:
+            at = self._estimate()
+            keys = [self.agents_key(tenant_id, at), self.users_key(tenant_id, at)]
+            agents_total, agents, users_total, users = await self._eval(
+                self._seen, keys, [limit, SEEN_READ_MAX]
+            )
+            return SeenToday(
+                day=int(at // DAY_S) * DAY_S,
+                agents=tuple(_text(a) for a in agents),
+                agents_total=int(agents_total),
+                users=tuple(_text(u) for u in users),
+                users_total=int(users_total),
+            )
+
+        return await self._guard(read)
 
     def _history_expiry_ms(self, at: float) -> tuple[int, int]:
         """History keys live as long as their newest bucket is kept."""

@@ -5,6 +5,7 @@
     GET /api/v1/tenants                      admin token only
     GET /api/v1/costs/history?granularity=hour   tenant key, or admin token (+ tenant_id=)
     GET /api/v1/rejections                   tenant key, or admin token (+ tenant_id=)
+    GET /api/v1/scopes?limit=20              tenant key, or admin token + tenant_id=
     GET /api/v1/openapi.json                 no credentials
 
 Callers authenticate like proxied calls (``Authorization: Bearer`` or ``x-api-key`` with a
@@ -26,6 +27,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -43,7 +45,7 @@ from proxy.config import (
     Settings,
     TokenCap,
 )
-from proxy.counters import CounterState, Store
+from proxy.counters import SEEN_LIMIT_MAX, SEEN_READ_MAX, CounterState, SeenToday, Store
 from proxy.errors import BadRequest, Forbidden
 from proxy.history import DAYS_KEPT, HOURS_KEPT, REJECTIONS_KEPT, Rejection, SpendHistory
 from proxy.pricing import micros_to_usd, usd_to_micros
@@ -53,6 +55,7 @@ from proxy.windows import Window, period_of
 PREFIX = "/api/v1"
 TENANT_ID = re.compile(ID_PATTERN)
 PCT_PLACES = Decimal("0.0001")
+SCOPES_LIMIT = 20  # agents (end users) listed by /scopes unless limit= says otherwise
 
 
 # --- access ------------------------------------------------------------------------------
@@ -112,6 +115,13 @@ def requested_user(request: web.Request) -> str | None:
             param="user_id",
         )
     return user
+
+
+def requested_limit(request: web.Request) -> int:
+    text = request.query.get("limit", str(SCOPES_LIMIT))
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= SEEN_LIMIT_MAX):
+        raise BadRequest(f"limit must be an integer from 1 to {SEEN_LIMIT_MAX}.", param="limit")
+    return int(text)
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -269,6 +279,17 @@ def rejection_entry(tenant_id: str, rejection: Rejection) -> dict[str, Any]:
     }
 
 
+def seen_scopes(tenant_id: str, seen: SeenToday) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant_id,
+        "utc_day": datetime.fromtimestamp(seen.day, UTC).date().isoformat(),
+        "agents": list(seen.agents),
+        "agents_total": seen.agents_total,
+        "users": list(seen.users),
+        "users_total": seen.users_total,
+    }
+
+
 def budget_cap(cap: BudgetCap) -> dict[str, Any]:
     return {
         "window": cap.window.value,
@@ -360,6 +381,15 @@ async def rejections(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def scopes(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/scopes``: the agents and end users a tenant named this UTC day."""
+    rt: Runtime = request.app[RUNTIME].current
+    tenant_id = readable_tenant(rt, request)
+    limit = requested_limit(request)
+    store = request.app[LEDGER].store
+    return json_response(seen_scopes(tenant_id, await store.seen_today(tenant_id, limit=limit)))
+
+
 async def caps(request: web.Request) -> web.StreamResponse:
     """``GET /api/v1/caps``: the caps that apply to (tenant, agent) after resolution."""
     rt: Runtime = request.app[RUNTIME].current
@@ -428,6 +458,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/tenants", tenants)
     app.router.add_get(f"{PREFIX}/costs/history", costs_history)
     app.router.add_get(f"{PREFIX}/rejections", rejections)
+    app.router.add_get(f"{PREFIX}/scopes", scopes)
     app.router.add_get(f"{PREFIX}/openapi.json", openapi)
 
 
@@ -491,6 +522,17 @@ _GRANULARITY = {
     "description": "hour: the last 48 local hours; day: the last 90 local days",
     "schema": {"type": "string", "enum": list(GRANULARITIES), "default": "hour"},
 }
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "description": "How many agents, and how many end users, to list at most",
+    "schema": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": SEEN_LIMIT_MAX,
+        "default": SCOPES_LIMIT,
+    },
+}
 _READ_ERRORS = {
     "400": "Invalid agent_id or tenant_id, or no tenant_id with the admin token",
     "401": "Missing or unknown key",
@@ -542,6 +584,17 @@ OPENAPI: dict[str, Any] = {
             "RejectionList",
             [_TENANT_OPTIONAL],
             {**_READ_ERRORS, **_STORE_ERROR},
+        ),
+        f"{PREFIX}/scopes": _get(
+            "The agents and the end users a tenant named this UTC day, for their windows "
+            "with costs/current?agent_id= and ?user_id=",
+            "Scopes",
+            [_TENANT, _LIMIT],
+            {
+                **_READ_ERRORS,
+                "400": "Invalid tenant_id or limit, or no tenant_id with the admin token",
+                **_STORE_ERROR,
+            },
         ),
         f"{PREFIX}/openapi.json": {
             "get": {
@@ -605,7 +658,8 @@ OPENAPI: dict[str, Any] = {
                     "type": "array",
                     "items": {"type": "string"},
                     "description": "The agents the caps file lists with caps of their own "
-                    "(cost_caps.agents): each tenant's are read with costs/current",
+                    "(cost_caps.agents): each tenant's are read with costs/current; the "
+                    "agents a tenant named today: scopes",
                 },
             ),
             "TenantHistory": _object(
@@ -650,6 +704,29 @@ OPENAPI: dict[str, Any] = {
                 },
             ),
             "RejectionList": _object(rejections={"type": "array", "items": _ref("Rejection")}),
+            "Scopes": {
+                **_object(
+                    tenant_id={"type": "string"},
+                    utc_day={"type": "string", "format": "date", "description": "The UTC day"},
+                    agents={
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "The first agents in byte order (at most limit): those "
+                        "whose requests held in an agent counter of theirs, unless every such "
+                        "request that day cost nothing",
+                    },
+                    agents_total={"type": "integer", "description": "How many in all"},
+                    users={
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "The first end users in byte order (at most limit): "
+                        "those with user counters (cost_caps.user_caps)",
+                    },
+                    users_total={"type": "integer", "description": "How many in all"},
+                ),
+                "description": f"Past {SEEN_READ_MAX:,} agents (end users) in a day, "
+                f"the first of a sample of {SEEN_READ_MAX:,} of them",
+            },
             "BudgetCap": _object(window=_WINDOW, hard_limit_usd=_USD, soft_limit_usd=_USD_OR_NULL),
             "TokenCap": _object(**dict.fromkeys(TokenCap.model_fields, _TOKENS)),
             "RateCap": _object(

@@ -4,8 +4,8 @@
 
 Four tenants with 90 days of spend history written through the store as settles would
 write it (the embedded store on a clock set back for each), windows at about 60 %, 85 %,
-past a soft limit and low, and a few recent rejections; then the page as an admin sees it
-at 1280 px.
+past a soft limit and low, a few recent rejections, and two agents and two end users of
+acme's today; then the page as an admin sees it at 1280 px, acme's row open.
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ REJECTED = [
     ("acme", "planner", "o3-mini", "concurrency_limit_exceeded", ()),
     ("initech", "report-writer", "gpt-4o", "budget_exceeded", ("daily",)),
 ]
+# Requests of acme's today: (agent, end user, USD).
+NAMED = [
+    ("planner", "user-1042", 0.42),
+    ("writer", "user-2210", 0.18),
+    ("planner", "user-2210", 0.25),
+]
 Limits = dict[tuple[str, str | None, Window], Decimal]
 
 
@@ -79,12 +85,13 @@ async def seed(store: MemoryStore, clock: DemoClock) -> Limits:
     tenant's share (``NOW_USED``)."""
     rng = random.Random(11)
     now = time.time()
-    rid = iter(range(10**9))
+    rid_of = iter(range(10**9))
 
     async def spend(tenant: str, at: float, usd: float) -> None:
         clock.at = at
         micros = int(usd * USD)
-        await store.record(f"demo-{next(rid)}", counters(tenant), micros, tz=UTC, hold_ttl_s=60)
+        rid = f"demo-{next(rid_of)}"
+        await store.record(rid, counters(tenant), micros, tz=UTC, hold_ttl_s=60)
 
     for tenant, rate in RATES.items():
         for day in range(90, 2, -1):  # older days: one settle each
@@ -96,6 +103,15 @@ async def seed(store: MemoryStore, clock: DemoClock) -> Limits:
             busy = 1.0 if 8 <= time.gmtime(at).tm_hour <= 19 else 0.25
             await spend(tenant, at, rate * busy * rng.uniform(0.5, 1.5))
     clock.at = None
+    for agent, user, usd in NAMED:  # held and settled as a proxied request would be
+        named = [
+            Counter("acme", None, Window.DAILY, 10**12),
+            *(Counter("acme", agent, window, 10**12) for _, window in AGENT_WINDOWS),
+            Counter("acme", None, Window.DAILY, 10**12, user_id=user),
+        ]
+        rid = f"demo-{next(rid_of)}"
+        held = await store.reserve(rid, named, int(usd * USD), tz=UTC, hold_ttl_s=60)
+        await store.settle(rid, held.states, int(usd * USD), hold_ttl_s=60, tz=UTC)
     limits: Limits = {}
     for tenant, share in NOW_USED.items():
         for state in await store.snapshot(counters(tenant), tz=UTC):
@@ -115,7 +131,7 @@ async def seed(store: MemoryStore, clock: DemoClock) -> Limits:
 
 def demo_settings(upstream_url: str, limits: Limits) -> Settings:
     """Each tenant's own windows at the limits given; the agents' default caps as in the
-    test harness (hourly $10 with a soft $8, daily $100)."""
+    test harness (hourly $10 with a soft $8, daily $100); $10 a day per end user."""
 
     def caps(tenant: str) -> list[dict[str, Any]]:
         out = []
@@ -126,7 +142,13 @@ def demo_settings(upstream_url: str, limits: Limits) -> Settings:
         return out
 
     tenants = [{"id": t, "api_keys": [f"sk-demo-{t}"], "budget_caps": caps(t)} for t in WINDOWS]
-    return settings_for(upstream_url, auth={"admin_token": ADMIN}, tenants=tenants)
+    user_caps = {"budget_caps": [{"window": "daily", "hard_limit_usd": 10}]}
+    return settings_for(
+        upstream_url,
+        auth={"admin_token": ADMIN},
+        tenants=tenants,
+        cost_caps={"user_caps": user_caps},
+    )
 
 
 def main(out: Path) -> None:
@@ -144,6 +166,9 @@ def main(out: Path) -> None:
         page.click("#sign-in-form button[type=submit]")
         expect(page.locator("#chart rect").first).to_be_visible()
         expect(page.locator("#rejections tbody tr")).to_have_count(len(REJECTED))
+        acme = page.locator('.tenant[data-tenant="acme"]')
+        acme.locator("details.more summary").click()
+        expect(acme.locator(".user")).to_have_count(2)
         page.screenshot(path=out, full_page=True)
         browser.close()
     print(f"dashboard screenshot: {out}")

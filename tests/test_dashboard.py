@@ -47,8 +47,8 @@ USD = 1_000_000  # micro-USD
 
 def dashboard_settings(upstream_url: str, **over: Any) -> Settings:
     """Three tenants: acme with a tenant-wide daily cap, globex with an hourly one, and
-    initech with a rate cap; the agents' default caps, premium-agent's own, and a model
-    cap on the test model."""
+    initech with a rate cap; the agents' default caps, premium-agent's own, a model cap on
+    the test model, and a daily cap per end user."""
     return settings_for(
         upstream_url,
         auth={"admin_token": ADMIN},
@@ -76,7 +76,8 @@ def dashboard_settings(upstream_url: str, **over: Any) -> Settings:
                     "models": ["test-*"],
                     "budget_caps": [{"window": "daily", "hard_limit_usd": 5}],
                 }
-            ]
+            ],
+            "user_caps": {"budget_caps": [{"window": "daily", "hard_limit_usd": 2}]},
         },
         **over,
     )
@@ -321,10 +322,11 @@ def test_a_tenant_row_expands_to_its_agents_model_caps_and_rate_caps(
     tab.sign_in(ADMIN)
     acme = tab.tenant("acme")
     more = acme.locator("details.more")
-    expect(more.locator("summary")).to_contain_text("1 agent")
+    expect(more.locator("summary")).to_contain_text("1 model cap window")
     agent = acme.locator('.agent[data-agent="premium-agent"] .window[data-window="daily"]')
     expect(agent).to_have_count(0)  # read once the row is opened
     more.locator("summary").click()
+    expect(more.locator("summary")).to_contain_text("1 agent and 0 end users today")
     expect(agent).to_have_attribute("data-spend-usd", "0.00005")
     expect(agent.locator(".window-name")).to_have_text("daily · agent premium-agent")
     model = acme.locator('.window[data-scope="model frontier"]')
@@ -442,3 +444,102 @@ def test_the_page_says_when_the_store_is_down_and_recovers(
             redis_server.start()
             expect(banner).to_be_hidden()
             expect(tab.page.locator("body")).to_have_attribute("data-store", "up")
+
+
+def scopes_calls(tab: Tab) -> list[str]:
+    return [url for url in tab.api_calls if "/api/v1/scopes" in url]
+
+
+def expect_windows_as_reported(row: Any, selector: str, scope: str, windows: Any) -> None:
+    """Each budget window the spend API reports, as the bar of ``scope`` in ``row`` shows it."""
+    assert windows
+    for window in windows:
+        bar = row.locator(
+            f'{selector} .window[data-scope="{scope}"][data-window="{window["window"]}"]'
+        )
+        expect(bar).to_have_attribute("data-spend-usd", js_number(window["current_spend_usd"]))
+
+
+def test_an_open_tenant_row_shows_the_agents_and_end_users_of_today_with_their_spend(
+    tab: Tab, proxy: LiveProxy
+) -> None:
+    for agent, user in (("bot", "alice"), ("planner", "bob"), ("bot", "bob")):
+        assert proxy.post(chat(user=user), key=TENANT_KEY, agent=agent) == 200
+    assert proxy.post(chat(user="carol"), key=OTHER_KEY, agent="globex-bot") == 200
+    tab.sign_in(ADMIN)
+    acme = tab.tenant("acme")
+    expect(acme.locator(".window").first).to_be_visible()
+    assert scopes_calls(tab) == []  # nothing is read for a closed row
+    acme.locator("details.more summary").click()
+    summary = acme.locator("details.more summary")
+    expect(summary).to_contain_text("2 agents and 2 end users today")
+    seen = proxy.get("/api/v1/scopes?tenant_id=acme", key=ADMIN)
+    assert (seen["agents"], seen["users"]) == (["bot", "planner"], ["alice", "bob"])
+    for agent_id in seen["agents"]:
+        snap = proxy.get(f"/api/v1/costs/current?tenant_id=acme&agent_id={agent_id}", key=ADMIN)
+        selector = f'.agent[data-agent="{agent_id}"]'
+        expect_windows_as_reported(acme, selector, f"agent {agent_id}", snap["windows"])
+    for user_id in seen["users"]:
+        snap = proxy.get(f"/api/v1/costs/current?tenant_id=acme&user_id={user_id}", key=ADMIN)
+        assert snap["user_windows"][0]["current_spend_usd"] > 0
+        selector = f'.user[data-user="{user_id}"]'
+        expect_windows_as_reported(acme, selector, f"user {user_id}", snap["user_windows"])
+    bob = acme.locator('.user[data-user="bob"] .window[data-window="daily"]')
+    expect(bob.locator(".window-name")).to_have_text("daily · user bob")
+    expect(bob).to_have_attribute("data-spend-usd", "0.0001")  # two requests
+    expect(acme.locator(".user")).to_have_count(2)
+    expect(acme.locator(".and-more")).to_have_count(0)
+    # Still current after the next refreshes; another tenant's users stay in its row.
+    assert proxy.post(chat(user="bob"), key=TENANT_KEY, agent="planner") == 200
+    expect(bob).to_have_attribute("data-spend-usd", "0.00015")
+    expect(tab.tenant("globex").locator(".user")).to_have_count(0)
+    # Closed again, the row is no longer read.
+    summary.click()
+    expect(acme.locator(".user")).to_have_count(0)
+    tab.api_calls.clear()
+    for _ in range(2):  # two refreshes that began after it closed
+        with tab.page.expect_request("**/api/v1/rejections"):
+            pass
+    assert scopes_calls(tab) == []
+
+
+def test_an_open_row_lists_twenty_agents_and_end_users_and_says_how_many_more(
+    tab: Tab, proxy: LiveProxy
+) -> None:
+    for i in range(22):
+        assert proxy.post(chat(user=f"user-{i:02d}"), key=TENANT_KEY, agent=f"agent-{i:02d}") == 200
+    tab.sign_in(ADMIN)
+    acme = tab.tenant("acme")
+    acme.locator("details.more summary").click()
+    expect(acme.locator("details.more summary")).to_contain_text("22 agents and 22 end users")
+    expect(acme.locator(".agent")).to_have_count(20)
+    expect(acme.locator(".user")).to_have_count(20)
+    expect(acme.locator(".agent").last).to_have_attribute("data-agent", "agent-19")
+    expect(acme.locator('.and-more[data-kind="agent"]')).to_have_text("and 2 more agents")
+    expect(acme.locator('.and-more[data-kind="end user"]')).to_have_text("and 2 more end users")
+
+
+def test_a_tenant_keys_open_row_shows_its_own_agents_and_end_users(
+    tab: Tab, proxy: LiveProxy
+) -> None:
+    tab.expected_statuses = {403}  # the key is not the admin's: /api/v1/tenants says so
+    for agent, user in (("bot", "alice"), ("planner", "bob")):
+        assert proxy.post(chat(user=user), key=TENANT_KEY, agent=agent) == 200
+    assert proxy.post(chat(user="carol"), key=OTHER_KEY, agent="globex-bot") == 200
+    tab.sign_in(TENANT_KEY)
+    acme = tab.tenant("acme")
+    acme.locator("details.more summary").click()
+    for agent_id in ("bot", "planner"):
+        snap = proxy.get(f"/api/v1/costs/current?agent_id={agent_id}", key=TENANT_KEY)
+        selector = f'.agent[data-agent="{agent_id}"]'
+        expect_windows_as_reported(acme, selector, f"agent {agent_id}", snap["windows"])
+    for user_id in ("alice", "bob"):
+        snap = proxy.get(f"/api/v1/costs/current?user_id={user_id}", key=TENANT_KEY)
+        selector = f'.user[data-user="{user_id}"]'
+        expect_windows_as_reported(acme, selector, f"user {user_id}", snap["user_windows"])
+    expect(acme.locator(".agent")).to_have_count(2)
+    expect(acme.locator(".user")).to_have_count(2)
+    assert scopes_calls(tab)
+    assert not any("tenant_id=" in url for url in tab.api_calls)
+    text = tab.page.locator("body").inner_text()
+    assert "globex" not in text and "carol" not in text

@@ -40,7 +40,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.app import create_app
 from proxy.config import Settings
-from proxy.counters import Amounts, Counter, ReserveResult, Store, as_amounts
+from proxy.counters import Amounts, Counter, ReserveResult, SeenToday, Store, as_amounts
 from proxy.endpoints import endpoint_for
 from proxy.history import Rejection, SpendHistory
 from proxy.memory_store import MemoryStore
@@ -274,6 +274,9 @@ class RecordingStore:
 
     async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
         return await self.inner.rejections(tenant_id)
+
+    async def seen_today(self, tenant_id: str, *, limit: int) -> SeenToday:
+        return await self.inner.seen_today(tenant_id, limit=limit)
 
 
 async def spend_all_of_globex(store: Store) -> None:

@@ -22,6 +22,7 @@ from proxy.counters import (
     CounterState,
     Limits,
     ReserveResult,
+    SeenToday,
     as_amounts,
 )
 from proxy.errors import BudgetExceeded, StoreUnavailable
@@ -192,6 +193,10 @@ class FakeStore:
     async def rejections(self, tenant_id: str) -> tuple[Rejection, ...]:
         self._check()
         return await self.memory.rejections(tenant_id)
+
+    async def seen_today(self, tenant_id: str, *, limit: int) -> SeenToday:
+        self._check()
+        return await self.memory.seen_today(tenant_id, limit=limit)
 
     def ops(self, *kinds: str) -> list[Call]:
         return [c for c in self.calls if c.op in kinds]

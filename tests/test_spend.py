@@ -32,6 +32,7 @@ COSTS = "/api/v1/costs/current"
 CAPS = "/api/v1/caps"
 TENANTS = "/api/v1/tenants"
 OPENAPI = "/api/v1/openapi.json"
+SCOPES = "/api/v1/scopes"
 SNAPSHOT_KEYS = {
     "tenant_id",
     "agent_id",
@@ -620,3 +621,54 @@ async def test_a_rejection_the_store_cannot_keep_is_still_a_429(
         assert resp.status == 429
         assert (await resp.json())["error"]["code"] == "token_cap_exceeded"
     assert client.app[LEDGER].stats.rejections_unrecorded == 2
+
+
+# --- scopes --------------------------------------------------------------------------------
+
+
+async def test_scopes_list_the_agents_and_end_users_a_tenant_named_today(
+    upstream: FakeUpstream, make_client: MakeClient, any_store: Store
+) -> None:
+    user_caps = {"budget_caps": [{"window": "daily", "hard_limit_usd": 1}]}
+    client = await make_client(
+        settings(upstream, cost_caps={"user_caps": user_caps}), store=any_store
+    )
+    for agent, user in (("planner", "bob"), ("bot", "alice"), ("bot", None)):
+        body = chat(max_completion_tokens=50, **({"user": user} if user else {}))
+        resp = await client.post("/v1/chat/completions", json=body, headers=auth(agent=agent))
+        assert resp.status == 200, await resp.text()
+
+    status, body = await get(client, SCOPES, auth())
+    assert status == 200, body
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert body == {
+        "tenant_id": "acme",
+        "utc_day": body["utc_day"],
+        "agents": ["bot", "planner"],
+        "agents_total": 2,
+        "users": ["alice", "bob"],
+        "users_total": 2,
+    }
+    assert body["utc_day"] <= today  # a day may turn
+    status, first = await get(client, SCOPES, admin(), tenant_id="acme", limit="1")
+    assert (status, first["agents"], first["agents_total"]) == (200, ["bot"], 2)
+    assert (first["users"], first["users_total"]) == (["alice"], 2)
+    status, other = await get(client, SCOPES, admin(), tenant_id="globex")
+    assert (status, other["agents"], other["users"]) == (200, [], [])
+    # A key reads its own tenant only; the admin names one.
+    status, body = await get(client, SCOPES, auth(), tenant_id="globex")
+    assert (status, body["error"]["code"]) == (403, "forbidden")
+    status, body = await get(client, SCOPES, admin())
+    assert (status, body["error"]["param"]) == (400, "tenant_id")
+    for limit in ("0", "101", "ten", "٣", "-1"):
+        status, body = await get(client, SCOPES, auth(), limit=limit)
+        assert (status, body["error"]["param"]) == (400, "limit"), limit
+
+
+async def test_scopes_are_503_when_the_store_is_down(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
+    client = await make_client(settings(upstream), store=dead)
+    status, body = await get(client, SCOPES, admin(), tenant_id="acme")
+    assert (status, body["error"]["code"]) == (503, "store_unavailable")

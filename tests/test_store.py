@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
+    SEEN_READ_MAX,
     Amounts,
     Counter,
     CounterState,
@@ -1241,3 +1242,69 @@ async def test_in_flight_counts_the_live_requests_under_a_limit(harness: Harness
     await harness.store.settle("r1", first.states, 1, hold_ttl_s=TTL)
     assert await harness.store.in_flight("acme", "bot-1") == (1, 1)
     assert await harness.store.in_flight("acme", "other") == (1, 0)
+
+
+# --- who a tenant named today --------------------------------------------------------
+
+
+async def test_seen_today_lists_a_tenants_agents_and_end_users_sorted_and_bounded(
+    harness: Harness,
+) -> None:
+    async def named(rid: str, agent_id: str, user: str, tenant_id: str = "acme") -> None:
+        counters = [
+            Counter(tenant_id, agent_id, Window.DAILY, 1000),
+            Counter(tenant_id, None, Window.DAILY, 100, Unit.REQUESTS, user_id=user),
+        ]
+        result = await harness.store.reserve(
+            rid, counters, Amounts(1, 0, 1), tz=UTC, hold_ttl_s=TTL
+        )
+        assert result.ok
+        await harness.store.settle(rid, result.states, Amounts(1, 0, 1), hold_ttl_s=TTL)
+
+    empty = await harness.store.seen_today("acme", limit=5)
+    assert (empty.agents, empty.agents_total, empty.users, empty.users_total) == ((), 0, (), 0)
+    # Byte order, whatever the server's locale: "-" < "B" < "_" < "a".
+    for i, (agent_id, user) in enumerate(
+        [("b", "u_2"), ("a", "U-1"), ("_x", "u-3"), ("-y", "u_2")]
+    ):
+        await named(f"r{i}", agent_id, user)
+    await named("other", "0-globex-bot", "0-globex-user", tenant_id="globex")
+
+    seen = await harness.store.seen_today("acme", limit=3)
+    assert (seen.agents, seen.agents_total) == (("-y", "_x", "a"), 4)
+    assert (seen.users, seen.users_total) == (("U-1", "u-3", "u_2"), 3)
+    assert seen.day == int(await harness.store.now()) // 86_400 * 86_400
+    assert (await harness.store.seen_today("acme", limit=100)).agents == ("-y", "_x", "a", "b")
+    globex = await harness.store.seen_today("globex", limit=3)
+    assert (globex.agents, globex.users) == (("0-globex-bot",), ("0-globex-user",))
+    # An agent whose requests all cost nothing is not named.
+    free = [Counter("acme", "free-bot", Window.DAILY, 1000)]
+    result = await harness.store.reserve("free", free, 1, tz=UTC, hold_ttl_s=TTL)
+    assert "free-bot" in (await harness.store.seen_today("acme", limit=10)).agents
+    await harness.store.settle("free", result.states, 0, hold_ttl_s=TTL)
+    assert (await harness.store.seen_today("acme", limit=10)).agents_total == 4
+
+
+@pytest.mark.parametrize(
+    ("tenant_id", "limit"), [("acme", 0), ("acme", 101), ("no spaces", 5), ("", 5)]
+)
+async def test_seen_today_refuses_an_invalid_tenant_or_limit(
+    harness: Harness, tenant_id: str, limit: int
+) -> None:
+    with pytest.raises(ValueError):
+        await harness.store.seen_today(tenant_id, limit=limit)
+
+
+async def test_redis_seen_today_reads_a_bounded_sample_of_a_crowded_day(
+    redis_harness: Harness,
+) -> None:
+    h = redis_harness
+    assert isinstance(h.store, RedisStore) and h.raw is not None
+    at = await h.store.now()
+    crowd = [f"user-{i:05d}" for i in range(SEEN_READ_MAX + 5)]
+    await h.raw.call("SADD", h.store.users_key("acme", at), *crowd)
+    seen = await h.store.seen_today("acme", limit=20)
+    assert seen.users_total == len(crowd)
+    assert len(seen.users) == 20 and list(seen.users) == sorted(seen.users)
+    assert set(seen.users) <= set(crowd)
+    assert (seen.agents, seen.agents_total) == ((), 0)

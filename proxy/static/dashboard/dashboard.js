@@ -10,6 +10,7 @@
   const SVG = "http://www.w3.org/2000/svg";
   const params = new URLSearchParams(window.location.search);
   const REFRESH_MS = Math.max(250, Number(params.get("refresh")) || 5000);
+  const SCOPE_LIMIT = 20; // agents, and end users, read per open tenant row
   const PALETTE = ["#2f6fd6", "#2f9e61", "#e36b0a", "#9b4dca", "#d0312d", "#0f9bb0",
     "#b7791f", "#d6336c", "#5c7cfa", "#37b24d", "#868e96", "#f08c00"];
 
@@ -20,9 +21,8 @@
     range: "hour",
     chartTenant: "",
     tenants: [],
-    agents: [], // agents the caps file lists with caps of their own (admin only)
-    expanded: new Set(), // tenants whose agents and model caps are shown
-    agentSnapshots: new Map(), // tenant -> its agents' snapshots
+    expanded: new Set(), // tenants whose agents, model caps and end users are shown
+    scopes: new Map(), // open tenant -> { seen: /scopes, agents: [snapshot], users: [snapshot] }
     history: { hour: null, day: null },
     rejections: [],
     fetchedAt: 0, // performance.now() of the last good overview
@@ -134,9 +134,8 @@
     state.tenants = [];
     state.history = { hour: null, day: null };
     state.rejections = [];
-    state.agents = [];
     state.expanded = new Set();
-    state.agentSnapshots = new Map();
+    state.scopes = new Map();
     state.updated = null;
     $("sign-in").hidden = true;
     $("sign-out").hidden = false;
@@ -152,7 +151,6 @@
       try {
         const body = await api("tenants");
         state.mode = "admin";
-        state.agents = body.agents || [];
         return body.tenants;
       } catch (err) {
         if (!(err instanceof ApiError && err.status === 403)) throw err;
@@ -171,7 +169,7 @@
         api("costs/history?granularity=day"),
         api("rejections"),
       ]);
-      await refreshAgents(generation);
+      await refreshScopes(generation);
       if (generation !== state.generation) return;
       state.tenants = tenants;
       state.history = { hour, day };
@@ -337,33 +335,74 @@
     return rows.reduce((acc, r) => (RANK[r.dataset.state] > RANK[acc] ? r.dataset.state : acc), "ok");
   }
 
+  function userRows(snap) {
+    const scope = "user " + snap.user_id;
+    const rows = snap.user_windows.map((w) => windowRow(spendView(w), scope, scopeLabel(w.window, scope)));
+    for (const r of snap.rate_windows || []) {
+      if (r.scope === "user") rows.push(windowRow(rateView(r), scope, r.window + " " + r.unit + " · " + scope));
+    }
+    return rows;
+  }
+
+  function count(n, one, many) {
+    return n + " " + (n === 1 ? one : many);
+  }
+
+  // "and 3 more agents": those of today's beyond the ones read (never negative).
+  function andMore(kind, total, shown) {
+    const n = total - shown;
+    return n > 0 ? el("p", { class: "hint and-more", "data-kind": kind, text: "and " + count(n, "more " + kind, "more " + kind + "s") }) : null;
+  }
+
+  // What a tenant row opens to: its model caps' windows, then (read while it is open) the
+  // windows of the agents and of the end users it named today.
   function moreFor(t) {
     const models = (t.model_cap_windows || []).map((w) => {
       const scope = "model " + w.model_cap;
       return windowRow(spendView(w), scope, scopeLabel(w.window, scope));
     });
-    const agents = state.mode === "admin" ? state.agents.filter((a) => a !== t.agent_id) : [];
-    if (!models.length && !agents.length) return null;
     const open = state.expanded.has(t.tenant_id);
+    const found = open ? state.scopes.get(t.tenant_id) : undefined;
     const details = el("details", { class: "more", open });
     const what = [];
-    if (agents.length) what.push(agents.length + (agents.length === 1 ? " agent" : " agents"));
-    if (models.length) what.push(models.length + (models.length === 1 ? " model cap window" : " model cap windows"));
-    details.append(el("summary", { text: "Per agent and model cap: " + what.join(", ") }));
-    const body = el("div", { class: "windows" }, ...models);
-    const snaps = state.agentSnapshots.get(t.tenant_id) || [];
-    for (const agent of agents) {
-      const snap = snaps.find((s) => s.agent_id === agent);
-      const rows = snap ? snapshotRows(snap, { tenantWide: false }) : [];
-      body.append(el("div", { class: "agent", "data-agent": agent }, ...rows));
-      if (open && snap && !rows.length) body.append(el("p", { class: "hint", text: "agent " + agent + ": no caps" }));
+    if (models.length) what.push(count(models.length, "model cap window", "model cap windows"));
+    if (found) {
+      what.push(count(found.seen.agents_total, "agent", "agents") + " and " +
+        count(found.seen.users_total, "end user", "end users") + " today");
     }
+    details.append(el("summary", { text: "Per agent, model cap and end user" + (what.length ? ": " + what.join(", ") : "") }));
+    const parts = [...models];
+    if (open && !found) parts.push(el("p", { class: "hint", text: "Reading today's agents and end users…" }));
+    if (found) {
+      // The row itself shows the agent its snapshot is of (_default).
+      for (const snap of found.agents.filter((s) => s.agent_id !== t.agent_id)) {
+        const rows = snapshotRows(snap, { tenantWide: false });
+        if (!rows.length) rows.push(el("p", { class: "hint", text: "agent " + snap.agent_id + ": no caps" }));
+        parts.push(el("div", { class: "agent", "data-agent": snap.agent_id }, ...rows));
+      }
+      parts.push(andMore("agent", found.seen.agents_total, found.seen.agents.length));
+      for (const snap of found.users) {
+        const rows = userRows(snap);
+        if (!rows.length) rows.push(el("p", { class: "hint", text: "user " + snap.user_id + ": no caps" }));
+        parts.push(el("div", { class: "user", "data-user": snap.user_id }, ...rows));
+      }
+      parts.push(andMore("end user", found.seen.users_total, found.seen.users.length));
+      if (!found.seen.agents_total && !found.seen.users_total) {
+        parts.push(el("p", { class: "hint", text: "No agents or end users named today." }));
+      }
+    }
+    const body = el("div", { class: "windows" }, ...parts);
     details.append(body);
     details.addEventListener("toggle", () => {
       if (details.open === state.expanded.has(t.tenant_id)) return;
-      if (details.open) state.expanded.add(t.tenant_id);
-      else state.expanded.delete(t.tenant_id);
-      if (details.open) refreshAgents(state.generation).then(renderTenants, () => {});
+      if (details.open) {
+        state.expanded.add(t.tenant_id);
+        refreshScopes(state.generation).then(renderTenants, () => {});
+      } else {
+        state.expanded.delete(t.tenant_id);
+        state.scopes.delete(t.tenant_id);
+      }
+      renderTenants();
     });
     return details;
   }
@@ -374,7 +413,7 @@
     const rows = state.tenants.map((t) => {
       const bars = snapshotRows(t, { tenantWide: true });
       const more = moreFor(t);
-      const worst = worstOf([...bars, ...(more ? more.querySelectorAll(".window") : [])]);
+      const worst = worstOf([...bars, ...more.querySelectorAll(".window")]);
       const sums = totals.get(t.tenant_id);
       const name = el("div", {},
         el("div", { class: "tenant-name" }, el("span", { class: "state " + worst }), t.tenant_id),
@@ -384,7 +423,7 @@
         inFlight(t));
       const windows = el("div", { class: "windows" }, ...bars);
       if (!bars.length) windows.append(el("p", { class: "hint", text: "No budget caps apply." }));
-      if (more) windows.append(more);
+      windows.append(more);
       return el("div", { class: "tenant", "data-tenant": t.tenant_id, "data-state": worst }, name, windows);
     });
     $("tenants").replaceChildren(...rows);
@@ -392,14 +431,23 @@
     tick();
   }
 
-  // The agents' windows of every expanded tenant (admin: every agent the caps file lists).
-  async function refreshAgents(generation) {
-    const wanted = state.mode === "admin" ? [...state.expanded] : [];
-    const found = await Promise.all(wanted.map((tenant) => Promise.all(
-      state.agents.map((agent) => api("costs/current?tenant_id=" + encodeURIComponent(tenant) +
-        "&agent_id=" + encodeURIComponent(agent))))));
+  // The agents and end users each open tenant row named today, with their windows
+  // (at most SCOPE_LIMIT of each; a tenant key reads its own tenant, so names none).
+  async function readScopes(tenant) {
+    const q = state.mode === "admin" ? "tenant_id=" + encodeURIComponent(tenant) + "&" : "";
+    const seen = await api("scopes?" + q + "limit=" + SCOPE_LIMIT);
+    const read = (param, ids) => Promise.all(ids.map((id) => api("costs/current?" + q + param + "=" + encodeURIComponent(id))));
+    const [agents, users] = await Promise.all([read("agent_id", seen.agents), read("user_id", seen.users)]);
+    return { seen, agents, users };
+  }
+
+  async function refreshScopes(generation) {
+    const wanted = [...state.expanded];
+    const found = await Promise.all(wanted.map(readScopes));
     if (generation !== state.generation) return;
-    state.agentSnapshots = new Map(wanted.map((tenant, i) => [tenant, found[i]]));
+    wanted.forEach((tenant, i) => {
+      if (state.expanded.has(tenant)) state.scopes.set(tenant, found[i]);
+    });
   }
 
   function tick() {
