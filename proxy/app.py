@@ -70,22 +70,13 @@ def error_response(error: ProxyError) -> web.Response:
 
 
 @web.middleware
-async def inflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Track each request's task so that shutdown can wait for it, then cut it."""
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Track each request's task, so that shutdown can wait for it and then cut it, and
+    render every error as an OpenAI error body: nothing else ever reaches a client."""
     task = asyncio.current_task()
-    if task is None:
-        return await handler(request)
     inflight = request.app[LIFECYCLE].inflight
-    inflight.add(task)
-    try:
-        return await handler(request)
-    finally:
-        inflight.discard(task)
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error as an OpenAI error body; nothing else ever reaches a client."""
+    if task is not None:
+        inflight.add(task)
     try:
         return await handler(request)
     except ProxyError as exc:
@@ -103,6 +94,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(InternalError("The proxy failed to handle the request."))
+    finally:
+        if task is not None:
+            inflight.discard(task)
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -292,9 +286,7 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_app(
     settings: Settings, *, store: Store | None = None, config_path: Path | None = None
 ) -> web.Application:
-    app = web.Application(
-        middlewares=[inflight_middleware, errors_middleware], client_max_size=2**40
-    )
+    app = web.Application(middlewares=[request_middleware], client_max_size=2**40)
     app[SETTINGS] = settings
     if config_path is not None:
         app[CONFIG_PATH] = config_path

@@ -11,6 +11,7 @@ with ``sent=False`` only when the request never reached the upstream (no connect
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -37,10 +38,14 @@ def url_for(upstream: UpstreamConfig, path: str) -> str:
 
 
 def timeout_for(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    """The upstream's timeouts (made once per upstream config: configs are frozen)."""
+    return _timeouts(upstream.timeout_s, upstream.connect_timeout_s)
+
+
+@functools.lru_cache(maxsize=64)
+def _timeouts(timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(
-        total=upstream.timeout_s,
-        sock_connect=upstream.connect_timeout_s,
-        sock_read=upstream.timeout_s,
+        total=timeout_s, sock_connect=connect_timeout_s, sock_read=timeout_s
     )
 
 
