@@ -82,7 +82,7 @@ class Redact(logging.Filter):
         if cleaned != message:
             record.msg, record.args = cleaned, None
         fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping):
+        if isinstance(fields, Mapping) and not getattr(record, "fields_redacted", False):
             record.fields = _redact_value(fields)
         return True
 
@@ -159,6 +159,7 @@ def log_request(rec: RequestRecord) -> None:
     """The access line of one proxied request, on ``capproxy.access``."""
     if not _access.isEnabledFor(logging.INFO):
         return
+    # The client's own strings are redacted here; the rest are ids, numbers and flags.
     fields = {
         "event": "request",
         "route": rec.route,
@@ -177,7 +178,7 @@ def log_request(rec: RequestRecord) -> None:
         "would_reject": rec.would_reject,
         "fail_open": rec.fail_open,
     }
-    _access.info("request", extra={"fields": fields})
+    _access.info("request", extra={"fields": fields, "fields_redacted": True})
 
 
 def log_event(event: str, *, level: int = logging.INFO, **fields: object) -> None:
@@ -186,6 +187,9 @@ def log_event(event: str, *, level: int = logging.INFO, **fields: object) -> Non
 
 
 def _clip(value: str | None) -> str | None:
-    if value is None or len(value) <= MAX_VALUE_CHARS:
-        return value
-    return value[:MAX_VALUE_CHARS] + "..."
+    """A client-chosen string for an access line: redacted, then cut (so a cut cannot
+    leave a credential too short to be recognised)."""
+    if value is None:
+        return None
+    value = redact(value)
+    return value if len(value) <= MAX_VALUE_CHARS else value[:MAX_VALUE_CHARS] + "..."

@@ -279,3 +279,13 @@ def test_newlines_and_unicode_stay_on_one_line(stream: io.StringIO) -> None:
     assert text.isascii()
     [line] = lines(stream)
     assert (line["note"], line["model"]) == ("a\nb\u2028c\x00d", "gpt-4o-\u00e9")
+
+
+def test_a_key_in_a_long_model_name_is_redacted_before_the_line_cuts_it() -> None:
+    out = io.StringIO()
+    logs.setup("INFO", stream=out)
+    rec = RequestRecord(route="chat/completions", outcome=Outcome.CLIENT_ERROR, status=400)
+    rec.model = "m" * 118 + "/sk-proj-abcdefghijklmnop"
+    logs.log_request(rec)
+    model = json.loads(out.getvalue())["model"]
+    assert model == "m" * 118 + "/sk-[REDAC..."
