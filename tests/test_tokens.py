@@ -202,7 +202,11 @@ def test_encoding_is_identical_to_tiktoken_registry(
     assert ours is not ref
     assert ours._pat_str == ref._pat_str
     assert ours._special_tokens == ref._special_tokens
-    assert ours._mergeable_ranks == ref._mergeable_ranks
+    # The ranks live in the Rust core (the Python copy is dropped): every token of the
+    # reference decodes from its rank to the same bytes.
+    assert ours._mergeable_ranks == {}
+    assert ours.max_token_value == ref.max_token_value
+    assert all(ours.decode_single_token_bytes(r) == t for t, r in ref._mergeable_ranks.items())
     assert ours.n_vocab == ref.n_vocab
     for text in TEXTS:
         assert ours.encode_ordinary(text) == ref.encode_ordinary(text)
