@@ -314,9 +314,15 @@ def _strings(*values: object) -> list[str]:
 
 
 def _chat_delta_text(delta: object) -> list[str]:
-    if not isinstance(delta, Mapping):
+    # Parsed JSON objects are dicts: checked as such (an ABC check per field costs more
+    # than the rest of the tap, on every event of every stream).
+    if not isinstance(delta, dict):
         return []
-    parts = _strings(delta.get("content"), delta.get("refusal"))
+    content = delta.get("content")
+    parts = [content] if isinstance(content, str) else []
+    if len(delta) <= 2 and parts:  # {"content": ...} or with "role": nothing else to read
+        return parts
+    parts += _strings(delta.get("refusal"))
     # vLLM renamed reasoning_content to reasoning and may send both with the same text.
     reasoning = delta.get("reasoning_content")
     if not isinstance(reasoning, str) or not reasoning:
@@ -325,20 +331,20 @@ def _chat_delta_text(delta: object) -> list[str]:
     functions = [delta.get("function_call")]  # the deprecated single-function form
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
-        functions += [call.get("function") for call in calls if isinstance(call, Mapping)]
+        functions += [call.get("function") for call in calls if isinstance(call, dict)]
     for function in functions:
-        if isinstance(function, Mapping):
+        if isinstance(function, dict):
             parts += _strings(function.get("name"), function.get("arguments"))
     return parts
 
 
-def stream_text(endpoint: Endpoint, event: Mapping[str, Any]) -> str:
+def stream_text(endpoint: Endpoint, event: dict[str, Any]) -> str:
     """The generated text one parsed stream event carries, ``""`` if none.
 
     Used to count output tokens when a stream ends without usage: message content,
     refusals, reasoning text, and tool-call names and arguments.
     """
-    if not isinstance(event, Mapping):
+    if not isinstance(event, dict):
         return ""
     if endpoint is Endpoint.RESPONSES:
         if _event_type_in(event, _RESPONSE_TEXT_EVENTS):
@@ -349,7 +355,7 @@ def stream_text(endpoint: Endpoint, event: Mapping[str, Any]) -> str:
         return ""
     parts: list[str] = []
     for choice in choices:
-        if not isinstance(choice, Mapping):
+        if not isinstance(choice, dict):
             continue
         if endpoint is Endpoint.CHAT:
             parts += _chat_delta_text(choice.get("delta"))
