@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import socket
 from collections.abc import Iterator
 from importlib import resources
@@ -15,14 +16,18 @@ import pytest
 # The reference implementation the shipped encodings are compared against.
 import tiktoken
 import tiktoken.load
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy import tokens
 from proxy.endpoints import Endpoint
 from proxy.tokens import (
+    CHUNK_CHARS,
     ENCODINGS,
     EncodingFileError,
     PromptEstimate,
     Tokenizer,
+    _cut,
     load_encoding,
     read_ranks,
 )
@@ -837,3 +842,21 @@ def test_encoding_files_exist_in_package() -> None:
     assert sorted(p.name for p in folder.glob("*.gz")) == sorted(
         f"{name}.tiktoken.gz" for name in ENCODINGS
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet=st.sampled_from(["a", "b", " ", "\n", "\t", "é", "\u3000"]), min_size=0),
+    st.integers(min_value=0, max_value=3),
+)
+def test_chunks_are_cut_where_a_space_follows_a_non_space(filler: str, scale: int) -> None:
+    text = (filler or "x") * (1 + (CHUNK_CHARS * (scale + 1)) // max(1, len(filler or "x")))
+    start = len(text) // 7
+    if len(text) - start <= CHUNK_CHARS:
+        return
+    end = start + CHUNK_CHARS
+    matches = list(re.finditer(r"(?<=\S) ", text[:end]))
+    expected = next(
+        (m.start() for m in reversed(matches) if m.start() >= end - CHUNK_CHARS // 2), end
+    )
+    assert _cut(text, start) == expected
