@@ -355,8 +355,24 @@ def check_rid(rid: str) -> None:
         raise ValueError("request id must match [A-Za-z0-9._:@/-]{1,128}")
 
 
+# Counter sets already found valid (requests repeat the same few): bounded.
+_valid: dict[tuple[Counter, ...], str] = {}
+MAX_REMEMBERED_VALID = 4096
+
+
 def check_counters(counters: Sequence[Counter]) -> str:
     """Validate ids and return the one tenant id all counters share."""
+    key = tuple(counters)
+    tenant = _valid.get(key)
+    if tenant is None:
+        tenant = _check_counters(key)
+        if len(_valid) >= MAX_REMEMBERED_VALID:
+            _valid.clear()
+        _valid[key] = tenant
+    return tenant
+
+
+def _check_counters(counters: Sequence[Counter]) -> str:
     if not counters:
         raise ValueError("at least one counter is required")
     tenant = counters[0].tenant_id

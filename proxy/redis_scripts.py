@@ -76,16 +76,20 @@ class Script:
     def __init__(self, source: str) -> None:
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode()
+        self._short = b"$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (len(self.sha), self.sha)
+        self._full = b"$4\r\nEVAL\r\n$%d\r\n%s\r\n" % (len(self.source), self.source)
 
     def packed(self, keys: list[str], args: Sequence[str | int], *, full: bool = False) -> bytes:
-        parts: list[bytes] = [b"EVAL", self.source] if full else [b"EVALSHA", self.sha]
-        parts.append(str(len(keys)).encode())
-        parts.extend(k.encode() for k in keys)
-        parts.extend(str(a).encode() for a in args)
-        out = [b"*%d\r\n" % len(parts)]
-        for part in parts:
-            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-        return b"".join(out)
+        items = [str(len(keys)), *keys, *map(str, args)]
+        # Keys and arguments are ASCII (ids are validated): lengths in characters are
+        # lengths in bytes, and the whole command is encoded at once.
+        text = "".join([f"${len(item)}\r\n{item}\r\n" for item in items])
+        if text.isascii():
+            body = text.encode()
+        else:
+            body = b"".join(b"$%d\r\n%s\r\n" % (len(b), b) for b in map(str.encode, items))
+        head = self._full if full else self._short
+        return b"*%d\r\n%s%s" % (len(items) + 2, head, body)
 
 
 class _Pipe(asyncio.Protocol):
