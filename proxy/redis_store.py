@@ -261,6 +261,7 @@ class RedisStore:
         self._lost_store = False
         self._lost_tenants: frozenset[str] = frozenset()
         self._registered: set[str] = set()
+        self._registering = asyncio.Lock()  # one registration write at a time
         self._epochs: dict[str, str] = {}
         self.watch_checks = 0  # completed checks of ``watch``
         self._down_since: float | None = None  # an outage began (monotonic)
@@ -660,8 +661,14 @@ class RedisStore:
             )
 
     async def _register(self, tenant: str) -> None:
-        await self._client.sadd(self.store_key("tenants"), tenant)
-        self._registered.add(tenant)
+        """Add the tenant to the store's set of tenants with an epoch, once per process:
+        the first requests of a new tenant arrive together, and each would otherwise
+        take a connection of its own for the same write."""
+        async with self._registering:
+            if tenant in self._registered:
+                return
+            await self._client.sadd(self.store_key("tenants"), tenant)
+            self._registered.add(tenant)
 
     async def _epoch_lost(self, tenant: str) -> bool:
         """A tenant without an epoch: new, or its spend was lost (True, and it is now

@@ -180,3 +180,30 @@ async def test_a_burst_of_a_thousand_streams_gets_no_store_error(
         outcomes = Counter(await asyncio.gather(*(stream() for _ in range(BURST))))
     assert outcomes == {"ok": BURST}
     assert upstream.count == BURST
+
+
+async def test_the_first_requests_of_a_new_tenant_register_it_on_one_connection(
+    redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    store = RedisStore.from_url(redis_server.url, timeout_s=2.0, max_connections=4)
+    settings = settings_for(
+        upstream.url,
+        cost_caps={"default_budget_caps": [{"window": "hourly", "hard_limit_usd": 1000}]},
+    )
+    client = await make_client(settings, store=store)
+    admin = Redis.from_url(redis_server.url, **QUIET_CONNECT)
+    try:
+        await store.ping()  # the script connections, opened at start
+        before = await connections_received(admin)
+        statuses = await asyncio.gather(
+            *(
+                client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth())
+                for _ in range(50)
+            )
+        )
+        assert [r.status for r in statuses] == [200] * 50
+        # The new tenant's registration is written once, on one connection of the pool
+        # (plus the admin's own INFO): not one per concurrent first request.
+        assert await connections_received(admin) - before <= 2
+    finally:
+        await admin.aclose()
