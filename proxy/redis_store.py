@@ -49,8 +49,12 @@ Clock: Redis ``TIME``, read inside the scripts. Python computes each window's pe
 script checks that ``TIME`` falls in every period and otherwise answers ``skew`` with its
 time, and Python retries once or twice with that time. Normally: one round trip.
 
-Every Redis error or timeout becomes ``StoreUnavailable``; each call is bounded by
-``timeout_s``. Requires Redis >= 6.2 (scripts replicated by effects; ``SET ... PXAT``).
+Every Redis error or timeout becomes ``StoreUnavailable``. Each round trip is bounded by
+``timeout_s`` from the moment its command is written (script calls: see
+``redis_scripts.Server``; other commands: the client's socket timeouts), and a whole
+operation by ``GUARD_BACKSTOP`` x ``timeout_s``, so that the proxy's own queueing or a busy
+event loop is not taken for a slow store. Requires Redis >= 6.2 (scripts replicated by
+effects; ``SET ... PXAT``).
 """
 
 from __future__ import annotations
@@ -147,7 +151,7 @@ WATCH_INTERVAL_S = 1.0  # how often each replica checks the store for lost spend
 BACK_AFTER_S = 1.0  # an outage ends after this long without a failed call
 DATA_LOST_RETRY_AFTER_S = 60
 CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
-GUARD_BACKSTOP = 8  # perf: an operation's limit, in store timeouts (see _guard)
+GUARD_BACKSTOP = 8  # an operation's limit, in store timeouts (see _guard)
 DAY_S = 86_400
 UTC = ZoneInfo("UTC")
 
@@ -222,7 +226,7 @@ class RedisStore:
         timeout_s: float,
         expiry_margin_s: int = DEFAULT_EXPIRY_MARGIN_S,
         local_clock: Callable[[], float] = time.time,
-        max_connections: int = DEFAULT_CONNECTIONS,  # perf: script connections per server
+        max_connections: int = DEFAULT_CONNECTIONS,  # script connections per server
     ) -> None:
         if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError("prefix must match [A-Za-z0-9._:-]{1,64}")
@@ -281,7 +285,7 @@ class RedisStore:
         sentinels: Sequence[str] = (),
         service_name: str = "",
         sentinel_password: str | None = None,
-        max_connections: int = DEFAULT_CONNECTIONS,  # perf: script connections per server
+        max_connections: int = DEFAULT_CONNECTIONS,  # script connections per server
     ) -> RedisStore:
         """A store owning a new client (closed by ``aclose``).
 
@@ -965,7 +969,7 @@ class RedisStore:
 
     async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            # perf: each round trip is bounded by timeout_s from when its command is
+            # Each round trip is bounded by timeout_s from when its command is
             # written (script calls: redis_scripts.Server; others: socket timeouts);
             # this backstop for the whole operation must not trip on the proxy's own
             # queueing or a busy event loop.
