@@ -272,6 +272,7 @@ class RedisStore:
         self._last_failure = 0.0
         self._failed = 0
         self._topology: frozenset[str] = frozenset()  # cluster primaries / sentinel primary
+        self._topology_at_down: frozenset[str] | None = None  # when the outage began
 
     @classmethod
     def from_url(
@@ -875,14 +876,26 @@ class RedisStore:
             self._note_topology(primaries)
 
     def _note_topology(self, servers: frozenset[str]) -> None:
-        if self._topology and servers != self._topology:
+        """Log a change of primaries. During an outage the nodes disagree until the
+        cluster converges (reads flip between the old and the new primaries): the change
+        is then said once, when the store is back, from the topology the outage began
+        with to the one it ended with."""
+        if self._down_since is not None:
+            if self._topology_at_down is None:
+                self._topology_at_down = self._topology
+            self._topology = servers
+            return
+        self._say_topology(self._topology, servers)
+        self._topology = servers
+
+    def _say_topology(self, before: frozenset[str], after: frozenset[str]) -> None:
+        if before and after and before != after:
             log_event(
                 "store_topology_changed",
                 level=logging.WARNING,
-                before=sorted(self._topology),
-                after=sorted(servers),
+                before=sorted(before),
+                after=sorted(after),
             )
-        self._topology = servers
 
     async def _drop_idle(self) -> None:
         servers = [self._server] if self._server is not None else []
@@ -992,6 +1005,9 @@ class RedisStore:
                 down_s = round(self._last_failure - self._down_since, 3)
                 log_event("store_back", down_s=down_s, calls_failed=self._failed)
                 self._down_since = None
+                if self._topology_at_down is not None:
+                    self._say_topology(self._topology_at_down, self._topology)
+                    self._topology_at_down = None
         return result
 
     def _went_down(self, exc: BaseException) -> None:
