@@ -178,7 +178,19 @@ def log_request(rec: RequestRecord) -> None:
         "would_reject": rec.would_reject,
         "fail_open": rec.fail_open,
     }
-    _access.info("request", extra={"fields": fields, "fields_redacted": True})
+    # Built and handled directly: an access line needs no caller lookup (a stack walk
+    # per request in ``Logger.info``).
+    record = _access.makeRecord(
+        ACCESS,
+        logging.INFO,
+        "",
+        0,
+        "request",
+        (),
+        None,
+        extra={"fields": fields, "fields_redacted": True},
+    )
+    _access.handle(record)
 
 
 def log_event(event: str, *, level: int = logging.INFO, **fields: object) -> None:
