@@ -101,10 +101,16 @@ _WindowedT = TypeVar("_WindowedT", "BudgetCap", "RateCap")
 
 
 def _unique_windows(caps: tuple[_WindowedT, ...]) -> tuple[_WindowedT, ...]:
-    if dup := _first_duplicate(cap.window for cap in caps):
-        first, i, window = dup
-        raise _invalid(f"duplicate window '{window}' (also item [{first}])", i, "window")
+    _refuse_duplicates((cap.window for cap in caps), what="window", where="item ", field="window")
     return caps
+
+
+def _refuse_duplicates(names: Iterable[str], *, what: str, where: str, field: str) -> None:
+    """Refuse the second item of a list that repeats a name (``field`` of item ``i``),
+    pointing at the first (``where[first]``)."""
+    if dup := _first_duplicate(names):
+        first, i, name = dup
+        raise _invalid(f"duplicate {what} {str(name)!r} (also {where}[{first}])", i, field)
 
 
 def _first_duplicate(names: Iterable[str]) -> tuple[int, int, str] | None:
@@ -265,17 +271,14 @@ class CostCapConfig(_Model):
     @field_validator("agents")
     @classmethod
     def _unique_agents(cls, agents: tuple[AgentCostCap, ...]) -> tuple[AgentCostCap, ...]:
-        if dup := _first_duplicate(a.agent_id for a in agents):
-            first, i, name = dup
-            raise _invalid(f"duplicate agent_id {name!r} (also agents[{first}])", i, "agent_id")
+        ids = (a.agent_id for a in agents)
+        _refuse_duplicates(ids, what="agent_id", where="agents", field="agent_id")
         return agents
 
     @field_validator("model_caps")
     @classmethod
     def _unique_model_caps(cls, caps: tuple[ModelCap, ...]) -> tuple[ModelCap, ...]:
-        if dup := _first_duplicate(c.name for c in caps):
-            first, i, name = dup
-            raise _invalid(f"duplicate name {name!r} (also model_caps[{first}])", i, "name")
+        _refuse_duplicates((c.name for c in caps), what="name", where="model_caps", field="name")
         return caps
 
     def model_post_init(self, context: Any, /) -> None:
@@ -633,9 +636,7 @@ class Settings(_Model):
     def _unique_upstreams(cls, ups: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
         if not ups:
             raise _invalid("at least one upstream is required")
-        if dup := _first_duplicate(u.name for u in ups):
-            first, i, name = dup
-            raise _invalid(f"duplicate name {name!r} (also upstreams[{first}])", i, "name")
+        _refuse_duplicates((u.name for u in ups), what="name", where="upstreams", field="name")
         return ups
 
     @field_validator("time_zone")
@@ -650,9 +651,7 @@ class Settings(_Model):
     @field_validator("tenants")
     @classmethod
     def _unique_tenants(cls, tenants: tuple[TenantConfig, ...]) -> tuple[TenantConfig, ...]:
-        if dup := _first_duplicate(t.id for t in tenants):
-            first, i, name = dup
-            raise _invalid(f"duplicate tenant id {name!r} (also tenants[{first}])", i, "id")
+        _refuse_duplicates((t.id for t in tenants), what="tenant id", where="tenants", field="id")
         owners: dict[bytes, str] = {}
         for i, tenant in enumerate(tenants):
             for j, digest in enumerate(tenant.key_digests()):

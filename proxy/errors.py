@@ -197,6 +197,10 @@ class TooManyUsers(CapExceeded):
     code = "too_many_users"
 
 
+# The codes of the proxy's own 429s, one per kind of cap.
+CAP_CODES = frozenset(kind.code for kind in CapExceeded.__subclasses__())
+
+
 class StoreUnavailable(ProxyError):
     """The spend store did not answer in time; nothing was forwarded."""
 

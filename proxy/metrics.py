@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from proxy.config import DEFAULT_AGENT
 from proxy.endpoints import Endpoint
+from proxy.errors import CAP_CODES
 
 OTHER = "other"
 # Unpriced model names become labels up to this many; the rest count as OTHER.
@@ -37,16 +38,6 @@ MAX_UNPRICED_MODELS = 100
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
 ROUTES = frozenset({*(e.value for e in Endpoint), "models", OTHER})
 # The codes of the proxy's own 429s (the cap_rejections label set).
-CAP_CODES = frozenset(
-    {
-        "budget_exceeded",
-        "token_cap_exceeded",
-        "rate_limit_exceeded",
-        "concurrency_limit_exceeded",
-        "too_many_agents",
-        "too_many_users",
-    }
-)
 SHADOW_REASONS = frozenset(
     {"budget_exceeded", "token_cap_exceeded", "rate_limit_exceeded", "concurrency_limit_exceeded"}
 )

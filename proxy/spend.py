@@ -46,7 +46,7 @@ from proxy.config import (
     TokenCap,
 )
 from proxy.counters import SEEN_LIMIT_MAX, SEEN_READ_MAX, CounterState, SeenToday, Store
-from proxy.errors import BadRequest, Forbidden
+from proxy.errors import CAP_CODES, BadRequest, Forbidden
 from proxy.history import DAYS_KEPT, HOURS_KEPT, REJECTIONS_KEPT, Rejection, SpendHistory
 from proxy.pricing import micros_to_usd, usd_to_micros
 from proxy.state import LEDGER, RUNTIME, Runtime
@@ -473,6 +473,10 @@ def _object(**properties: Any) -> dict[str, Any]:
     return {"type": "object", "required": list(properties), "properties": properties}
 
 
+def _strings(description: str) -> dict[str, Any]:
+    return {"type": "array", "items": {"type": "string"}, "description": description}
+
+
 def _query(name: str, description: str, **schema: str) -> dict[str, Any]:
     schema = {"type": "string", **schema}
     return {"name": name, "in": "query", "description": description, "schema": schema}
@@ -654,13 +658,11 @@ OPENAPI: dict[str, Any] = {
             ),
             "TenantList": _object(
                 tenants={"type": "array", "items": _ref("SpendSnapshot")},
-                agents={
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "The agents the caps file lists with caps of their own "
+                agents=_strings(
+                    "The agents the caps file lists with caps of their own "
                     "(cost_caps.agents): each tenant's are read with costs/current; the "
-                    "agents a tenant named today: scopes",
-                },
+                    "agents a tenant named today: scopes"
+                ),
             ),
             "TenantHistory": _object(
                 tenant_id={"type": "string"},
@@ -691,37 +693,29 @@ OPENAPI: dict[str, Any] = {
                 model={"type": "string"},
                 code={
                     "type": "string",
-                    "description": "The 429's error code (budget_exceeded, "
-                    "rate_limit_exceeded, token_cap_exceeded, concurrency_limit_exceeded, "
-                    "too_many_agents, too_many_users)",
+                    "description": f"The 429's error code ({', '.join(sorted(CAP_CODES))})",
                 },
-                windows={
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "The windows that refused it: 'daily' (tenant-wide), "
+                windows=_strings(
+                    "The windows that refused it: 'daily' (tenant-wide), "
                     "'agent daily', 'user daily', 'model <cap> daily', and for a rate cap "
-                    "with its unit, as 'minute (requests)'; empty for other caps",
-                },
+                    "with its unit, as 'minute (requests)'; empty for other caps"
+                ),
             ),
             "RejectionList": _object(rejections={"type": "array", "items": _ref("Rejection")}),
             "Scopes": {
                 **_object(
                     tenant_id={"type": "string"},
                     utc_day={"type": "string", "format": "date", "description": "The UTC day"},
-                    agents={
-                        "type": "array",
-                        "items": {"type": "string"},
-                        "description": "The first agents in byte order (at most limit): those "
+                    agents=_strings(
+                        "The first agents in byte order (at most limit): those "
                         "whose requests held in an agent counter of theirs, unless every such "
-                        "request that day cost nothing",
-                    },
+                        "request that day cost nothing"
+                    ),
                     agents_total={"type": "integer", "description": "How many in all"},
-                    users={
-                        "type": "array",
-                        "items": {"type": "string"},
-                        "description": "The first end users in byte order (at most limit): "
-                        "those with user counters (cost_caps.user_caps)",
-                    },
+                    users=_strings(
+                        "The first end users in byte order (at most limit): "
+                        "those with user counters (cost_caps.user_caps)"
+                    ),
                     users_total={"type": "integer", "description": "How many in all"},
                 ),
                 "description": f"Past {SEEN_READ_MAX:,} agents (end users) in a day, "

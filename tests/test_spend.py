@@ -61,6 +61,14 @@ WINDOW_KEYS = {
 Client = TestClient[web.Request, web.Application]
 
 
+@pytest.fixture
+async def dead() -> AsyncIterator[RedisStore]:
+    """A store on a port nothing listens on: every call fails fast (0.25 s at most)."""
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
+    yield store
+    await store.aclose()
+
+
 def settings(upstream: FakeUpstream, **over: Any) -> Settings:
     """The harness settings with an admin token and a monthly tenant-wide cap for acme."""
     base: dict[str, Any] = {
@@ -204,9 +212,8 @@ async def test_held_usd_shows_a_request_in_flight(
 
 
 async def test_no_windows_means_no_store_read_and_null_held(
-    upstream: FakeUpstream, make_client: MakeClient
+    upstream: FakeUpstream, make_client: MakeClient, dead: RedisStore
 ) -> None:
-    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
     client = await make_client(settings(upstream, cost_caps={"enabled": False}), store=dead)
     status, body = await get(client, COSTS, auth(OTHER_KEY))
     assert status == 200, body
@@ -224,8 +231,9 @@ async def test_no_windows_means_no_store_read_and_null_held(
     }
 
 
-async def test_store_unavailable_is_503(upstream: FakeUpstream, make_client: MakeClient) -> None:
-    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
+async def test_store_unavailable_is_503(
+    upstream: FakeUpstream, make_client: MakeClient, dead: RedisStore
+) -> None:
     client = await make_client(settings(upstream), store=dead)
     for path, headers in ((COSTS, auth()), (TENANTS, admin())):
         status, body = await get(client, path, headers)
@@ -601,9 +609,8 @@ async def test_a_tenant_key_reads_only_its_own_history_and_rejections(
 
 
 async def test_history_and_rejections_are_503_when_the_store_is_down(
-    upstream: FakeUpstream, make_client: MakeClient
+    upstream: FakeUpstream, make_client: MakeClient, dead: RedisStore
 ) -> None:
-    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
     client = await make_client(settings(upstream), store=dead)
     for path in (HISTORY, REJECTIONS):
         status, body = await get(client, path, admin())
@@ -611,9 +618,8 @@ async def test_history_and_rejections_are_503_when_the_store_is_down(
 
 
 async def test_a_rejection_the_store_cannot_keep_is_still_a_429(
-    upstream: FakeUpstream, make_client: MakeClient
+    upstream: FakeUpstream, make_client: MakeClient, dead: RedisStore
 ) -> None:
-    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
     client = await make_client(settings(upstream), store=dead)
     too_long = chat(max_completion_tokens=5000)
     for _ in range(2):
@@ -666,9 +672,8 @@ async def test_scopes_list_the_agents_and_end_users_a_tenant_named_today(
 
 
 async def test_scopes_are_503_when_the_store_is_down(
-    upstream: FakeUpstream, make_client: MakeClient
+    upstream: FakeUpstream, make_client: MakeClient, dead: RedisStore
 ) -> None:
-    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.25)
     client = await make_client(settings(upstream), store=dead)
     status, body = await get(client, SCOPES, admin(), tenant_id="acme")
     assert (status, body["error"]["code"]) == (503, "store_unavailable")
