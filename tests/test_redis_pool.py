@@ -122,7 +122,7 @@ async def test_a_busy_event_loop_is_not_taken_for_a_slow_store(server: Server) -
 def test_on_uvloop_too_a_busy_event_loop_is_not_taken_for_a_slow_store(
     redis_server: RedisServer,
 ) -> None:
-    # The same on uvloop (CAPPROXY_EVENT_LOOP=uvloop), whose loop orders timers and I/O its own way.
+    # The same on uvloop (capproxy serve's loop), whose loop orders timers and I/O its own way.
     async def scenario() -> bytes:
         client = Redis.from_url(redis_server.url, socket_timeout=0.25, **QUIET_CONNECT)
         server = Server(client, connections=1)
