@@ -85,6 +85,54 @@ def test_log_request_writes_one_json_line(stream: io.StringIO) -> None:
     }
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_an_access_line_is_the_same_with_or_without_another_handler(
+    stream: io.StringIO,
+) -> None:
+    # Alone, the JSON handler gets the line written directly; with another handler on the
+    # access logger, the line goes through logging: both write the same line.
+    rec = RequestRecord(
+        route="chat/completions",
+        outcome=Outcome.ALLOWED,
+        status=200,
+        tenant_id="acme",
+        agent_id="caf\u00e9 sk-abcdefghijklmnop",
+        model="gpt-4o",
+        cost_micros=12,
+        duration_s=0.5,
+    )
+    logs.log_request(rec)
+    other = _Collect()
+    access = logging.getLogger(logs.ACCESS)
+    access.addHandler(other)
+    try:
+        logs.log_request(rec)
+    finally:
+        access.removeHandler(other)
+    assert stream.getvalue().isascii()
+    direct, through_logging = lines(stream)
+    assert RFC3339_UTC.fullmatch(direct.pop("ts"))
+    assert RFC3339_UTC.fullmatch(through_logging.pop("ts"))
+    assert direct == through_logging
+    assert direct["agent"] == "caf\u00e9 sk-[REDACTED]"
+    [record] = other.records
+    assert record.getMessage() == "request"
+
+
+def test_timestamps_are_rfc3339_to_the_millisecond() -> None:
+    assert logs._timestamp(0.0) == "1970-01-01T00:00:00.000Z"
+    assert logs._timestamp(1_796_204_085.9996) == "2026-12-02T09:34:45.999Z"
+    assert logs._timestamp(1_796_204_086.25) == "2026-12-02T09:34:46.250Z"
+
+
 def test_log_request_of_a_rejection(stream: io.StringIO) -> None:
     logs.log_request(
         RequestRecord(
