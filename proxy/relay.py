@@ -128,9 +128,13 @@ class StreamTap:
 def _fits(transport: asyncio.BaseTransport | None, size: int) -> bool:
     """Whether ``size`` more bytes fit under the transport's high-water mark: then the
     write cannot wait on the client (the protocol pauses only above it)."""
-    if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+    # Duck-typed: uvloop's transports have these methods but are not asyncio's classes.
+    buffered = getattr(transport, "get_write_buffer_size", None)
+    limits = getattr(transport, "get_write_buffer_limits", None)
+    if buffered is None or limits is None or transport is None or transport.is_closing():
         return False
-    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]
+    high: int = limits()[1]
+    return bool(buffered() + size <= high)
 
 
 async def _write(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import pytest
+
+from proxy.app import new_event_loop
 from proxy.endpoints import Endpoint
-from proxy.relay import StreamTap
+from proxy.relay import StreamTap, _fits
 from proxy.sse import SSEDecoder
 from proxy.usage import Usage
 
@@ -115,3 +119,40 @@ def test_unterminated_last_event_is_passed_on() -> None:
     tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=True)
     assert run(tap, chunks) == b"".join(chunks)
     assert tap.text() == "a"
+
+
+def _fits_on(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool, bool]:
+    """On ``loop``, whether a small write, a write past the high-water mark, and a write
+    on a closed transport count as fitting the client's buffer."""
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        accepted: asyncio.Future[asyncio.StreamWriter] = loop.create_future()
+
+        def on_client(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(writer)
+
+        server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, client = await asyncio.open_connection("127.0.0.1", port)
+        writer = await accepted
+        transport = writer.transport
+        high = transport.get_write_buffer_limits()[1]
+        small, large = _fits(transport, 10), _fits(transport, high + 1)
+        writer.close()
+        closed = _fits(transport, 10)
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return small, large, closed
+
+    try:
+        return loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_a_write_that_fits_the_client_buffer_is_told_apart_on_either_loop(kind: str) -> None:
+    # A write that fits arms no timer; uvloop's transports are not asyncio's classes, so the
+    # check must not depend on them.
+    assert _fits_on(new_event_loop(kind)) == (True, False, False)
