@@ -57,6 +57,8 @@ PER_NAME = 1
 REPLY_PRIMING = 3
 PER_TOOL_CALL = 3
 CHUNK_CHARS = 16_384
+# Models whose encoding is remembered (the memo starts over past this many names).
+MAX_REMEMBERED_MODELS = 4096
 IMAGE_PARTS = ("image_url", "input_image", "computer_screenshot")  # tuples: `in` must not hash
 UNSIZED_PARTS = ("file", "input_file", "input_audio", "audio")
 UNSIZED_ITEMS = ("image_generation_call",)
@@ -187,6 +189,7 @@ class Tokenizer:
                 raise ValueError(f"override {glob!r}: unknown encoding {name!r}")
         # Each encoding (~70 MB of ranks) loads on its first use: most deployments use one.
         self._counters: dict[str, _Counter] = {}
+        self._names: dict[str, str] = {}  # model -> encoding, as found (bounded)
 
     def _counter(self, name: str) -> _Counter:
         counter = self._counters.get(name)
@@ -195,6 +198,14 @@ class Tokenizer:
         return counter
 
     def encoding_name(self, model: str) -> str:
+        name = self._names.get(model)
+        if name is None:
+            if len(self._names) >= MAX_REMEMBERED_MODELS:
+                self._names.clear()
+            name = self._names[model] = self._find_encoding(model)
+        return name
+
+    def _find_encoding(self, model: str) -> str:
         for glob, name in self._overrides.items():
             if fnmatchcase(model, glob):
                 return name

@@ -24,6 +24,7 @@ from proxy.endpoints import Endpoint
 from proxy.tokens import (
     CHUNK_CHARS,
     ENCODINGS,
+    MAX_REMEMBERED_MODELS,
     EncodingFileError,
     PromptEstimate,
     Tokenizer,
@@ -280,6 +281,15 @@ def test_overrides_come_first() -> None:
     assert t.encoding_name("gpt-4-turbo") == "o200k_base"
     assert t.encoding_name("gpt-4") == "cl100k_base"
     assert t.count("my-model-x", "hello world") == 2
+
+
+def test_the_encoding_of_a_model_is_remembered_within_a_bound() -> None:
+    t = Tokenizer()
+    for i in range(MAX_REMEMBERED_MODELS + 10):
+        model = f"gpt-4-{i}" if i % 2 else f"gpt-4o-{i}"
+        assert t.encoding_name(model) == ("cl100k_base" if i % 2 else "o200k_base")
+        assert t.encoding_name(model) == ("cl100k_base" if i % 2 else "o200k_base")
+    assert len(t._names) <= MAX_REMEMBERED_MODELS
 
 
 def test_unknown_override_encoding_is_rejected() -> None:
