@@ -53,6 +53,8 @@ class Bill:
     ending: Ending = Ending.CUT
     usage: Usage | None = None
     counted_output: int | None = None  # output tokens counted from a stream's text
+    # The amounts last worked out for it, with what they were worked out from.
+    due: tuple[Ending, Usage | None, int | None, Amounts] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

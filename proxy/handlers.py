@@ -93,20 +93,23 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise UnsupportedMediaType(
             f"Content-Encoding '{encoding[:32]}' is not supported: send the JSON body uncompressed."
         )
-    too_large = PayloadTooLarge(f"Request body exceeds the proxy's limit of {limit} bytes.")
     length = request.content_length
     if length is not None:
         if length > limit:
-            raise too_large
+            raise _too_large(limit)
         return await request.read()  # framed by its length: no more than it says arrives
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body exceeds the proxy's limit of {limit} bytes.")
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -487,7 +490,18 @@ def _journal_entry(adm: Admission, hold: Hold, bill: Bill, charged: int) -> Jour
 
 
 def _due(adm: Admission, bill: Bill) -> Amounts:
-    return amounts_due(bill, adm.tariff, held=adm.plan.amounts)
+    """What ``bill`` comes to (worked out once for the headers and the settle)."""
+    known = bill.due
+    if (
+        known is not None
+        and known[0] is bill.ending
+        and known[1] is bill.usage
+        and known[2] == bill.counted_output
+    ):
+        return known[3]
+    due = amounts_due(bill, adm.tariff, held=adm.plan.amounts)
+    bill.due = (bill.ending, bill.usage, bill.counted_output, due)
+    return due
 
 
 async def _forward(
