@@ -59,6 +59,7 @@ FRAMING_FRAMES = 4  # role chunk, finish chunk, usage chunk, [DONE]
 MAX_EVENTS = 10_000
 MAX_DELAY_MS = 1_000.0
 BURST = 1_000  # streams of the burst phase, all at once
+BIG_PROMPT_BYTES = 900_000  # the large prompt sent in a loop in the "big" phase
 
 REQUEST_TIMEOUT_S = 30.0
 PHASE_TIMEOUT_S = 600.0  # a whole warm-up + measured run of one load generator
@@ -277,6 +278,33 @@ def _request_body(stream: bool) -> bytes:
     return json.dumps(body).encode()
 
 
+def _big_request_body(size: int) -> bytes:
+    """A non-streamed chat request with a user message of about ``size`` bytes of words
+    (about 200k tokens at the default size)."""
+    words = ("budget", "cap", "proxy", "token", "stream", "agent", "window", "settle")
+    text = " ".join(f"{words[i % len(words)]}{i % 997}" for i in range(size // 8))
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text[:size]}],
+        "max_completion_tokens": 16,
+    }
+    return json.dumps(body).encode()
+
+
+async def _big_loop(
+    headers: dict[str, str], url: str, body: bytes, stop: asyncio.Event
+) -> tuple[int, int]:
+    """Send ``body`` one request after another, on a connection of its own, until
+    ``stop``; (answered, failed)."""
+    answered = failed = 0
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+        while not stop.is_set():
+            sample = await _one(session, url, body, 0)
+            answered, failed = (answered + 1, failed) if sample.ok else (answered, failed + 1)
+    return answered, failed
+
+
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, frames: int) -> Sample:
     start = time.perf_counter()
     ttfb: float | None = None
@@ -379,8 +407,16 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
         if sys.stdin.readline().strip() != "GO":  # blocks this idle loop on purpose
             return {"aborted": True}
         cpu0, start = _cpu_self_s(), time.perf_counter()
+        stop = asyncio.Event()
+        big = None
+        if args.big_prompt_bytes:
+            big = asyncio.create_task(
+                _big_loop(headers, url, _big_request_body(args.big_prompt_bytes), stop)
+            )
         samples = await run(count=args.requests, frames=frames)
         wall = time.perf_counter() - start
+        stop.set()
+        big_answered, big_failed = await big if big is not None else (0, 0)
         cpu = _cpu_self_s() - cpu0
         print(json.dumps({"done": True}))
         sys.stdout.flush()
@@ -396,6 +432,8 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
         "latency": summarize([s.latency_s for s in ok]),
         "ttfb": summarize([s.ttfb_s for s in ok if s.ttfb_s is not None]) if stream else {},
         "loadgen_cpu_s": cpu,
+        "big_requests": big_answered,
+        "big_errors": big_failed,
     }
 
 
@@ -408,6 +446,9 @@ def load_role(argv: Sequence[str]) -> int:
     parser.add_argument("--events", type=int, default=0, help="0: non-streamed requests")
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--stagger-ms", type=float, default=0.0, help="worker i starts i x this")
+    parser.add_argument(
+        "--big-prompt-bytes", type=int, default=0, help="also send a prompt this big in a loop"
+    )
     result = asyncio.run(_load(parser.parse_args(argv)))
     print(json.dumps(result))
     sys.stdout.flush()
@@ -685,6 +726,7 @@ class Phase:
     concurrency: int
     events: int = 0  # content chunks per stream; 0 = JSON
     delay_ms: float = 0.0
+    big_prompt_bytes: int = 0  # meanwhile, a prompt this big sent in a loop
 
     @property
     def frames(self) -> int:
@@ -747,9 +789,9 @@ def capproxy_config(upstream_port: int, redis_port: int, port: int) -> dict[str,
                 {"window": "daily", "hard_limit_usd": 10_000_000},
             ],
             "default_token_cap": {
-                "max_prompt_tokens": 8192,
+                "max_prompt_tokens": 400_000,  # the "big" phase's prompt fits
                 "max_completion_tokens": 4096,
-                "max_total_tokens": 12288,
+                "max_total_tokens": 404_096,
             },
         },
         "pricing": {
@@ -772,6 +814,15 @@ def phases_for(requests: int, warmup: int, concurrency: int, events: int) -> lis
             "json", f"non-streamed chat, concurrency {concurrency}", requests, warmup, concurrency
         ),
         Phase("json_c1", "non-streamed chat, concurrency 1 (latency)", small, warmup, 1),
+        Phase(
+            "big",
+            f"non-streamed chat, concurrency 1, while a {BIG_PROMPT_BYTES / 1e6:.1f} MB prompt "
+            "is sent in a loop",
+            small,
+            warmup,
+            1,
+            big_prompt_bytes=BIG_PROMPT_BYTES,
+        ),
         Phase(
             "stream",
             f"streamed chat, {events} content chunks back to back, concurrency {concurrency}",
@@ -813,6 +864,7 @@ def run_phase(
     argv += ["--requests", str(phase.requests), "--warmup", str(phase.warmup)]
     argv += ["--concurrency", str(phase.concurrency), "--events", str(phase.events)]
     argv += ["--delay-ms", str(phase.delay_ms), "--stagger-ms", str(phase.stagger_ms)]
+    argv += ["--big-prompt-bytes", str(phase.big_prompt_bytes)]
     name = f"load-{phase.name}-{target.name}"
     proc = children.start(name, argv, pipes=True)
     try:
@@ -1012,6 +1064,17 @@ def report(
             ),
             file=out,
         )
+    for target in ("baseline", "capproxy"):
+        r, alone = by.get(("big", target)), by.get(("json_c1", target))
+        if r is not None and alone is not None:
+            print(
+                f"large prompt, {target}: small requests p50/p99 "
+                f"{alone.load['latency']['p50_ms']:.2f}/{alone.load['latency']['p99_ms']:.2f} ms"
+                f" alone, {r.load['latency']['p50_ms']:.2f}/{r.load['latency']['p99_ms']:.2f} ms"
+                f" while {r.load['big_requests']} prompts of {BIG_PROMPT_BYTES / 1e6:.1f} MB"
+                f" went through ({r.load['big_errors']} failed)",
+                file=out,
+            )
     for target in ("baseline", "capproxy"):
         r = by.get(("burst", target))
         if r is not None:
