@@ -43,23 +43,29 @@ def lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+ALLOWED: dict[str, Any] = {
+    "route": "chat/completions",
+    "outcome": Outcome.ALLOWED,
+    "status": 200,
+    "tenant_id": "acme",
+    "agent_id": "planner",
+    "model": "gpt-4o",
+    "prompt_tokens": 1200,
+    "completion_tokens": 345,
+    "cost_micros": 6_450,
+    "duration_s": 0.81234,
+    "upstream_s": 0.8,
+    "streamed": True,
+}
+
+
+def allowed(**changes: Any) -> RequestRecord:
+    """An allowed chat request's record, with ``changes``."""
+    return RequestRecord(**{**ALLOWED, **changes})
+
+
 def test_log_request_writes_one_json_line(stream: io.StringIO) -> None:
-    logs.log_request(
-        RequestRecord(
-            route="chat/completions",
-            outcome=Outcome.ALLOWED,
-            status=200,
-            tenant_id="acme",
-            agent_id="planner",
-            model="gpt-4o",
-            prompt_tokens=1200,
-            completion_tokens=345,
-            cost_micros=6_450,
-            duration_s=0.81234,
-            upstream_s=0.8,
-            streamed=True,
-        )
-    )
+    logs.log_request(allowed())
     [line] = lines(stream)
     assert RFC3339_UTC.fullmatch(line.pop("ts"))
     assert line == {
@@ -99,16 +105,7 @@ def test_an_access_line_is_the_same_with_or_without_another_handler(
 ) -> None:
     # Alone, the JSON handler gets the line written directly; with another handler on the
     # access logger, the line goes through logging: both write the same line.
-    rec = RequestRecord(
-        route="chat/completions",
-        outcome=Outcome.ALLOWED,
-        status=200,
-        tenant_id="acme",
-        agent_id="caf\u00e9 sk-abcdefghijklmnop",
-        model="gpt-4o",
-        cost_micros=12,
-        duration_s=0.5,
-    )
+    rec = allowed(agent_id="caf\u00e9 sk-abcdefghijklmnop")
     logs.log_request(rec)
     other = _Collect()
     access = logging.getLogger(logs.ACCESS)

@@ -7,9 +7,12 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -145,12 +148,29 @@ def test_on_uvloop_too_a_busy_event_loop_is_not_taken_for_a_slow_store(
         loop.close()
 
 
+async def _app_on_pool(
+    redis_server: RedisServer,
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    *,
+    timeout_s: float,
+    **settings: Any,
+) -> tuple[TestClient[web.Request, web.Application], RedisStore]:
+    """The app on a store of 4 script connections, with an hourly cap of $1000."""
+    store = RedisStore.from_url(redis_server.url, timeout_s=timeout_s, max_connections=4)
+    caps = {"default_budget_caps": [{"window": "hourly", "hard_limit_usd": 1000}]}
+    client = await make_client(settings_for(upstream.url, cost_caps=caps, **settings), store=store)
+    return client, store
+
+
 async def test_a_burst_of_a_thousand_streams_gets_no_store_error(
     redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
-    store = RedisStore.from_url(redis_server.url, timeout_s=0.25, max_connections=4)
-    settings = settings_for(
-        upstream.url,
+    client, _ = await _app_on_pool(
+        redis_server,
+        upstream,
+        make_client,
+        timeout_s=0.25,
         # The load generator, the proxy and the upstream share this test's one event loop.
         upstreams=[
             {
@@ -162,9 +182,7 @@ async def test_a_burst_of_a_thousand_streams_gets_no_store_error(
                 "connect_timeout_s": 60,
             }
         ],
-        cost_caps={"default_budget_caps": [{"window": "hourly", "hard_limit_usd": 1000}]},
     )
-    client = await make_client(settings, store=store)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -185,12 +203,7 @@ async def test_a_burst_of_a_thousand_streams_gets_no_store_error(
 async def test_the_first_requests_of_a_new_tenant_register_it_on_one_connection(
     redis_server: RedisServer, upstream: FakeUpstream, make_client: MakeClient
 ) -> None:
-    store = RedisStore.from_url(redis_server.url, timeout_s=2.0, max_connections=4)
-    settings = settings_for(
-        upstream.url,
-        cost_caps={"default_budget_caps": [{"window": "hourly", "hard_limit_usd": 1000}]},
-    )
-    client = await make_client(settings, store=store)
+    client, store = await _app_on_pool(redis_server, upstream, make_client, timeout_s=2.0)
     admin = Redis.from_url(redis_server.url, **QUIET_CONNECT)
     try:
         await store.ping()  # the script connections, opened at start
