@@ -32,6 +32,10 @@ point no token straddles, so the count stays exact; only text with no such point
 characters (a long run of whitespace, one huge word) is cut anywhere, off by a token or two.
 Should tiktoken's core still panic on some text, that text counts as its UTF-8 length (an upper
 bound). ``tokens`` is never less than 1; ``unsized`` names kinds of input, never their content.
+
+``bound_prompt`` counts every text as its UTF-8 length instead: an upper
+bound of the exact estimate (a byte-level BPE token is at least one byte), by the same rules,
+with no encoding loaded and nothing encoded. The proxy holds on it while it decides nothing.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ class Tokenizer:
         tokenizer.count("gpt-4o", "hello world")  # 2; its encoding loads on first use, ~0.5 s
         tokenizer.estimate_prompt(Endpoint.CHAT, {"model": "gpt-4o", "messages": [...]})
         tokenizer.estimate(Endpoint.CHAT, body)  # just the tokens
+        tokenizer.bound_prompt(Endpoint.CHAT, body)  # at least as many, nothing loaded
 
     Models map to an encoding by ``overrides`` (fnmatch globs, first match, on the name as
     sent), then by the name lowercased and stripped of a provider prefix (``openai/gpt-4o``,
@@ -188,13 +193,13 @@ class Tokenizer:
             if name not in ENCODINGS:
                 raise ValueError(f"override {glob!r}: unknown encoding {name!r}")
         # Each encoding (~70 MB of ranks) loads on its first use: most deployments use one.
-        self._counters: dict[str, _Counter] = {}
+        self._counters: dict[str, _Exact] = {}
         self._names: dict[str, str] = {}  # model -> encoding, as found (bounded)
 
-    def _counter(self, name: str) -> _Counter:
+    def _counter(self, name: str) -> _Exact:
         counter = self._counters.get(name)
         if counter is None:
-            counter = self._counters[name] = _Counter(load_encoding(name))
+            counter = self._counters[name] = _Exact(load_encoding(name))
         return counter
 
     def encoding_name(self, model: str) -> str:
@@ -221,12 +226,23 @@ class Tokenizer:
         return self.estimate_prompt(endpoint, body).tokens
 
     def estimate_prompt(self, endpoint: Endpoint, body: Mapping[str, Any]) -> PromptEstimate:
+        return self._estimate(endpoint, body, bound=False)
+
+    def bound_prompt(self, endpoint: Endpoint, body: Mapping[str, Any]) -> PromptEstimate:
+        """An upper bound of ``estimate_prompt`` that loads no encoding and encodes
+        nothing: every text counts its UTF-8 length (a token is at least one byte),
+        everything else as ``estimate_prompt`` counts it."""
+        return self._estimate(endpoint, body, bound=True)
+
+    def _estimate(
+        self, endpoint: Endpoint, body: Mapping[str, Any], *, bound: bool
+    ) -> PromptEstimate:
         if not isinstance(body, Mapping):
             return PromptEstimate(1)
         model = body.get("model")
         model = model if isinstance(model, str) else ""
         name = self.encoding_name(model)
-        c = self._counter(name)
+        c = _BOUND if bound else self._counter(name)
         media = _Media(model)
         if endpoint == Endpoint.CHAT:
             messages = _items(body.get("messages"))
@@ -278,30 +294,11 @@ class _Media:
 
 
 class _Counter:
-    """Token arithmetic over one encoding; every method accepts any JSON value."""
-
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
-        self._enc = encoding
+    """Token arithmetic over a request's parts; every method accepts any JSON value. How a
+    text counts is up to the subclass: exactly, or bounded."""
 
     def text(self, text: object) -> int:
-        if not isinstance(text, str):
-            return 0
-        if len(text) <= CHUNK_CHARS:
-            return self._encode(text)
-        total, start = 0, 0
-        while len(text) - start > CHUNK_CHARS:
-            end = _cut(text, start)
-            total += self._encode(text[start:end])
-            start = end
-        return total + self._encode(text[start:])
-
-    def _encode(self, text: str) -> int:
-        try:
-            return len(self._enc.encode_ordinary(text))
-        except BaseException as exc:  # the Rust core panics (PanicException) on regex overflow
-            if type(exc).__name__ != "PanicException":
-                raise
-            return len(text.encode("utf-8", "surrogatepass"))  # a token is at least one byte
+        raise NotImplementedError
 
     def json(self, value: object) -> int:
         return 0 if value is None else self.text(_dump(value))
@@ -389,6 +386,48 @@ class _Counter:
             rest = {k: v for k, v in prop.items() if k not in ("type", "description", "enum")}
             total += self.json(rest) if rest else 0
         return total
+
+
+class _Exact(_Counter):
+    """Counts each text's tokens in one encoding."""
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self._enc = encoding
+
+    def text(self, text: object) -> int:
+        if not isinstance(text, str):
+            return 0
+        if len(text) <= CHUNK_CHARS:
+            return self._encode(text)
+        total, start = 0, 0
+        while len(text) - start > CHUNK_CHARS:
+            end = _cut(text, start)
+            total += self._encode(text[start:end])
+            start = end
+        return total + self._encode(text[start:])
+
+    def _encode(self, text: str) -> int:
+        try:
+            return len(self._enc.encode_ordinary(text))
+        except BaseException as exc:  # the Rust core panics (PanicException) on regex overflow
+            if type(exc).__name__ != "PanicException":
+                raise
+            return _utf8_len(text)  # a token is at least one byte
+
+
+class _Bound(_Counter):
+    """Counts each text as its UTF-8 length: never fewer than its tokens, as every token
+    of a byte-level BPE is at least one byte of the text."""
+
+    def text(self, text: object) -> int:
+        return _utf8_len(text) if isinstance(text, str) else 0
+
+
+_BOUND = _Bound()
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _str(value: object, *, strip: bool = True) -> str:
