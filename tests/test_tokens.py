@@ -870,3 +870,74 @@ def test_chunks_are_cut_where_a_space_follows_a_non_space(filler: str, scale: in
         (m.start() for m in reversed(matches) if m.start() >= end - CHUNK_CHARS // 2), end
     )
     assert _cut(text, start) == expected
+
+
+# --- the bound ---------------------------------------------------------------------------------
+
+# Texts where tokens and bytes part ways: words, digits, punctuation runs, whitespace,
+# accents, CJK, emoji, and the special tokens' spelling (counted as text).
+_PIECES = st.sampled_from(
+    [
+        *(" ", "  ", "\n", "\t", "\r\n", "\u3000", "hello", "world", "a", "'s", "ll"),
+        *("1234567", "!!!", "...", "é", "日本語", "🦜", "ﬁ", "<|endoftext|>"),
+    ]
+)
+_TEXT = st.lists(_PIECES, max_size=40).map("".join) | st.text(max_size=60)
+_PART = st.one_of(
+    _TEXT,
+    st.fixed_dictionaries({"type": st.just("text"), "text": _TEXT}),
+    st.fixed_dictionaries({"type": st.just("input_audio"), "input_audio": st.just({})}),
+)
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant"]), "content": _TEXT | st.lists(_PART)},
+    optional={"name": _TEXT},
+)
+_TOOL = st.fixed_dictionaries(
+    {
+        "type": st.just("function"),
+        "function": st.fixed_dictionaries(
+            {"name": _TEXT, "description": _TEXT},
+            optional={
+                "parameters": st.fixed_dictionaries(
+                    {"type": st.just("object"), "properties": st.dictionaries(_TEXT, _TEXT)}
+                )
+            },
+        ),
+    }
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["gpt-4o", "gpt-4"]),
+    st.lists(_MESSAGE, max_size=4),
+    st.lists(_TOOL, max_size=2),
+)
+def test_the_bound_is_never_below_the_count_and_sizes_the_same_input(
+    model: str, messages: list[Any], tools: list[Any]
+) -> None:
+    tokenizer = Tokenizer()
+    for endpoint, body in (
+        (Endpoint.CHAT, chat(model, messages, tools=tools)),
+        (Endpoint.RESPONSES, {"model": model, "input": messages, "tools": tools}),
+        (Endpoint.COMPLETIONS, {"model": model, "prompt": [m["role"] for m in messages]}),
+    ):
+        exact, bound = (
+            tokenizer.estimate_prompt(endpoint, body),
+            tokenizer.bound_prompt(endpoint, body),
+        )
+        assert bound.tokens >= exact.tokens
+        assert bound.unsized == exact.unsized
+
+
+def test_the_bound_counts_bytes_and_loads_no_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name: str) -> tiktoken.Encoding:
+        raise AssertionError(f"encoding {name} loaded")
+
+    monkeypatch.setattr(tokens, "load_encoding", refuse)
+    tokenizer = Tokenizer()
+    body = chat("gpt-4o", [{"role": "user", "content": "héllo 日本"}])
+    # 3 per message + "user" (4) + "héllo 日本" (13 bytes) + 3 priming the reply.
+    assert tokenizer.bound_prompt(Endpoint.CHAT, body) == PromptEstimate(3 + 4 + 13 + 3)
+    with pytest.raises(AssertionError, match="o200k_base loaded"):
+        tokenizer.estimate_prompt(Endpoint.CHAT, body)
