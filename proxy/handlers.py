@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -25,8 +26,8 @@ from aiohttp import web
 from proxy import budget, headers, upstream
 from proxy.auth import AGENT_ID, Identity
 from proxy.charge import Bill, Ending, Tariff, amounts_due
-from proxy.config import MAX_MODEL_CHARS, UpstreamConfig, UserCaps
-from proxy.counters import Amounts, Unit
+from proxy.config import MAX_MODEL_CHARS, TokenCap, UpstreamConfig, UserCaps
+from proxy.counters import Amounts, ReserveResult, Unit, fits
 from proxy.endpoints import Endpoint, endpoint_for
 from proxy.errors import (
     BadRequest,
@@ -56,8 +57,8 @@ from proxy.journal import JournalEntry, journal_counter
 from proxy.ledger import Hold
 from proxy.logs import log_request
 from proxy.metrics import Outcome, RequestRecord
-from proxy.price_files import price_at_prompt_size
-from proxy.pricing import ModelPrice, hold_price
+from proxy.price_files import SizeTier, price_at_prompt_size
+from proxy.pricing import ModelPrice, ToolPrice, hold_price
 from proxy.relay import StreamEnd, StreamTap, relay_stream
 from proxy.spend import is_admin
 from proxy.state import ALERTER, JOURNAL, LEDGER, LIFECYCLE, METRICS, RUNTIME, SESSION, Runtime
@@ -151,6 +152,23 @@ def _below_the_loop(fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HoldBasis:
+    """What a request's hold is worked out from besides its prompt's tokens (kept so a
+    hold taken on the prompt's bound can be worked out again on its exact count)."""
+
+    price: ModelPrice
+    size_tiers: tuple[SizeTier, ...]
+    service_tier: object
+    tool_prices: Mapping[str, ToolPrice]
+    min_tool_calls: Mapping[str, int]
+    tool_calls: Mapping[str, int]  # hosted tool -> the calls held for it
+    output_tokens: int  # per choice
+    choices: int
+    unsized: tuple[str, ...]  # input the proxy cannot size (held at the model's context)
+    user: str | None
+
+
 @dataclass(kw_only=True, slots=True)
 class Admission:
     """Everything decided about a request before the upstream sees it."""
@@ -162,7 +180,10 @@ class Admission:
     tariff: Tariff
     route: UpstreamConfig
     raw: bytes
-    prompt_tokens: int  # as estimated (or bounded, for input the proxy cannot size)
+    prompt_tokens: int  # as held: counted, or bounded (see prompt_exact)
+    # False while the prompt is held on its bound (its texts' UTF-8 length), uncounted.
+    prompt_exact: bool
+    basis: HoldBasis
     plan: budget.BudgetPlan
     stream: bool
     strip_usage_chunk: bool
@@ -219,12 +240,22 @@ async def admit(
     except InvalidParam as exc:
         raise BadRequest(str(exc), param=exc.param) from exc
 
-    estimate: PromptEstimate = await _offload(raw, rt.tokenizer.estimate_prompt, endpoint, body)
+    # Held on the prompt's bound while the bound decides nothing a count would decide
+    # otherwise; counted exactly when it would (and in shadow mode, which reports them).
+    exact = not caps.enforce
+    sizer = rt.tokenizer.estimate_prompt if exact else rt.tokenizer.bound_prompt
+    estimate: PromptEstimate = await _offload(raw, sizer, endpoint, body)
     unsized = (*estimate.unsized, *unsized_state(endpoint, body))
     if tools:
         unsized += tuple(f"hosted tool '{tool}'" for tool in tools)
     prompt = _bounded_prompt(estimate.tokens, unsized, price, caps.unsized_input, model)
     token_cap = caps.token_cap_for(identity.agent_id) if caps.enabled else None
+    if not exact and not _bound_decides(
+        token_cap, prompt=prompt, output=requested_output, choices=n, tiers=size_tiers
+    ):
+        exact = True
+        estimate = await _offload(raw, rt.tokenizer.estimate_prompt, endpoint, body)
+        prompt = _bounded_prompt(estimate.tokens, unsized, price, caps.unsized_input, model)
     try:
         decision = budget.check_tokens(token_cap, prompt=prompt, output=requested_output, choices=n)
     except TokenCapExceeded as exc:
@@ -252,37 +283,19 @@ async def admit(
     # The upstream gets the body the proxy judged, never the client's bytes: a parser
     # that reads duplicate keys differently (first wins) must not see another request.
     raw = await _offload(raw, encode_json, body)
-    # Priced by prompt size: held at the tier the prompt (as bounded) reaches.
-    held_at = hold_price(price_at_prompt_size(price, size_tiers, prompt), body.get("service_tier"))
-    tool_prices = rt.prices.tool_prices_for(container_memory=container_memory(endpoint, body))
-    tariff = Tariff(
+    basis = HoldBasis(
         price=price,
-        hold_price=held_at,
-        tool_prices=tool_prices,
-        min_tool_calls=unreported_tool_calls(endpoint, body),
         size_tiers=size_tiers,
-        prompt_tokens=prompt,
-        tools_enabled=bool(tools),
-    )
-    tool_calls = {tool: calls_per_tool for tool in tools}
-    plan = budget.plan_budget(
-        settings,
-        identity.tenant_id,
-        identity.agent_id,
-        amount_micros=budget.hold_micros(
-            prompt_tokens=prompt,
-            output_tokens=output or 0,
-            choices=n,
-            price=held_at,
-            tool_calls=tool_calls,
-            tool_prices=tool_prices,
-        ),
-        tokens=budget.hold_tokens(
-            prompt_tokens=prompt, output_tokens=output or 0, choices=n, tool_calls=tool_calls
-        ),
-        model=model,
+        service_tier=body.get("service_tier"),
+        tool_prices=rt.prices.tool_prices_for(container_memory=container_memory(endpoint, body)),
+        min_tool_calls=unreported_tool_calls(endpoint, body),
+        tool_calls={tool: calls_per_tool for tool in tools},
+        output_tokens=output or 0,
+        choices=n,
+        unsized=unsized,
         user=user,
     )
+    tariff, plan = _held(rt, identity, model, basis, prompt)
     return Admission(
         endpoint=endpoint,
         runtime=rt,
@@ -292,12 +305,110 @@ async def admit(
         route=route,
         raw=raw,
         prompt_tokens=prompt,
+        prompt_exact=exact,
+        basis=basis,
         plan=plan,
         stream=stream,
         strip_usage_chunk=strip_usage_chunk,
         upstream_rate_headers=identity.client_key is not None
         and all(c.unit is Unit.USD for c in plan.counters),
     )
+
+
+def _bound_decides(
+    cap: TokenCap | None,
+    *,
+    prompt: int,
+    output: int | None,
+    choices: int,
+    tiers: tuple[SizeTier, ...],
+) -> bool:
+    """Whether a prompt's bound decides what its exact count would: the token cap lets it
+    through without sizing the output from it, and no price tier starts below it."""
+    if any(prompt > tier.above_tokens for tier in tiers):
+        return False
+    if cap is None:
+        return True
+    if output is None and cap.max_total_tokens is not None:
+        return False
+    try:
+        budget.check_tokens(cap, prompt=prompt, output=output, choices=choices)
+    except TokenCapExceeded:
+        return False
+    return True
+
+
+def _held(
+    rt: Runtime, identity: Identity, model: str, basis: HoldBasis, prompt: int
+) -> tuple[Tariff, budget.BudgetPlan]:
+    """The tariff and the hold of a request whose prompt is held at ``prompt`` tokens."""
+    # Priced by prompt size: held at the tier the prompt (as held) reaches.
+    held_at = hold_price(
+        price_at_prompt_size(basis.price, basis.size_tiers, prompt), basis.service_tier
+    )
+    tariff = Tariff(
+        price=basis.price,
+        hold_price=held_at,
+        tool_prices=basis.tool_prices,
+        min_tool_calls=basis.min_tool_calls,
+        size_tiers=basis.size_tiers,
+        prompt_tokens=prompt,
+        tools_enabled=bool(basis.tool_calls),
+    )
+    plan = budget.plan_budget(
+        rt.settings,
+        identity.tenant_id,
+        identity.agent_id,
+        amount_micros=budget.hold_micros(
+            prompt_tokens=prompt,
+            output_tokens=basis.output_tokens,
+            choices=basis.choices,
+            price=held_at,
+            tool_calls=basis.tool_calls,
+            tool_prices=basis.tool_prices,
+        ),
+        tokens=budget.hold_tokens(
+            prompt_tokens=prompt,
+            output_tokens=basis.output_tokens,
+            choices=basis.choices,
+            tool_calls=basis.tool_calls,
+        ),
+        model=model,
+        user=basis.user,
+    )
+    return tariff, plan
+
+
+async def _counted_plan(adm: Admission, refused: ReserveResult) -> budget.BudgetPlan | None:
+    """The hold of ``adm`` on its prompt's exact count, to ask for again after a cap
+    refused the one on its bound; None when no count could make it fit (it would not fit
+    with a one-token prompt)."""
+    basis = adm.basis
+    policy = adm.runtime.settings.cost_caps.unsized_input
+    least = _bounded_prompt(1, basis.unsized, basis.price, policy, adm.model)
+    floor = _held(adm.runtime, adm.identity, adm.model, basis, least)[1].amounts
+    if any(not fits(s, floor.of(s.counter.unit)) for s in refused.exceeded):
+        return None
+    await count_exactly(adm)
+    return adm.plan
+
+
+async def count_exactly(adm: Admission) -> None:
+    """Count ``adm``'s prompt exactly, and work its hold out again on that count, if it
+    was held on the prompt's bound: the charges the proxy makes up itself (no usage came
+    back) and a reservation refused on the bound go by the exact count."""
+    if adm.prompt_exact:
+        return
+    rt = adm.runtime
+    body = await _offload(adm.raw, parse_json, adm.raw)
+    estimate: PromptEstimate = await _offload(
+        adm.raw, rt.tokenizer.estimate_prompt, adm.endpoint, body
+    )
+    basis = adm.basis
+    policy = rt.settings.cost_caps.unsized_input
+    prompt = _bounded_prompt(estimate.tokens, basis.unsized, basis.price, policy, adm.model)
+    adm.tariff, adm.plan = _held(rt, adm.identity, adm.model, basis, prompt)
+    adm.prompt_tokens, adm.prompt_exact = prompt, True
 
 
 def end_user(request: web.Request, body: dict[str, Any], caps: UserCaps | None) -> str | None:
@@ -433,6 +544,7 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
         hold_ttl_s=settings.store.hold_lease_s,
         enforce=settings.cost_caps.enforce,
         on_reject=alerter.observe_rejection,
+        smaller=None if adm.prompt_exact else functools.partial(_counted_plan, adm),
     ) as hold:
         if hold.would_reject is not None:
             rec.would_reject = rec.would_reject or hold.would_reject.code
@@ -448,7 +560,9 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
         finally:
             # Every way a request ends passes here, once: an error of the proxy's own, a
             # cancellation or a client gone after the request went out leaves the bill at
-            # CUT, which charges the whole hold.
+            # CUT, which charges the whole hold (as worked out on the prompt's count).
+            if bill.usage is None and not adm.prompt_exact:
+                await asyncio.shield(count_exactly(adm))
             charged = _due(adm, bill)
             await hold.commit(charged)
             _settled(rec, adm, charged.micros, bill)
@@ -457,7 +571,7 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
             if hold.states:
                 metrics.hold_ended()
     if hold.states:
-        alerter.observe(adm.plan, hold.states, charged)
+        alerter.observe(hold.plan, hold.states, charged)
     return out
 
 
@@ -534,6 +648,8 @@ async def _forward(
         data = await upstream.read_body(resp, adm.route, limit=limit)
         bill.usage = await _offload(data, _usage_of, adm.endpoint, data)
         bill.ending = Ending.ANSWERED
+        if bill.usage is None:
+            await count_exactly(adm)
         out = _relay(resp, data, adm.identity, rate_limits=adm.upstream_rate_headers)
         out.headers.update(_budget_headers(adm, hold, _due(adm, bill)))
         _shadow_header(out, rec)
@@ -567,7 +683,7 @@ async def _stream(
     ):
         out.headers.add(name, value)
     # Sent before usage is known: the budget as if this request cost its whole hold.
-    out.headers.update(_budget_headers(adm, hold, adm.plan.amounts))
+    out.headers.update(_budget_headers(adm, hold, hold.plan.amounts))
     _shadow_header(out, rec)
     settings = adm.runtime.settings
     tap = StreamTap(adm.endpoint, strip_usage_chunk=adm.strip_usage_chunk)
@@ -634,8 +750,9 @@ def _budget_headers(adm: Admission, hold: Hold, charged: Amounts) -> Mapping[str
     """The ``x-budget-*`` and ``x-ratelimit-*`` headers, once this request is charged."""
     if not hold.states:
         return {}
-    status = budget.status(adm.plan, hold.states, charged_micros=charged.micros)
-    rates = budget.rate_status(adm.plan, hold.states, charged=charged, now=hold.now)
+    # The states hold what hold.plan reserved (adm.plan may since be counted closer).
+    status = budget.status(hold.plan, hold.states, charged_micros=charged.micros)
+    rates = budget.rate_status(hold.plan, hold.states, charged=charged, now=hold.now)
     return {**headers.budget_headers(status), **headers.rate_limit_headers(rates)}
 
 

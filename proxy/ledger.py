@@ -25,13 +25,13 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from proxy.budget import BudgetPlan, refusal
-from proxy.counters import Amounts, Counter, CounterState, Store
+from proxy.counters import Amounts, Counter, CounterState, ReserveResult, Store
 from proxy.errors import CapExceeded, StoreDataLost, StoreUnavailable
 from proxy.history import Rejection
 
@@ -121,6 +121,7 @@ class Hold:
 
 
 RejectHook = Callable[[BudgetPlan, tuple[CounterState, ...]], None]
+Recount = Callable[[ReserveResult], Awaitable[BudgetPlan | None]]
 
 
 class Ledger:
@@ -164,6 +165,7 @@ class Ledger:
         hold_ttl_s: float,
         enforce: bool = True,
         on_reject: RejectHook | None = None,
+        smaller: Recount | None = None,
     ) -> AsyncIterator[Hold]:
         """Reserve ``plan`` (429 ``CapExceeded`` / 503 ``StoreUnavailable``), yield the hold.
 
@@ -172,13 +174,17 @@ class Ledger:
         the request anyway, without a hold, and its amounts are recorded when it is
         committed (too many agents or end users is refused still: each costs the store
         keys).
+
+        ``smaller`` is for a plan whose amounts are an upper bound of the request's: when
+        a cap refuses them, it is given the refusal and returns the plan to ask for once
+        more (its amounts no larger), or None to keep the refusal.
         """
         rid = os.urandom(16).hex()
         states: tuple[CounterState, ...] = ()
         now = 0.0
         would_reject: CapExceeded | None = None
         reserve_failed = False
-        if plan.counters:
+        while plan.counters:
             try:
                 result = await self.store.reserve(
                     rid,
@@ -212,6 +218,14 @@ class Ledger:
                 log.debug("store unavailable: admitting request without a reservation")
             else:
                 if not result.ok:
+                    if result.exceeded and smaller is not None:
+                        # Refused on an upper bound of the amounts: ask again, once, with
+                        # the amounts worked out more closely (a refused reserve held
+                        # nothing, so a new rid starts clean).
+                        closer, smaller = await smaller(result), None
+                        if closer is not None:
+                            plan, rid = closer, os.urandom(16).hex()
+                            continue
                     refused = refusal(plan, result)
                     if result.too_many_agents or result.too_many_users:
                         raise refused
@@ -222,6 +236,7 @@ class Ledger:
                     would_reject = refused
                 else:
                     states, now = result.states, result.now
+            break
         hold = Hold(rid, plan, states, now, self, tz, hold_ttl_s, would_reject, reserve_failed)
         if states:
             self._renewing.add(hold.rid)

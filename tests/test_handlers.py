@@ -291,7 +291,8 @@ async def test_fifty_concurrent_requests_against_a_budget_for_ten(
     assert probe.status == 200
     prompt = upstream.received[0].body  # the same body for all fifty
 
-    prompt_tokens = Tokenizer().estimate(Endpoint.CHAT, prompt)
+    # In flight, the prompt is held on its bound (its UTF-8 length).
+    prompt_tokens = Tokenizer().bound_prompt(Endpoint.CHAT, prompt).tokens
     hold_micros = prompt_tokens * 1 + 1000 * 2
     limit = Decimal(hold_micros * 10) / 1_000_000
     upstream.received.clear()

@@ -61,6 +61,11 @@ def estimate(endpoint: Endpoint, body: dict[str, Any]) -> int:
     return Tokenizer().estimate(endpoint, body)
 
 
+def held_prompt(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """The prompt tokens a request holds while in flight: its texts' UTF-8 length."""
+    return Tokenizer().bound_prompt(endpoint, body).tokens
+
+
 def uncapped(upstream_url: str, **over: Any) -> Settings:
     """The harness settings without a token cap, so only the hold's size is at stake."""
     caps = {"default_token_cap": None, **over.pop("cost_caps", {})}
@@ -203,7 +208,7 @@ async def test_prompts_times_best_of_are_held(
     held, resp = await held_in_flight(client, upstream, redis_store, COMPLETIONS, body)
     assert resp.status == 200
     # 2 prompts x max(n, best_of) = 6 completions of up to 10 tokens each.
-    assert held == usd(estimate(Endpoint.COMPLETIONS, body) + 6 * 10 * 2)
+    assert held == usd(held_prompt(Endpoint.COMPLETIONS, body) + 6 * 10 * 2)
 
 
 # --- 3. output-limit fields -----------------------------------------------------------
@@ -249,7 +254,7 @@ async def test_the_largest_output_limit_field_is_the_one_held(
     body = chat(max_completion_tokens=10, max_tokens=500)
     held, resp = await held_in_flight(client, upstream, redis_store, CHAT, body)
     assert resp.status == 200
-    assert held == usd(estimate(Endpoint.CHAT, body) + 500 * 2)
+    assert held == usd(held_prompt(Endpoint.CHAT, body) + 500 * 2)
 
 
 async def test_an_injected_limit_lowers_every_field_the_upstream_could_read(
@@ -314,7 +319,7 @@ async def test_images_are_held_by_the_models_documented_rules(
     held, resp = await held_in_flight(client, upstream, redis_store, CHAT, body)
     assert resp.status == 200
     text_only = {**body, "messages": [{"role": "user", "content": [TEXT]}]}
-    assert held == usd(estimate(Endpoint.CHAT, text_only) + image_tokens + 10 * 2)
+    assert held == usd(held_prompt(Endpoint.CHAT, text_only) + image_tokens + 10 * 2)
 
 
 async def test_an_image_url_for_a_model_without_image_rules_holds_its_whole_context(
@@ -561,7 +566,7 @@ async def test_a_priority_request_is_held_at_the_priority_price(
     held, resp = await held_in_flight(client, upstream, redis_store, CHAT, body)
     assert resp.status == 200
     # test-model states no priority price: twice the standard one.
-    assert held == usd(2 * (estimate(Endpoint.CHAT, body) + 600 * 2))
+    assert held == usd(2 * (held_prompt(Endpoint.CHAT, body) + 600 * 2))
 
 
 async def test_a_stream_is_charged_at_the_tier_its_chunks_report(

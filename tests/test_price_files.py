@@ -768,3 +768,25 @@ async def test_requests_are_held_and_charged_at_the_price_files_size_tier(
     estimate = Tokenizer().estimate(Endpoint.CHAT, long_body)
     assert estimate > 1000
     assert held == (Decimal(estimate * 4 + 20 * 8) / 10**6)
+
+
+async def test_a_prompt_whose_bound_reaches_a_tier_its_count_does_not_is_held_below_it(
+    tmp_path: Path, upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+) -> None:
+    settings = load_settings(caps_with_files(tmp_path, upstream.url))
+    client = await make_client(settings, store=redis_store)
+    body = {
+        "model": "tiered-llm",
+        "messages": [{"role": "user", "content": "word " * 700}],
+        "max_tokens": 20,
+    }
+    estimate = Tokenizer().estimate(Endpoint.CHAT, body)
+    assert estimate < 1000 < Tokenizer().bound_prompt(Endpoint.CHAT, body).tokens
+    upstream.gate = asyncio.Event()
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=auth()))
+    await asyncio.wait_for(upstream.arrived.wait(), 5)
+    held = (await spent(redis_store))[1]
+    upstream.gate.set()
+    assert (await task).status == 200
+    # Held at the base price ($1 / $2 per 1M), on the count.
+    assert held == (Decimal(estimate * 1 + 20 * 2) / 10**6)

@@ -195,7 +195,8 @@ async def test_twenty_concurrent_streams_against_a_budget_for_five(
     usage_upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
 ) -> None:
     body = chat(stream=True, max_tokens=1000)
-    hold = Tokenizer().estimate(Endpoint.CHAT, body) + 1000 * 2
+    # In flight, the prompt is held on its bound (its UTF-8 length).
+    hold = Tokenizer().bound_prompt(Endpoint.CHAT, body).tokens + 1000 * 2
     limit = Decimal(hold * 5) / 1_000_000
     usage_upstream.pause_after = 1
     settings = settings_for(

@@ -1,0 +1,181 @@
+"""A prompt is held on its bound (its texts' UTF-8 length, never below its tokens) and
+counted only where the count could change a decision: a token cap, an output limit sized
+from the prompt, a price tier, a reservation refused on the bound, a charge the proxy
+works out itself, shadow mode.
+
+The real app, a fake upstream on loopback and a real Redis. test-model costs $1 / $2 per
+1M input / output tokens, so a token is 1 or 2 micro-USD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from proxy import tokens
+from proxy.endpoints import Endpoint
+from proxy.redis_store import RedisStore
+from proxy.tokens import Tokenizer
+from tests.conftest import MakeClient
+from tests.fake_upstream import FakeUpstream
+from tests.harness import AccessLog, access_log, auth, chat, settings_for, spent
+from tests.test_integrity import held_in_flight
+
+CHAT = "/v1/chat/completions"
+MICRO = Decimal("0.000001")
+# 6,000 bytes in about 1,000 tokens: its bound is six times its count.
+TEXT = "hello world " * 500
+BODY = chat(TEXT, max_tokens=100)
+USAGE_COST = (10 * 1 + 20 * 2) * MICRO  # the fake upstream's default usage
+
+
+def count(body: dict[str, Any]) -> int:
+    return Tokenizer().estimate(Endpoint.CHAT, body)
+
+
+def bound(body: dict[str, Any]) -> int:
+    return Tokenizer().bound_prompt(Endpoint.CHAT, body).tokens
+
+
+def hourly(limit: Decimal, **caps: Any) -> dict[str, Any]:
+    """Caps of one hourly budget of ``limit`` USD and no token cap."""
+    return {
+        "default_budget_caps": [{"window": "hourly", "hard_limit_usd": str(limit)}],
+        "default_token_cap": None,
+        **caps,
+    }
+
+
+@pytest.fixture
+def no_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any encoding that loads fails the request (and so the test)."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"encoding {name} loaded")
+
+    monkeypatch.setattr(tokens, "load_encoding", refuse)
+
+
+@pytest.fixture
+def log() -> Iterator[AccessLog]:
+    with access_log() as handler:
+        yield handler
+
+
+def test_the_body_is_one_whose_bound_and_count_part_ways() -> None:
+    assert bound(BODY) > 5 * count(BODY)
+
+
+async def test_a_request_far_from_its_caps_is_held_on_the_bound_and_counts_nothing(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore, no_encoding: None
+) -> None:
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(Decimal(1))), store=redis_store
+    )
+    held, resp = await held_in_flight(client, upstream, redis_store, CHAT, BODY)
+    assert resp.status == 200
+    assert held == (bound(BODY) * 1 + 100 * 2) * MICRO
+    assert await spent(redis_store) == (USAGE_COST, Decimal(0))
+
+
+async def test_a_hold_refused_on_the_bound_is_asked_again_on_the_count(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+) -> None:
+    # Room for the hold on the count, not for the one on the bound.
+    limit = (count(BODY) + 100 * 2) * MICRO
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(limit)), store=redis_store
+    )
+    held, resp = await held_in_flight(client, upstream, redis_store, CHAT, BODY)
+    assert resp.status == 200
+    assert held == limit  # the counted hold, and nothing left of the refused one
+    assert upstream.count == 1
+    assert await spent(redis_store) == (USAGE_COST, Decimal(0))
+
+
+async def test_a_hold_the_count_cannot_fit_either_is_refused(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+) -> None:
+    limit = (count(BODY) + 100 * 2 - 1) * MICRO
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(limit)), store=redis_store
+    )
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "budget_exceeded"
+    assert "Retry-After" in resp.headers
+    assert upstream.count == 0
+    assert await spent(redis_store) == (Decimal(0), Decimal(0))
+
+
+async def test_a_hold_no_count_could_fit_is_refused_without_counting(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore, no_encoding: None
+) -> None:
+    # Not even the output limit fits: whatever the prompt's count, the answer is no.
+    limit = (100 * 2 - 1) * MICRO
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(limit)), store=redis_store
+    )
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "budget_exceeded"
+    assert upstream.count == 0
+
+
+async def test_a_prompt_cap_between_the_count_and_the_bound_lets_the_request_through(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    cap = {"max_prompt_tokens": count(BODY)}
+    caps = hourly(Decimal(1), default_token_cap=cap)
+    client = await make_client(settings_for(upstream.url, cost_caps=caps))
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 200
+    cap = {"max_prompt_tokens": count(BODY) - 1}
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(Decimal(1), default_token_cap=cap))
+    )
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "token_cap_exceeded"
+    assert str(count(BODY)) in (await resp.json())["error"]["message"]
+
+
+async def test_an_output_limit_sized_from_the_prompt_is_sized_from_its_count(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    caps = hourly(Decimal(1), default_token_cap={"max_total_tokens": 3000})
+    client = await make_client(settings_for(upstream.url, cost_caps=caps))
+    body = chat(TEXT)  # no output limit: the proxy sets the one the total cap leaves
+    resp = await client.post(CHAT, json=body, headers=auth())
+    assert resp.status == 200
+    assert upstream.received[0].body["max_completion_tokens"] == 3000 - count(body)
+
+
+async def test_shadow_mode_decides_on_the_count(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore
+) -> None:
+    limit = (count(BODY) + 100 * 2) * MICRO
+    caps = hourly(limit, enforce=False)
+    client = await make_client(settings_for(upstream.url, cost_caps=caps), store=redis_store)
+    held, resp = await held_in_flight(client, upstream, redis_store, CHAT, BODY)
+    assert resp.status == 200
+    assert "x-budget-would-reject" not in resp.headers
+    assert held == limit
+
+
+async def test_an_answer_without_usage_is_charged_the_hold_on_the_count(
+    upstream: FakeUpstream, make_client: MakeClient, redis_store: RedisStore, log: AccessLog
+) -> None:
+    upstream.usage = lambda _p, _b: None
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(Decimal(1))), store=redis_store
+    )
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 200
+    line = await log.line("_default")
+    assert line["prompt_tokens"] == count(BODY)
+    assert line["usage_missing"] is True
+    assert await spent(redis_store) == ((count(BODY) + 100 * 2) * MICRO, Decimal(0))
