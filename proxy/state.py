@@ -41,7 +41,7 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
-        """Blocking on first use (loads the encodings): call it off the event loop."""
+        """Reads the price files: call it off the event loop."""
         file_prices, tiers, _ = merge_price_files(settings.pricing.files)
         return cls(
             settings=settings,
