@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import functools
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -59,7 +60,9 @@ FRAMING_FRAMES = 4  # role chunk, finish chunk, usage chunk, [DONE]
 MAX_EVENTS = 10_000
 MAX_DELAY_MS = 1_000.0
 BURST = 1_000  # streams of the burst phase, all at once
-BIG_PROMPT_BYTES = 900_000  # the large prompt sent in a loop in the "big" phase
+BIG_PROMPT_BYTES = 900_000  # the large prompt sent in a loop in the "big" phases
+# The agent whose token cap the large prompt's bound passes: its prompt is never counted.
+BULK_AGENT = "bulk"
 
 REQUEST_TIMEOUT_S = 30.0
 PHASE_TIMEOUT_S = 600.0  # a whole warm-up + measured run of one load generator
@@ -410,8 +413,9 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
         stop = asyncio.Event()
         big = None
         if args.big_prompt_bytes:
+            big_headers = {**headers, "X-Agent-Id": args.big_agent} if args.big_agent else headers
             big = asyncio.create_task(
-                _big_loop(headers, url, _big_request_body(args.big_prompt_bytes), stop)
+                _big_loop(big_headers, url, _big_request_body(args.big_prompt_bytes), stop)
             )
         samples = await run(count=args.requests, frames=frames)
         wall = time.perf_counter() - start
@@ -449,6 +453,7 @@ def load_role(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--big-prompt-bytes", type=int, default=0, help="also send a prompt this big in a loop"
     )
+    parser.add_argument("--big-agent", default="", help="the agent that sends the big prompt")
     result = asyncio.run(_load(parser.parse_args(argv)))
     print(json.dumps(result))
     sys.stdout.flush()
@@ -727,6 +732,7 @@ class Phase:
     events: int = 0  # content chunks per stream; 0 = JSON
     delay_ms: float = 0.0
     big_prompt_bytes: int = 0  # meanwhile, a prompt this big sent in a loop
+    big_agent: str = ""  # by this agent ("": the default one)
 
     @property
     def frames(self) -> int:
@@ -789,10 +795,21 @@ def capproxy_config(upstream_port: int, redis_port: int, port: int) -> dict[str,
                 {"window": "daily", "hard_limit_usd": 10_000_000},
             ],
             "default_token_cap": {
-                "max_prompt_tokens": 400_000,  # the "big" phase's prompt fits
+                # The "big" phase's prompt fits, once counted: its bound (900,000) does not.
+                "max_prompt_tokens": 400_000,
                 "max_completion_tokens": 4096,
                 "max_total_tokens": 404_096,
             },
+            "agents": [
+                {
+                    "agent_id": BULK_AGENT,
+                    "token_cap": {
+                        "max_prompt_tokens": 1_000_000,
+                        "max_completion_tokens": 4096,
+                        "max_total_tokens": 1_004_096,
+                    },
+                }
+            ],
         },
         "pricing": {
             "models": {
@@ -822,6 +839,16 @@ def phases_for(requests: int, warmup: int, concurrency: int, events: int) -> lis
             warmup,
             1,
             big_prompt_bytes=BIG_PROMPT_BYTES,
+        ),
+        Phase(
+            "big_bound",
+            f"non-streamed chat, concurrency 1, while a {BIG_PROMPT_BYTES / 1e6:.1f} MB prompt "
+            "is sent in a loop by an agent whose token cap its bound passes (never counted)",
+            small,
+            warmup,
+            1,
+            big_prompt_bytes=BIG_PROMPT_BYTES,
+            big_agent=BULK_AGENT,
         ),
         Phase(
             "stream",
@@ -864,7 +891,7 @@ def run_phase(
     argv += ["--requests", str(phase.requests), "--warmup", str(phase.warmup)]
     argv += ["--concurrency", str(phase.concurrency), "--events", str(phase.events)]
     argv += ["--delay-ms", str(phase.delay_ms), "--stagger-ms", str(phase.stagger_ms)]
-    argv += ["--big-prompt-bytes", str(phase.big_prompt_bytes)]
+    argv += ["--big-prompt-bytes", str(phase.big_prompt_bytes), "--big-agent", phase.big_agent]
     name = f"load-{phase.name}-{target.name}"
     proc = children.start(name, argv, pipes=True)
     try:
@@ -1064,11 +1091,12 @@ def report(
             ),
             file=out,
         )
-    for target in ("baseline", "capproxy"):
-        r, alone = by.get(("big", target)), by.get(("json_c1", target))
+    for target, phase in itertools.product(("baseline", "capproxy"), ("big", "big_bound")):
+        r, alone = by.get((phase, target)), by.get(("json_c1", target))
         if r is not None and alone is not None:
+            how = "counted" if phase == "big" else "held on its bound"
             print(
-                f"large prompt, {target}: small requests p50/p99 "
+                f"large prompt ({how} by capproxy), {target}: small requests p50/p99 "
                 f"{alone.load['latency']['p50_ms']:.2f}/{alone.load['latency']['p99_ms']:.2f} ms"
                 f" alone, {r.load['latency']['p50_ms']:.2f}/{r.load['latency']['p99_ms']:.2f} ms"
                 f" while {r.load['big_requests']} prompts of {BIG_PROMPT_BYTES / 1e6:.1f} MB"
