@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 
 from proxy import tokens
 from proxy.endpoints import Endpoint
@@ -65,6 +66,19 @@ def log() -> Iterator[AccessLog]:
         yield handler
 
 
+async def refused(client: TestClient[Any, Any], upstream: FakeUpstream, code: str) -> str:
+    """Send ``BODY``: it must be refused with ``code`` before the upstream; its message."""
+    sent = upstream.count
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 429
+    assert "Retry-After" in resp.headers
+    error = (await resp.json())["error"]
+    assert error["code"] == code
+    assert upstream.count == sent
+    message: str = error["message"]
+    return message
+
+
 def test_the_body_is_one_whose_bound_and_count_part_ways() -> None:
     assert bound(BODY) > 5 * count(BODY)
 
@@ -103,11 +117,7 @@ async def test_a_hold_the_count_cannot_fit_either_is_refused(
     client = await make_client(
         settings_for(upstream.url, cost_caps=hourly(limit)), store=redis_store
     )
-    resp = await client.post(CHAT, json=BODY, headers=auth())
-    assert resp.status == 429
-    assert (await resp.json())["error"]["code"] == "budget_exceeded"
-    assert "Retry-After" in resp.headers
-    assert upstream.count == 0
+    await refused(client, upstream, "budget_exceeded")
     assert await spent(redis_store) == (Decimal(0), Decimal(0))
 
 
@@ -119,10 +129,7 @@ async def test_a_hold_no_count_could_fit_is_refused_without_counting(
     client = await make_client(
         settings_for(upstream.url, cost_caps=hourly(limit)), store=redis_store
     )
-    resp = await client.post(CHAT, json=BODY, headers=auth())
-    assert resp.status == 429
-    assert (await resp.json())["error"]["code"] == "budget_exceeded"
-    assert upstream.count == 0
+    await refused(client, upstream, "budget_exceeded")
 
 
 async def test_a_prompt_cap_between_the_count_and_the_bound_lets_the_request_through(
@@ -137,10 +144,7 @@ async def test_a_prompt_cap_between_the_count_and_the_bound_lets_the_request_thr
     client = await make_client(
         settings_for(upstream.url, cost_caps=hourly(Decimal(1), default_token_cap=cap))
     )
-    resp = await client.post(CHAT, json=BODY, headers=auth())
-    assert resp.status == 429
-    assert (await resp.json())["error"]["code"] == "token_cap_exceeded"
-    assert str(count(BODY)) in (await resp.json())["error"]["message"]
+    assert str(count(BODY)) in await refused(client, upstream, "token_cap_exceeded")
 
 
 async def test_an_output_limit_sized_from_the_prompt_is_sized_from_its_count(
