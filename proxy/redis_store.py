@@ -165,7 +165,7 @@ def _text(value: Any) -> str:
 
 
 def _redis_time(sec: Any, usec: Any) -> float:
-    return int(_text(sec)) + int(_text(usec)) / 1_000_000
+    return int(sec) + int(usec) / 1_000_000  # int() reads bytes, str and int alike
 
 
 def _agent_of(counters: Sequence[Counter]) -> str:
@@ -184,15 +184,15 @@ def _states(
     states = []
     for i, (c, p) in enumerate(zip(counters, periods, strict=True)):
         spent, held, end_ms = values[3 * i : 3 * i + 3]
-        end = float(_text(end_ms)) / 1000
-        states.append(CounterState(c, p, int(_text(spent)), int(_text(held)), end or None))
+        end = float(end_ms) / 1000  # float() and int() read the reply's bytes as they are
+        states.append(CounterState(c, p, int(spent), int(held), end or None))
     return tuple(states)
 
 
 def _points(flat: Sequence[Any], since: int) -> tuple[tuple[int, int], ...]:
     """A history hash's fields and values (HGETALL, flat), as kept buckets."""
     pairs = zip(flat[0::2], flat[1::2], strict=True)
-    return buckets_since(((int(_text(f)), int(_text(v))) for f, v in pairs), since)
+    return buckets_since(((int(f), int(v)) for f, v in pairs), since)
 
 
 def _honour_cancel() -> None:
