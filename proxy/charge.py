@@ -46,6 +46,9 @@ class Ending(StrEnum):
     CUT = "cut"  # anything else after the request went out
 
 
+NOTHING_DUE = (Ending.NOT_SENT, Ending.REFUSED)  # the endings the upstream bills nothing for
+
+
 @dataclass(kw_only=True, slots=True)
 class Bill:
     """What is known about a request's cost when it ends; filled in by the handler."""
@@ -75,7 +78,7 @@ class Tariff:
 
 def amount_due(bill: Bill, tariff: Tariff, *, hold_micros: int) -> int:
     """The micro-USD to commit for ``bill``: 0 releases the hold."""
-    if bill.ending in (Ending.NOT_SENT, Ending.REFUSED):
+    if bill.ending in NOTHING_DUE:
         return 0
     if bill.usage is not None:
         price = price_at_prompt_size(tariff.price, tariff.size_tiers, bill.usage.prompt_tokens)
@@ -102,7 +105,7 @@ def amounts_due(bill: Bill, tariff: Tariff, *, held: Amounts) -> Amounts:
 
 def tokens_due(bill: Bill, tariff: Tariff, *, held_tokens: int) -> int:
     """The tokens to commit for ``bill``, by the same rule as the money."""
-    if bill.ending in (Ending.NOT_SENT, Ending.REFUSED):
+    if bill.ending in NOTHING_DUE:
         return 0
     usage = bill.usage
     if usage is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from proxy import budget, headers, upstream
 from proxy.auth import AGENT_ID, Identity
-from proxy.charge import Bill, Ending, Tariff, amounts_due
+from proxy.charge import NOTHING_DUE, Bill, Ending, Tariff, amounts_due
 from proxy.config import MAX_MODEL_CHARS, TokenCap, UpstreamConfig, UserCaps
 from proxy.counters import Amounts, ReserveResult, Unit, fits
 from proxy.endpoints import Endpoint, endpoint_for
@@ -79,6 +80,8 @@ from proxy.usage import (
     unsized_state,
 )
 from proxy.windows import period_of
+
+log = logging.getLogger("capproxy")
 
 # Bodies above this size are parsed and tokenized in a worker thread, below the loop.
 OFFLOAD_BYTES = 64 * 1024
@@ -250,8 +253,13 @@ async def admit(
         unsized += tuple(f"hosted tool '{tool}'" for tool in tools)
     prompt = _bounded_prompt(estimate.tokens, unsized, price, caps.unsized_input, model)
     token_cap = caps.token_cap_for(identity.agent_id) if caps.enabled else None
-    if not exact and not _bound_decides(
-        token_cap, prompt=prompt, output=requested_output, choices=n, tiers=size_tiers
+    least = _bounded_prompt(1, unsized, price, caps.unsized_input, model)
+    if (
+        not exact
+        and prompt > least  # else no count can change it (input held at the whole context)
+        and not _bound_decides(
+            token_cap, prompt=prompt, output=requested_output, choices=n, tiers=size_tiers
+        )
     ):
         exact = True
         estimate = await _offload(raw, rt.tokenizer.estimate_prompt, endpoint, body)
@@ -391,6 +399,22 @@ async def _counted_plan(adm: Admission, refused: ReserveResult) -> budget.Budget
         return None
     await count_exactly(adm)
     return adm.plan
+
+
+async def _count_for_charge(adm: Admission, bill: Bill) -> asyncio.CancelledError | None:
+    """Count a prompt held on its bound when its charge is worked out from it: no usage
+    came back from a request that went out and was not refused. The charge is made
+    whatever happens here: a count that fails leaves the hold on the bound (charging
+    more, never less), and a cancellation is returned, to raise once the charge is made."""
+    if adm.prompt_exact or bill.usage is not None or bill.ending in NOTHING_DUE:
+        return None
+    try:
+        await asyncio.shield(count_exactly(adm))
+    except asyncio.CancelledError as exc:
+        return exc
+    except Exception as exc:
+        log.warning("a prompt could not be counted (%s): charged on its bound", type(exc).__name__)
+    return None
 
 
 async def count_exactly(adm: Admission) -> None:
@@ -561,8 +585,7 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
             # Every way a request ends passes here, once: an error of the proxy's own, a
             # cancellation or a client gone after the request went out leaves the bill at
             # CUT, which charges the whole hold (as worked out on the prompt's count).
-            if bill.usage is None and not adm.prompt_exact:
-                await asyncio.shield(count_exactly(adm))
+            cancelled = await _count_for_charge(adm, bill)
             charged = _due(adm, bill)
             await hold.commit(charged)
             _settled(rec, adm, charged.micros, bill)
@@ -570,6 +593,8 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
                 request.app[JOURNAL].append(_journal_entry(adm, hold, bill, charged.micros))
             if hold.states:
                 metrics.hold_ended()
+            if cancelled is not None:
+                raise cancelled
     if hold.states:
         alerter.observe(hold.plan, hold.states, charged)
     return out
@@ -648,8 +673,9 @@ async def _forward(
         data = await upstream.read_body(resp, adm.route, limit=limit)
         bill.usage = await _offload(data, _usage_of, adm.endpoint, data)
         bill.ending = Ending.ANSWERED
-        if bill.usage is None:
-            await count_exactly(adm)
+        cancelled = await _count_for_charge(adm, bill)
+        if cancelled is not None:
+            raise cancelled
         out = _relay(resp, data, adm.identity, rate_limits=adm.upstream_rate_headers)
         out.headers.update(_budget_headers(adm, hold, _due(adm, bill)))
         _shadow_header(out, rec)
@@ -663,7 +689,8 @@ def _settled(rec: RequestRecord, adm: Admission, charged: int, bill: Bill) -> No
         rec.prompt_tokens = bill.usage.prompt_tokens
         rec.completion_tokens = bill.usage.completion_tokens
     else:
-        rec.prompt_tokens = adm.prompt_tokens
+        # A bound is no count of tokens: left out of the line and the token metrics.
+        rec.prompt_tokens = adm.prompt_tokens if adm.prompt_exact else None
         rec.completion_tokens = bill.counted_output
 
 

@@ -9,20 +9,31 @@ The real app, a fake upstream on loopback and a real Redis. test-model costs $1 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy import tokens
+from proxy import handlers, tokens
 from proxy.endpoints import Endpoint
 from proxy.redis_store import RedisStore
+from proxy.state import LIFECYCLE
 from proxy.tokens import Tokenizer
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
-from tests.harness import AccessLog, access_log, auth, chat, settings_for, spent
+from tests.harness import (
+    TEST_MODEL_PRICE,
+    AccessLog,
+    access_log,
+    auth,
+    chat,
+    settings_for,
+    spent,
+)
 from tests.test_integrity import held_in_flight
 
 CHAT = "/v1/chat/completions"
@@ -183,3 +194,100 @@ async def test_an_answer_without_usage_is_charged_the_hold_on_the_count(
     assert line["prompt_tokens"] == count(BODY)
     assert line["usage_missing"] is True
     assert await spent(redis_store) == ((count(BODY) + 100 * 2) * MICRO, Decimal(0))
+
+
+async def test_a_count_that_fails_charges_the_hold_on_the_bound_and_the_answer_goes_out(
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    redis_store: RedisStore,
+    no_encoding: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream.usage = lambda _p, _b: None  # the charge is worked out from the prompt
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(Decimal(1))), store=redis_store
+    )
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 200
+    assert (await resp.json())["choices"]
+    # More than the hold on the count, never less: the upstream billed at most that.
+    assert await spent(redis_store) == ((bound(BODY) + 100 * 2) * MICRO, Decimal(0))
+    assert "could not be counted (AssertionError): charged on its bound" in caplog.text
+    assert TEXT[:20] not in caplog.text
+
+
+async def test_a_request_cancelled_while_its_prompt_is_counted_is_still_charged(
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    redis_store: RedisStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    upstream.usage = lambda _p, _b: None
+    counting, never = asyncio.Queue[None](), asyncio.Event()
+
+    async def stuck(adm: handlers.Admission) -> None:
+        counting.put_nowait(None)
+        await never.wait()
+
+    monkeypatch.setattr(handlers, "count_exactly", stuck)
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(Decimal(1))), store=redis_store
+    )
+    request = asyncio.create_task(client.post(CHAT, json=BODY, headers=auth()))
+    (task,) = await _counting_in(client, counting)
+    task.cancel()  # as a shutdown past its grace: once, then again
+    await asyncio.wait_for(counting.get(), 5)  # the settle's own count: cancelled too
+    task.cancel()
+    with pytest.raises(aiohttp.ClientError):
+        await request
+    never.set()
+    assert upstream.count == 1
+    for _ in range(200):  # the settle runs in a task of its own
+        if (await spent(redis_store))[1] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await spent(redis_store) == ((bound(BODY) + 100 * 2) * MICRO, Decimal(0))
+
+
+async def _counting_in(
+    client: TestClient[Any, Any], counting: asyncio.Queue[None]
+) -> set[asyncio.Task[object]]:
+    """The request tasks in flight once one of them counts its prompt."""
+    await asyncio.wait_for(counting.get(), 5)
+    return set(client.app[LIFECYCLE].inflight)
+
+
+async def test_a_request_the_upstream_refuses_costs_nothing_and_is_not_counted(
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    redis_store: RedisStore,
+    no_encoding: None,
+    log: AccessLog,
+) -> None:
+    upstream.status = 400
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(Decimal(1))), store=redis_store
+    )
+    resp = await client.post(CHAT, json=BODY, headers=auth())
+    assert resp.status == 400
+    line = await log.line("_default")
+    assert line["prompt_tokens"] is None  # a bound is no count of tokens
+    assert await spent(redis_store) == (Decimal(0), Decimal(0))
+
+
+async def test_input_held_at_the_whole_context_is_not_counted(
+    upstream: FakeUpstream, make_client: MakeClient, no_encoding: None
+) -> None:
+    # A file part cannot be sized: the prompt is held at the model's 5,000-token context,
+    # whatever the text beside it counts, and the 4,096-token prompt cap refuses that.
+    price = {**TEST_MODEL_PRICE, "max_input_tokens": 5000}
+    caps = hourly(Decimal(1), default_token_cap={"max_prompt_tokens": 4096})
+    settings = settings_for(upstream.url, cost_caps=caps, pricing={"models": {"test-model": price}})
+    client = await make_client(settings)
+    content = [{"type": "text", "text": "summarise"}, {"type": "file", "file": {"file_id": "f"}}]
+    body = {**chat(max_tokens=100), "messages": [{"role": "user", "content": content}]}
+    resp = await client.post(CHAT, json=body, headers=auth())
+    assert resp.status == 429
+    error = (await resp.json())["error"]
+    assert error["code"] == "token_cap_exceeded"
+    assert "Prompt tokens (5000) exceed cap (4096)" in error["message"]
