@@ -33,7 +33,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "DEFAULT_CONNECTIONS",
+    "OPEN",
     "QUIET_CONNECT",
+    "Prepared",
     "Script",
     "Server",
     "lua",
@@ -90,6 +92,65 @@ class Script:
             body = b"".join(b"$%d\r\n%s\r\n" % (len(b), b) for b in map(str.encode, items))
         head = self._full if full else self._short
         return b"*%d\r\n%s%s" % (len(items) + 2, head, body)
+
+    def full(self, packed: bytes) -> bytes:
+        """``packed`` (an EVALSHA) as an EVAL: for a server that lost its script cache."""
+        start = packed.index(b"\r\n") + 2
+        if not packed.startswith(self._short, start):
+            raise ValueError("not a call of this script")
+        return packed[:start] + self._full + packed[start + len(self._short) :]
+
+
+class _Open:
+    def __repr__(self) -> str:
+        return "OPEN"
+
+
+OPEN: Any = _Open()  # an item a Prepared call leaves open
+
+
+class Prepared:
+    """A call of a script packed once but for a few items left ``OPEN``, filled per call:
+    the keys and arguments a request's counters and periods fix are not packed again.
+
+        call = Prepared(script, ["k1", OPEN], [OPEN, 60000])
+        call.fill(["k2", "rid"]) == script.packed(["k1", "k2"], ["rid", 60000])
+    """
+
+    __slots__ = ("_chunks", "script")
+
+    def __init__(self, script: Script, keys: Sequence[object], args: Sequence[object]) -> None:
+        self.script = script
+        items = [len(keys), *keys, *args]
+        chunks: list[bytes] = []
+        done = [b"*%d\r\n%s" % (len(items) + 2, script._short)]
+        for item in items:
+            if item is OPEN:
+                chunks.append(b"".join(done))
+                done = []
+            else:
+                done.append(_bulk(str(item)))
+        chunks.append(b"".join(done))
+        self._chunks = chunks
+
+    @property
+    def open(self) -> int:
+        return len(self._chunks) - 1
+
+    def fill(self, values: Sequence[str | int]) -> bytes:
+        """The call with ``values`` in its open items, in order."""
+        chunks = self._chunks
+        if len(values) != len(chunks) - 1:
+            raise ValueError(f"{len(chunks) - 1} open items, {len(values)} values")
+        parts = [chunks[0]]
+        for value, chunk in zip(values, chunks[1:], strict=True):
+            parts += (_bulk(str(value)), chunk)
+        return b"".join(parts)
+
+
+def _bulk(item: str) -> bytes:
+    data = item.encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 class _Pipe(asyncio.Protocol):
@@ -245,13 +306,17 @@ class Server:
         return sum(1 for pipe in self._pipes if not pipe.broken)
 
     async def eval(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        return await self.run(script, script.packed(keys, args))
+
+    async def run(self, script: Script, packed: bytes) -> Any:
+        """Send ``packed``, a call of ``script`` (``Script.packed``, ``Prepared.fill``)."""
         for attempt in range(2):
             pipe = await self._pipe()
             try:
                 try:
-                    return await pipe.call(script.packed(keys, args))
+                    return await pipe.call(packed)
                 except NoScriptError:  # the server lost its script cache (restart, FLUSH)
-                    return await pipe.call(script.packed(keys, args, full=True))
+                    return await pipe.call(script.full(packed))
             except RedisConnectionError:
                 await self.drop()
                 if attempt:
