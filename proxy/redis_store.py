@@ -122,7 +122,9 @@ from proxy.journal import JournalEntry, counter_of
 from proxy.logs import log_event
 from proxy.redis_scripts import (
     DEFAULT_CONNECTIONS,
+    OPEN,
     QUIET_CONNECT,
+    Prepared,
     Script,
     Server,
     lua,
@@ -152,6 +154,7 @@ BACK_AFTER_S = 1.0  # an outage ends after this long without a failed call
 DATA_LOST_RETRY_AFTER_S = 60
 CLUSTER_ATTEMPTS = 3  # a call, and twice more after reading the slots again
 GUARD_BACKSTOP = 8  # an operation's limit, in store timeouts (see _guard)
+MAX_PREPARED_CALLS = 4096  # prepared script calls remembered (all dropped past this many)
 DAY_S = 86_400
 UTC = ZoneInfo("UTC")
 
@@ -240,6 +243,7 @@ class RedisStore:
         self._local_clock = local_clock
         self._offset = 0.0  # Redis time - local time, learned from script replies
         self._reserve = Script(lua("reserve.lua", with_lib=True))
+        self._calls: dict[tuple[object, ...], tuple[tuple[object, ...], tuple[Prepared, str]]] = {}
         self._renew = Script(lua("renew.lua", with_lib=True))
         self._commit = Script(lua("history.lua") + lua("commit.lua"))
         self._snapshot = Script(lua("snapshot.lua"))
@@ -416,29 +420,19 @@ class RedisStore:
         amounts = check_amount(amount)
         ttl_ms = check_ttl(hold_ttl_s)
 
-        agent, user = _agent_of(counters), _user_of(counters)
-        tenant_flight, agent_flight = limits.max_concurrent
-        if not agent:
-            agent_flight = None  # no agent: only the tenant's requests in flight count
         self._refuse_if_lost(tenant)
 
         async def attempt(at: float) -> ReserveResult:
             periods = [period_of(c.window, at, tz) for c in counters]
-            keys: list[str] = []
-            args: list[str | int] = [rid, ttl_ms]
-            for c, p in zip(counters, periods, strict=True):
-                key = self.counter_key(c, p)
-                keys += [key, key + ":holds"]
-                limit = min(c.limit, MAX_MICROS)  # beyond it, a limit is no limit
-                args += [limit, amounts.of(c.unit), p.start, p.end, self._expire_at_ms(p, ttl_ms)]
-            keys += [self.settled_key(tenant, rid), self.epoch_key(tenant)]
-            keys.append(self.agents_key(tenant, at))
-            keys += self.in_flight_keys(tenant, agent)
-            keys.append(self.users_key(tenant, at))
-            args += [agent, limits.max_agents or MAX_MICROS, self._agents_expire_at_ms(at)]
-            args += [tenant_flight or "", agent_flight or ""]
-            args += [user, limits.max_users or MAX_MICROS]
-            reply = await self._eval(self._reserve, keys, args)
+            memo = (self._reserve, id(counters), id(limits), ttl_ms, int(at // DAY_S))
+            call, slot = self._prepared(
+                (*memo, *[(p.start, p.end) for p in periods]),
+                (counters, limits),
+                lambda: self._reserve_call(tenant, counters, periods, at, ttl_ms, limits),
+            )
+            opened: list[str | int] = [self.settled_key(tenant, rid), rid]
+            opened += [amounts.of(c.unit) for c in counters]
+            reply = await self._run(self._reserve, call.fill(opened), slot)
             status, now = self._status(reply)
             states = _states(counters, periods, reply[4:])
             return ReserveResult(
@@ -481,6 +475,87 @@ class RedisStore:
             return status == "ok"
 
         return await self._guard(renew)
+
+    def _reserve_call(
+        self,
+        tenant: str,
+        counters: Sequence[Counter],
+        periods: Sequence[Period],
+        at: float,
+        ttl_ms: int,
+        limits: Limits,
+    ) -> tuple[Prepared, str]:
+        """reserve.lua's call for these counters and periods; open: the rid's settled
+        marker, the rid, and each counter's amount."""
+        agent, user = _agent_of(counters), _user_of(counters)
+        tenant_flight, agent_flight = limits.max_concurrent
+        if not agent:
+            agent_flight = None  # no agent: only the tenant's requests in flight count
+        keys: list[str] = []
+        args: list[object] = [OPEN, ttl_ms]
+        for c, p in zip(counters, periods, strict=True):
+            key = self.counter_key(c, p)
+            keys += [key, key + ":holds"]
+            limit = min(c.limit, MAX_MICROS)  # beyond it, a limit is no limit
+            args += [limit, OPEN, p.start, p.end, self._expire_at_ms(p, ttl_ms)]
+        keys += [OPEN, self.epoch_key(tenant)]
+        keys.append(self.agents_key(tenant, at))
+        keys += self.in_flight_keys(tenant, agent)
+        keys.append(self.users_key(tenant, at))
+        args += [agent, limits.max_agents or MAX_MICROS, self._agents_expire_at_ms(at)]
+        args += [tenant_flight or "", agent_flight or ""]
+        args += [user, limits.max_users or MAX_MICROS]
+        return Prepared(self._reserve, keys, args), keys[0]
+
+    def _commit_call(
+        self,
+        tenant: str,
+        targets: Sequence[tuple[Counter, Period]],
+        ttl_ms: int,
+        check: bool,
+        marked: bool,
+        at: float,
+        tz: ZoneInfo,
+    ) -> tuple[Prepared, str]:
+        """commit.lua's call for these counters and periods at ``at`` (to the second);
+        open: the rid's settled marker, the rid, each counter's amount, a nonce and the
+        cost added to the history."""
+        marker_ttl_ms = max(2 * ttl_ms, MIN_MARKER_TTL_S * 1000) if marked else 0
+        keys: list[object] = [OPEN]
+        args: list[object] = [OPEN, marker_ttl_ms, int(check)]
+        for c, p in targets:
+            key = self.counter_key(c, p)
+            keys += [key, key + ":holds"]
+            kind = c.scope[0]
+            scope = kind[0] if kind in ("agent", "user") else "t"
+            args += [OPEN, p.start, p.end, self._expire_at_ms(p, ttl_ms), scope]
+        counters = [c for c, _ in targets]
+        agent = _agent_of(counters)
+        keys += [self.epoch_key(tenant), self.agents_key(tenant, at)]
+        keys += self.in_flight_keys(tenant, agent)
+        keys.append(self.users_key(tenant, at))
+        args += [agent, OPEN, _user_of(counters)]
+        keys += self.history_keys(tenant)
+        args += [OPEN, *buckets(at, tz), *cutoffs(at), *self._history_expiry_ms(at)]
+        return Prepared(self._commit, keys, args), self.epoch_key(tenant)
+
+    def _prepared(
+        self,
+        memo: tuple[object, ...],
+        refs: tuple[object, ...],
+        build: Callable[[], tuple[Prepared, str]],
+    ) -> tuple[Prepared, str]:
+        """The prepared call (and a key of its slot) remembered under ``memo``, which
+        names ``refs`` by ``id``: it is the one remembered only while they are the very
+        objects it was built for (a plan's counters and limits are kept and reused)."""
+        found = self._calls.get(memo)
+        if found is not None and all(a is b for a, b in zip(found[0], refs, strict=True)):
+            return found[1]
+        if len(self._calls) >= MAX_PREPARED_CALLS:
+            self._calls.clear()
+        call = build()
+        self._calls[memo] = (refs, call)
+        return call
 
     async def settle(
         self,
@@ -827,13 +902,18 @@ class RedisStore:
     async def _eval(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
         """One script call: EVALSHA (EVAL when the server lost the script), on the server
         that holds ``keys`` (all in one slot)."""
-        if self._server is not None:
-            return await self._server.eval(script, keys, args)
-        assert isinstance(self._client, RedisCluster)
-        return await self._eval_cluster(self._client, script, keys, args)
+        return await self._run(script, script.packed(keys, args), keys[0])
 
-    async def _eval_cluster(
-        self, client: RedisCluster, script: Script, keys: list[str], args: Sequence[str | int]
+    async def _run(self, script: Script, packed: bytes, slot_key: str) -> Any:
+        """``packed``, a call of ``script``, on the server that holds ``slot_key`` (and
+        every key of the call: they share one slot)."""
+        if self._server is not None:
+            return await self._server.run(script, packed)
+        assert isinstance(self._client, RedisCluster)
+        return await self._run_cluster(self._client, script, packed, slot_key)
+
+    async def _run_cluster(
+        self, client: RedisCluster, script: Script, packed: bytes, slot_key: str
     ) -> Any:
         """The call on the node that serves the keys' slot, as the cluster client last read
         the slots. MOVED/ASK, a shard that is down or failing over, or a node that cannot
@@ -843,9 +923,9 @@ class RedisStore:
             await self._read_topology(client, since=-1.0)
         for attempt in range(CLUSTER_ATTEMPTS):
             seen = self._topology_at
-            node = client.nodes_manager.get_node_from_slot(client.keyslot(keys[0]))
+            node = client.nodes_manager.get_node_from_slot(client.keyslot(slot_key))
             try:
-                return await self._node(node.host, int(node.port)).eval(script, keys, args)
+                return await self._node(node.host, int(node.port)).run(script, packed)
             except (AskError, TryAgainError, ClusterDownError, RedisConnectionError):
                 if attempt == CLUSTER_ATTEMPTS - 1:
                     raise
@@ -918,32 +998,19 @@ class RedisStore:
         a release leaves no key behind. The cost in micro-USD also goes to the tenant's
         history, in the hour and day (in ``tz``) of the store's time now."""
         amounts = clamp_actual(actual_amounts)
-        keys = [self.settled_key(tenant, rid)]
         marked = check or amounts.charges([c for c, _ in targets])
-        marker_ttl_ms = max(2 * ttl_ms, MIN_MARKER_TTL_S * 1000) if marked else 0
-        args: list[str | int] = [rid, marker_ttl_ms, int(check)]
-        for c, p in targets:
-            key = self.counter_key(c, p)
-            keys += [key, key + ":holds"]
-            kind = c.scope[0]
-            args += [
-                amounts.of(c.unit),
-                p.start,
-                p.end,
-                self._expire_at_ms(p, ttl_ms),
-                kind[0] if kind in ("agent", "user") else "t",
-            ]
         at = self._estimate()
-        counters = [c for c, _ in targets]
-        agent = _agent_of(counters)
-        keys += [self.epoch_key(tenant), self.agents_key(tenant, at)]
-        keys += self.in_flight_keys(tenant, agent)
-        keys.append(self.users_key(tenant, at))
-        args += [agent, secrets.token_hex(8), _user_of(counters)]
-        keys += self.history_keys(tenant)
-        history = amounts.micros if marked else 0  # once per rid, as the marker makes it
-        args += [history, *buckets(at, tz), *cutoffs(at), *self._history_expiry_ms(at)]
-        reply = await self._eval(self._commit, keys, args)
+        memo = (self._commit, check, marked, ttl_ms, int(at), tz)
+        call, slot = self._prepared(
+            (*memo, *[(id(c), p.start, p.end) for c, p in targets]),
+            tuple(c for c, _ in targets),
+            lambda: self._commit_call(tenant, targets, ttl_ms, check, marked, at, tz),
+        )
+        opened: list[str | int] = [self.settled_key(tenant, rid), rid]
+        opened += [amounts.of(c.unit) for c, _ in targets]
+        # The history gets the cost once per rid, as the marker makes it.
+        opened += [secrets.token_hex(8), amounts.micros if marked else 0]
+        reply = await self._run(self._commit, call.fill(opened), slot)
         self._status(reply)
         if len(reply) > 1 and reply[1]:
             self._epochs[tenant] = _text(reply[1])

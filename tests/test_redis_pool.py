@@ -13,11 +13,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.app import new_event_loop
-from proxy.redis_scripts import QUIET_CONNECT, Script, Server
+from proxy.redis_scripts import OPEN, QUIET_CONNECT, Prepared, Script, Server
 from proxy.redis_store import RedisStore
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
@@ -220,3 +222,46 @@ async def test_the_first_requests_of_a_new_tenant_register_it_on_one_connection(
         assert await connections_received(admin) - before <= 2
     finally:
         await admin.aclose()
+
+
+# --- prepared calls ------------------------------------------------------------------
+
+_ITEM = st.one_of(
+    st.text(max_size=12), st.integers(min_value=-(10**18), max_value=10**18), st.just("")
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(_ITEM, st.booleans()), max_size=8),
+    st.lists(st.tuples(_ITEM, st.booleans()), max_size=12),
+)
+def test_a_prepared_call_packs_as_the_script_would(
+    keys: list[tuple[Any, bool]], args: list[tuple[Any, bool]]
+) -> None:
+    script = Script("return redis.call('GET', KEYS[1])")
+    call = Prepared(
+        script,
+        [OPEN if hole else str(item) for item, hole in keys],
+        [OPEN if hole else item for item, hole in args],
+    )
+    values = [str(item) for item, hole in keys if hole] + [item for item, hole in args if hole]
+    packed = call.fill(values)
+    assert packed == script.packed([str(item) for item, _ in keys], [item for item, _ in args])
+    full = script.packed([str(item) for item, _ in keys], [item for item, _ in args], full=True)
+    assert script.full(packed) == full
+    with pytest.raises(ValueError, match="open items"):
+        call.fill([*values, "one too many"])
+
+
+async def test_a_server_that_lost_its_scripts_runs_a_prepared_call_in_full(
+    redis_server: RedisServer, server: Server
+) -> None:
+    call = Prepared(ECHO, [], [OPEN])
+    assert await server.run(ECHO, call.fill(["first"])) == b"first"
+    admin = Redis.from_url(redis_server.url)
+    try:
+        await admin.script_flush()
+    finally:
+        await admin.aclose()
+    assert await server.run(ECHO, call.fill(["after the flush"])) == b"after the flush"

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from redis.asyncio import Redis
 
+from proxy import redis_store
 from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
     SEEN_READ_MAX,
@@ -727,11 +728,11 @@ async def test_redis_reserve_renew_and_settle_are_one_script_call_each(
     assert isinstance(h.store, RedisStore)
     store = h.store
     scripts: list[Any] = []
-    evaluate = store._eval
+    run = store._run
 
-    async def counted(script: Any, keys: Any, args: Any) -> Any:
+    async def counted(script: Any, packed: bytes, slot_key: str) -> Any:
         scripts.append(script)
-        return await evaluate(script, keys, args)
+        return await run(script, packed, slot_key)
 
     counters = [tenant(1000, Window.HOURLY), agent(1000, window=Window.DAILY)]
     # A tenant that never spent has no epoch: its reserve also asks whether it is new
@@ -739,7 +740,7 @@ async def test_redis_reserve_renew_and_settle_are_one_script_call_each(
     first = await reserve(h, "r0", counters, 10)
     await store.settle("r0", first.states, 1, hold_ttl_s=TTL)
     await store.now()  # learn Redis's clock first, so no call is a skew retry
-    monkeypatch.setattr(store, "_eval", counted)
+    monkeypatch.setattr(store, "_run", counted)
     result = await reserve(h, "r1", counters, 10)
     assert await store.renew("r1", result.states, hold_ttl_s=TTL)
     await store.settle("r1", result.states, 5, hold_ttl_s=TTL)
@@ -780,14 +781,14 @@ async def test_redis_corrects_a_skewed_local_clock(
         local_clock=lambda: time.time() + 7200,
     )
     calls = 0
-    evaluate = store._eval
+    run = store._run
 
-    async def counted(script: Any, keys: Any, args: Any) -> Any:
+    async def counted(script: Any, packed: bytes, slot_key: str) -> Any:
         nonlocal calls
         calls += script is store._reserve
-        return await evaluate(script, keys, args)
+        return await run(script, packed, slot_key)
 
-    monkeypatch.setattr(store, "_eval", counted)
+    monkeypatch.setattr(store, "_run", counted)
     counters = [tenant(1000, Window.HOURLY)]
     first = await store.reserve("r1", counters, 10, tz=UTC, hold_ttl_s=TTL)
     assert first.ok and calls == 2  # skew, then the retry with Redis's time
@@ -1313,3 +1314,22 @@ async def test_redis_seen_today_reads_a_bounded_sample_of_a_crowded_day(
     assert len(seen.users) == 20 and list(seen.users) == sorted(seen.users)
     assert set(seen.users) <= set(crowd)
     assert (seen.agents, seen.agents_total) == ((), 0)
+
+
+async def test_redis_prepared_calls_follow_their_counters_and_stay_bounded(
+    redis_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = redis_harness
+    assert isinstance(h.store, RedisStore)
+    monkeypatch.setattr(redis_store, "MAX_PREPARED_CALLS", 4)
+    plans = [[tenant(1000), agent(1000, f"bot-{i}")] for i in range(6)]
+    for round_ in range(2):
+        for i, counters in enumerate(plans):
+            result = await reserve(h, f"r{round_}-{i}", counters, 10 + i)
+            # Each plan's own keys and amounts, whichever calls were prepared before.
+            assert result.ok
+            assert result.states[1].held == (round_ + 1) * (10 + i)
+            assert len(h.store._calls) <= 4
+    snapshot = await h.store.snapshot(plans[5], tz=UTC)
+    assert amounts(snapshot)[1] == (0, 2 * 15)  # bot-5's own counter: its two holds
+    assert amounts(snapshot)[0] == (0, 2 * sum(10 + i for i in range(6)))  # the tenant's
