@@ -1333,3 +1333,28 @@ async def test_redis_prepared_calls_follow_their_counters_and_stay_bounded(
     snapshot = await h.store.snapshot(plans[5], tz=UTC)
     assert amounts(snapshot)[1] == (0, 2 * 15)  # bot-5's own counter: its two holds
     assert amounts(snapshot)[0] == (0, 2 * sum(10 + i for i in range(6)))  # the tenant's
+
+
+async def test_the_store_backstop_cuts_a_call_off_and_leaves_its_task_usable() -> None:
+    never = asyncio.Event()
+    with pytest.raises(TimeoutError):
+        await redis_store._within(0.01, never.wait)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # no cancellation left behind
+    assert await redis_store._within(5, lambda: asyncio.sleep(0, "done")) == "done"
+
+
+async def test_the_store_backstop_lets_another_cancellation_through() -> None:
+    started, never = asyncio.Event(), asyncio.Event()
+
+    async def waits() -> None:
+        started.set()
+        await never.wait()
+
+    inner = asyncio.create_task(redis_store._within(5, waits))
+    await started.wait()
+    inner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await inner
+    assert inner.cancelled()
