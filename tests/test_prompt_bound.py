@@ -10,7 +10,6 @@ The real app, a fake upstream on loopback and a real Redis. test-model costs $1 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -25,19 +24,10 @@ from proxy.state import LIFECYCLE
 from proxy.tokens import Tokenizer
 from tests.conftest import MakeClient
 from tests.fake_upstream import FakeUpstream
-from tests.harness import (
-    TEST_MODEL_PRICE,
-    AccessLog,
-    access_log,
-    auth,
-    chat,
-    settings_for,
-    spent,
-)
-from tests.test_integrity import held_in_flight
+from tests.harness import TEST_MODEL_PRICE, AccessLog, auth, chat, settings_for, spent
+from tests.test_integrity import CHAT, MICRO, held_in_flight, log
 
-CHAT = "/v1/chat/completions"
-MICRO = Decimal("0.000001")
+__all__ = ["log"]  # a fixture, used by name
 # 6,000 bytes in about 1,000 tokens: its bound is six times its count.
 TEXT = "hello world " * 500
 BODY = chat(TEXT, max_tokens=100)
@@ -69,12 +59,6 @@ def no_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError(f"encoding {name} loaded")
 
     monkeypatch.setattr(tokens, "load_encoding", refuse)
-
-
-@pytest.fixture
-def log() -> Iterator[AccessLog]:
-    with access_log() as handler:
-        yield handler
 
 
 async def refused(client: TestClient[Any, Any], upstream: FakeUpstream, code: str) -> str:
