@@ -283,6 +283,7 @@ class RedisStore:
         self._offset = 0.0  # Redis time - local time, learned from script replies
         self._reserve = Script(lua("reserve.lua", with_lib=True))
         self._calls: dict[tuple[object, ...], tuple[tuple[object, ...], tuple[Prepared, str]]] = {}
+        self._history_second: tuple[object, tuple[int, ...]] = (None, ())
         self._renew = Script(lua("renew.lua", with_lib=True))
         self._commit = Script(lua("history.lua") + lua("commit.lua"))
         self._snapshot = Script(lua("snapshot.lua"))
@@ -546,6 +547,15 @@ class RedisStore:
         args += [user, limits.max_users or MAX_MICROS]
         return Prepared(self._reserve, keys, args), keys[0]
 
+    def _history_at(self, at: float, tz: ZoneInfo) -> tuple[int, ...]:
+        """The history's hour and day buckets at ``at``, its cutoffs and its keys'
+        expiries: worked out once a second."""
+        second = (int(at), tz)
+        if self._history_second[0] != second:
+            values = (*buckets(at, tz), *cutoffs(at), *self._history_expiry_ms(at))
+            self._history_second = (second, values)
+        return self._history_second[1]
+
     def _commit_call(
         self,
         tenant: str,
@@ -554,11 +564,11 @@ class RedisStore:
         check: bool,
         marked: bool,
         at: float,
-        tz: ZoneInfo,
+        history: tuple[int, int],
     ) -> tuple[Prepared, str]:
-        """commit.lua's call for these counters and periods at ``at`` (to the second);
-        open: the rid's settled marker, the rid, each counter's amount, a nonce and the
-        cost added to the history."""
+        """commit.lua's call for these counters and periods, with the history's hour and
+        day; open: the rid's settled marker, the rid, each counter's amount, a nonce, the
+        cost added to the history, and the history's cutoffs and expiries (by the second)."""
         marker_ttl_ms = max(2 * ttl_ms, MIN_MARKER_TTL_S * 1000) if marked else 0
         keys: list[object] = [OPEN]
         args: list[object] = [OPEN, marker_ttl_ms, int(check)]
@@ -575,7 +585,7 @@ class RedisStore:
         keys.append(self.users_key(tenant, at))
         args += [agent, OPEN, _user_of(counters)]
         keys += self.history_keys(tenant)
-        args += [OPEN, *buckets(at, tz), *cutoffs(at), *self._history_expiry_ms(at)]
+        args += [OPEN, *history, OPEN, OPEN, OPEN, OPEN]
         return Prepared(self._commit, keys, args), self.epoch_key(tenant)
 
     def _prepared(
@@ -1039,16 +1049,18 @@ class RedisStore:
         amounts = clamp_actual(actual_amounts)
         marked = check or amounts.charges([c for c, _ in targets])
         at = self._estimate()
-        memo = (self._commit, check, marked, ttl_ms, int(at), tz)
+        hour, day, *history = self._history_at(at, tz)
+        memo = (self._commit, check, marked, ttl_ms, hour, day, int(at // DAY_S))
         call, slot = self._prepared(
             (*memo, *[(id(c), p.start, p.end) for c, p in targets]),
             tuple(c for c, _ in targets),
-            lambda: self._commit_call(tenant, targets, ttl_ms, check, marked, at, tz),
+            lambda: self._commit_call(tenant, targets, ttl_ms, check, marked, at, (hour, day)),
         )
         opened: list[str | int] = [self.settled_key(tenant, rid), rid]
         opened += [amounts.of(c.unit) for c, _ in targets]
         # The history gets the cost once per rid, as the marker makes it.
         opened += [secrets.token_hex(8), amounts.micros if marked else 0]
+        opened += history
         reply = await self._run(self._commit, call.fill(opened), slot)
         self._status(reply)
         if len(reply) > 1 and reply[1]:
