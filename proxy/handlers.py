@@ -397,7 +397,11 @@ async def _counted_plan(adm: Admission, refused: ReserveResult) -> budget.Budget
     floor = _held(adm.runtime, adm.identity, adm.model, basis, least)[1].amounts
     if any(not fits(s, floor.of(s.counter.unit)) for s in refused.exceeded):
         return None
-    await count_exactly(adm)
+    try:
+        await count_exactly(adm)
+    except Exception as exc:  # the refusal on the bound stands
+        log.warning("a prompt could not be counted (%s): refused on its bound", type(exc).__name__)
+        return None
     return adm.plan
 
 

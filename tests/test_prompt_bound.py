@@ -74,6 +74,9 @@ async def refused(client: TestClient[Any, Any], upstream: FakeUpstream, code: st
     return message
 
 
+BODY_COUNT = count(BODY)  # counted before any test makes the encodings fail
+
+
 def test_the_body_is_one_whose_bound_and_count_part_ways() -> None:
     assert bound(BODY) > 5 * count(BODY)
 
@@ -275,3 +278,19 @@ async def test_input_held_at_the_whole_context_is_not_counted(
     error = (await resp.json())["error"]
     assert error["code"] == "token_cap_exceeded"
     assert "Prompt tokens (5000) exceed cap (4096)" in error["message"]
+
+
+async def test_a_refusal_on_the_bound_stands_when_the_prompt_cannot_be_counted(
+    upstream: FakeUpstream,
+    make_client: MakeClient,
+    redis_store: RedisStore,
+    no_encoding: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limit = (BODY_COUNT + 100 * 2) * MICRO  # the count would fit; the bound does not
+    client = await make_client(
+        settings_for(upstream.url, cost_caps=hourly(limit)), store=redis_store
+    )
+    await refused(client, upstream, "budget_exceeded")
+    assert "could not be counted (AssertionError): refused on its bound" in caplog.text
+    assert await spent(redis_store) == (Decimal(0), Decimal(0))
