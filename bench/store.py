@@ -7,7 +7,7 @@ monthly cap, and the hourly and daily default caps), at a fixed concurrency.
 
 It prints the CPU this process spent per request (Redis's own CPU is not in it). The
 machine's noise moves that figure by 10-20 % between runs; for an A/B comparison, count
-instructions instead, which repeat to within a fraction of a percent:
+instructions instead, which do not move with the machine's load:
 
     valgrind --tool=callgrind .venv/bin/python bench/store.py --requests 1000
     valgrind --tool=callgrind .venv/bin/python bench/store.py --requests 3000
