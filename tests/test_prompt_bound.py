@@ -75,6 +75,7 @@ async def refused(client: TestClient[Any, Any], upstream: FakeUpstream, code: st
 
 
 BODY_COUNT = count(BODY)  # counted before any test makes the encodings fail
+BOUND = bound(BODY)
 
 
 def test_the_body_is_one_whose_bound_and_count_part_ways() -> None:
@@ -183,23 +184,37 @@ async def test_an_answer_without_usage_is_charged_the_hold_on_the_count(
     assert await spent(redis_store) == ((count(BODY) + 100 * 2) * MICRO, Decimal(0))
 
 
-async def test_a_count_that_fails_charges_the_hold_on_the_bound_and_the_answer_goes_out(
+@pytest.mark.parametrize(
+    ("room", "status", "held_after", "logged"),
+    [
+        # No usage comes back: the charge is the hold on the bound, more and never less
+        # than the upstream billed; the answer goes out.
+        (10**6, 200, (BOUND + 100 * 2) * MICRO, "charged on its bound"),
+        # The count would fit, the bound does not: the refusal on the bound stands.
+        ((BODY_COUNT + 100 * 2) * MICRO, 429, Decimal(0), "refused on its bound"),
+    ],
+    ids=["charge", "refusal"],
+)
+async def test_a_prompt_that_cannot_be_counted_is_charged_or_refused_on_its_bound(
     upstream: FakeUpstream,
     make_client: MakeClient,
     redis_store: RedisStore,
     no_encoding: None,
     caplog: pytest.LogCaptureFixture,
+    room: Decimal,
+    status: int,
+    held_after: Decimal,
+    logged: str,
 ) -> None:
-    upstream.usage = lambda _p, _b: None  # the charge is worked out from the prompt
+    upstream.usage = lambda _p, _b: None  # a charge would be worked out from the prompt
     client = await make_client(
-        settings_for(upstream.url, cost_caps=hourly(Decimal(1))), store=redis_store
+        settings_for(upstream.url, cost_caps=hourly(Decimal(room))), store=redis_store
     )
     resp = await client.post(CHAT, json=BODY, headers=auth())
-    assert resp.status == 200
-    assert (await resp.json())["choices"]
-    # More than the hold on the count, never less: the upstream billed at most that.
-    assert await spent(redis_store) == ((bound(BODY) + 100 * 2) * MICRO, Decimal(0))
-    assert "could not be counted (AssertionError): charged on its bound" in caplog.text
+    assert resp.status == status
+    assert upstream.count == (status == 200)
+    assert await spent(redis_store) == (held_after, Decimal(0))
+    assert f"could not be counted (AssertionError): {logged}" in caplog.text
     assert TEXT[:20] not in caplog.text
 
 
@@ -278,19 +293,3 @@ async def test_input_held_at_the_whole_context_is_not_counted(
     error = (await resp.json())["error"]
     assert error["code"] == "token_cap_exceeded"
     assert "Prompt tokens (5000) exceed cap (4096)" in error["message"]
-
-
-async def test_a_refusal_on_the_bound_stands_when_the_prompt_cannot_be_counted(
-    upstream: FakeUpstream,
-    make_client: MakeClient,
-    redis_store: RedisStore,
-    no_encoding: None,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    limit = (BODY_COUNT + 100 * 2) * MICRO  # the count would fit; the bound does not
-    client = await make_client(
-        settings_for(upstream.url, cost_caps=hourly(limit)), store=redis_store
-    )
-    await refused(client, upstream, "budget_exceeded")
-    assert "could not be counted (AssertionError): refused on its bound" in caplog.text
-    assert await spent(redis_store) == (Decimal(0), Decimal(0))
