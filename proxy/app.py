@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 
@@ -48,11 +49,12 @@ from proxy.state import (
     METRICS,
     RUNTIME,
     SESSION,
+    UPSTREAM,
     Lifecycle,
     Runtime,
     RuntimeRef,
 )
-from proxy.upstream import new_session
+from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("capproxy")
 
@@ -141,12 +143,16 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    session = new_session()
+    client = UpstreamClient()
+    app[UPSTREAM] = client
+    # Webhooks only: no cookies, no proxies from the environment.
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
     app[SESSION] = session
     try:
         yield
     finally:
         await session.close()
+        await client.close()
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -62,7 +61,7 @@ from proxy.price_files import SizeTier, price_at_prompt_size
 from proxy.pricing import ModelPrice, ToolPrice, hold_price
 from proxy.relay import StreamEnd, StreamTap, relay_stream
 from proxy.spend import is_admin
-from proxy.state import ALERTER, JOURNAL, LEDGER, LIFECYCLE, METRICS, RUNTIME, SESSION, Runtime
+from proxy.state import ALERTER, JOURNAL, LEDGER, LIFECYCLE, METRICS, RUNTIME, UPSTREAM, Runtime
 from proxy.tokens import PromptEstimate
 from proxy.usage import (
     InvalidParam,
@@ -656,8 +655,8 @@ async def _forward(
     send_headers: list[tuple[str, str]],
 ) -> web.StreamResponse:
     sent = time.perf_counter()
-    async with upstream.send(
-        request.app[SESSION],
+    async with await upstream.send(
+        request.app[UPSTREAM],
         adm.route,
         adm.endpoint.value,
         method="POST",
@@ -702,7 +701,7 @@ async def _stream(
     request: web.Request,
     adm: Admission,
     hold: Hold,
-    resp: aiohttp.ClientResponse,
+    resp: upstream.Response,
     bill: Bill,
     rec: RequestRecord,
 ) -> web.StreamResponse:
@@ -812,7 +811,7 @@ def _send_headers(
 
 
 def _relay(
-    upstream_resp: aiohttp.ClientResponse,
+    upstream_resp: upstream.Response,
     data: bytes,
     identity: Identity,
     *,
@@ -832,8 +831,8 @@ async def models(request: web.Request) -> web.StreamResponse:
     identity = rt.auth.authenticate(request.headers)
     route = rt.settings.upstreams[0]
     send_headers = _send_headers(request, rt, identity, route)
-    async with upstream.send(
-        request.app[SESSION], route, "models", method="GET", headers=send_headers, body=None
+    async with await upstream.send(
+        request.app[UPSTREAM], route, "models", method="GET", headers=send_headers, body=None
     ) as resp:
         data = await upstream.read_body(resp, route)
         return _relay(resp, data, identity, rate_limits=identity.client_key is not None)

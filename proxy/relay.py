@@ -24,11 +24,11 @@ import dataclasses
 from collections import Counter
 from enum import StrEnum
 
-import aiohttp
 from aiohttp import web
 
 from proxy.endpoints import Endpoint
 from proxy.sse import Frame, SSEDecoder
+from proxy.upstream import Response, ResponseBroken
 from proxy.usage import (
     Usage,
     extract_stream_usage,
@@ -159,7 +159,7 @@ async def _write(
 
 
 async def relay_stream(
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     client: web.StreamResponse,
     tap: StreamTap,
     *,
@@ -174,7 +174,7 @@ async def relay_stream(
     decoder = SSEDecoder()
     gone = client_gone
     try:
-        async for chunk in upstream.content.iter_any():
+        while chunk := await upstream.read_any():
             frames = decoder.feed(chunk)
             if frames:
                 out = tap.select(frames)
@@ -185,7 +185,7 @@ async def relay_stream(
                         return StreamEnd.CLIENT_GONE
             if decoder.buffered > max_event_bytes:
                 return StreamEnd.EVENT_TOO_LARGE
-    except (aiohttp.ClientError, TimeoutError):
+    except (ResponseBroken, OSError, TimeoutError):
         return StreamEnd.UPSTREAM_BROKEN
     frames, leftover = decoder.flush()
     out = tap.select(frames)

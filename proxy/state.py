@@ -22,6 +22,7 @@ from proxy.metrics import Metrics
 from proxy.price_files import SizeTier, merge_price_files
 from proxy.pricing import BUILTIN_PRICES, PriceTable
 from proxy.tokens import Tokenizer
+from proxy.upstream import UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +92,9 @@ class Lifecycle:
 
 
 RUNTIME = web.AppKey("runtime", RuntimeRef)
+# Alerts' webhooks go out on this session; requests to upstreams on UPSTREAM.
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
 LEDGER = web.AppKey("ledger", Ledger)
 METRICS = web.AppKey("metrics", Metrics)
 ALERTER = web.AppKey("alerter", Alerter)
