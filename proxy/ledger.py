@@ -22,6 +22,7 @@ cost the same way once the store is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import deque
@@ -143,7 +144,9 @@ class Ledger:
         self._retry_interval_s = retry_interval_s
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()  # settles cut from their request
+        self._applying = 0  # settles under way in their requests' tasks
+        self._applied: asyncio.Event | None = None  # set when none is (drain waits on it)
         self._renewing: set[str] = set()  # rids of the holds whose lease is renewed
         self._rejections_failing = False  # the last rejection could not be kept
 
@@ -300,12 +303,22 @@ class Ledger:
             self._schedule_renewal(hold)
 
     async def settle(self, pending: _Pending) -> None:
-        """Apply a settle in a task of its own, so that cancelling the request that waits
-        for it cannot lose it; ``drain`` waits for every such task at shutdown."""
-        task = asyncio.create_task(self.apply(pending))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        await asyncio.shield(task)
+        """Apply a settle in the request's own task. If that task is cancelled meanwhile,
+        the settle is applied again in a task of its own, which ``drain`` waits for: the
+        store's scripts are idempotent by rid, so a settle that had landed changes nothing
+        the second time, and one that had not is not lost."""
+        self._applying += 1
+        try:
+            await self.apply(pending)
+        except asyncio.CancelledError:
+            task = asyncio.create_task(self.apply(pending))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            raise
+        finally:
+            self._applying -= 1
+            if not self._applying and self._applied is not None:
+                self._applied.set()
 
     async def apply(self, pending: _Pending) -> None:
         """Settle (or record, when admitted fail-open); queue it if the store is down."""
@@ -369,6 +382,10 @@ class Ledger:
 
     async def drain(self, timeout_s: float) -> None:
         """At shutdown: wait for settles under way, then a last bounded try at deferred ones."""
+        if self._applying:
+            self._applied = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._applied.wait(), timeout_s)
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
         if not self._pending:
