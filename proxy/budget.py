@@ -437,6 +437,9 @@ def rate_status(
 
 
 def _warning(cap: BudgetCap, spent_micros: int) -> str | None:
+    soft_from, warn_from = cap.warn_from_micros
+    if spent_micros < warn_from and (soft_from is None or spent_micros < soft_from):
+        return None  # the usual case, on integers
     spent = micros_to_usd(spent_micros)
     if cap.soft_limit_usd is not None and spent >= cap.soft_limit_usd:
         return f"{cap.window} soft cap exceeded: ${spent:.4f} / ${cap.soft_limit_usd:.2f}"

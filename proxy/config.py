@@ -14,6 +14,7 @@ ever contains a secret value.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -45,7 +46,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from proxy.price_files import PriceFile, PriceFileError, load_price_file
-from proxy.pricing import ModelPrice, ToolPrice
+from proxy.pricing import ModelPrice, ToolPrice, usd_to_micros_up
 from proxy.windows import Window
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -148,6 +149,16 @@ class BudgetCap(_Model):
         if soft is not None and hard is not None and soft >= hard:
             raise _invalid("must be below hard_limit_usd")
         return soft
+
+    @functools.cached_property
+    def warn_from_micros(self) -> tuple[int | None, int]:
+        """The least spend in micro-USD that reaches the soft limit (None without one), and
+        the least that reaches 80 % of the hard limit: exact, rounded up."""
+        soft = self.soft_limit_usd
+        return (
+            None if soft is None else usd_to_micros_up(soft),
+            usd_to_micros_up(self.hard_limit_usd * Decimal("0.8")),
+        )
 
 
 BudgetCaps = Annotated[tuple[BudgetCap, ...], AfterValidator(_unique_windows)]

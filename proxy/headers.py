@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 from proxy.budget import BudgetStatus, RateStatus
 from proxy.counters import Unit
-from proxy.pricing import micros_to_usd
+from proxy.pricing import usd_text
 
 HOP_BY_HOP = frozenset(
     {
@@ -101,7 +101,7 @@ def response_headers(
 
 
 def _usd(micros: int) -> str:
-    return f"{micros_to_usd(micros):.6f}"
+    return usd_text(micros)
 
 
 def budget_headers(status: BudgetStatus | None) -> Mapping[str, str]:

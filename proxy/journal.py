@@ -70,7 +70,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from proxy.counters import MAX_MICROS, Counter
-from proxy.pricing import micros_to_usd
+from proxy.pricing import usd_text
 from proxy.usage import MAX_TOKENS
 from proxy.windows import Period, Window
 
@@ -157,7 +157,7 @@ class JournalEntry:
     @property
     def cost_usd(self) -> str:
         """The cost in USD, exact, six decimal places: ``"0.003800"``."""
-        return str(micros_to_usd(self.cost_micros))
+        return usd_text(self.cost_micros)
 
     @property
     def windows(self) -> tuple[tuple[str, int, int], ...]:

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import orjson
 
 from proxy.metrics import RequestRecord
-from proxy.pricing import micros_to_usd
+from proxy.pricing import usd_text
 
 ROOT = "capproxy"
 ACCESS = "capproxy.access"
@@ -219,7 +219,7 @@ def log_request(rec: RequestRecord) -> None:
         "model": _clip(rec.model),
         "prompt_tokens": rec.prompt_tokens,
         "completion_tokens": rec.completion_tokens,
-        "cost_usd": None if rec.cost_micros is None else str(micros_to_usd(rec.cost_micros)),
+        "cost_usd": None if rec.cost_micros is None else usd_text(rec.cost_micros),
         "outcome": str(rec.outcome),
         "status": rec.status,
         "latency_ms": round(rec.duration_s * 1000, 1),

@@ -615,6 +615,18 @@ def usd_to_micros(usd: Decimal) -> int:
     return int(_EXACT.multiply(_exact(usd), MICROS_PER_USD).to_integral_value(ROUND_FLOOR))
 
 
+def usd_to_micros_up(usd: Decimal) -> int:
+    """The least whole micro-USD amount at or above ``usd`` (exact, as ``usd_to_micros``)."""
+    return int(_EXACT.multiply(_exact(usd), MICROS_PER_USD).to_integral_value(ROUND_CEILING))
+
+
+def usd_text(micros: int) -> str:
+    """Whole micro-USD as USD with six decimal places: ``str(micros_to_usd(micros))``,
+    worked out on integers."""
+    whole, frac = divmod(abs(micros), MICROS_PER_USD)
+    return f"{'-' if micros < 0 else ''}{whole}.{frac:06d}"
+
+
 def micros_to_usd(micros: int) -> Decimal:
     """Whole micro-USD as an exact ``Decimal`` with six decimal places."""
     # The string constructor is exact: no context precision or rounding applies.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.budget import (
     DEFAULT_AGENT,
@@ -24,6 +26,7 @@ from proxy.budget import (
 from proxy.config import BudgetCap, RateCap, Settings, TokenCap
 from proxy.counters import Amounts, Counter, CounterState, ReserveResult, Unit
 from proxy.errors import BudgetExceeded, RateLimitExceeded, TokenCapExceeded
+from proxy.pricing import micros_to_usd
 from proxy.windows import Period, Window
 from tests.harness import settings_for
 
@@ -594,3 +597,21 @@ def test_rate_status_reports_the_tightest_cap_of_each_unit_after_the_charge() ->
     assert got[Unit.REQUESTS] == RateStatus(limit=5, remaining=2, reset_s=3600)
     # Tokens: 100 spent, 200 held by others, 40 charged to this request.
     assert got[Unit.TOKENS] == RateStatus(limit=1000, remaining=660, reset_s=3600)
+
+
+@given(
+    hard=st.decimals(min_value=Decimal("0.000001"), max_value=Decimal(10**9), places=6),
+    soft_share=st.decimals(min_value=Decimal("0.01"), max_value=Decimal("0.99"), places=4),
+)
+def test_warning_thresholds_in_micros_match_the_usd_rule(
+    hard: Decimal, soft_share: Decimal
+) -> None:
+    soft = (hard * soft_share).quantize(Decimal("1E-6"), rounding=ROUND_FLOOR)
+    cap = BudgetCap(window="daily", hard_limit_usd=hard, soft_limit_usd=soft if soft > 0 else None)
+    soft_from, warn_from = cap.warn_from_micros
+    for limit, first in ((cap.soft_limit_usd, soft_from), (hard * Decimal("0.8"), warn_from)):
+        if limit is None:
+            assert first is None
+            continue
+        assert first is not None
+        assert micros_to_usd(first) >= limit > micros_to_usd(first - 1)

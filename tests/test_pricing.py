@@ -5,6 +5,8 @@ import random
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from proxy import pricing
@@ -885,3 +887,15 @@ def test_a_charge_covers_tool_calls_the_response_did_not_list() -> None:
 
 def test_pricing_docstring_examples_run() -> None:
     assert doctest.testmod(pricing).failed == 0
+
+
+@given(st.integers(min_value=-(10**30), max_value=10**30))
+def test_usd_text_is_the_exact_decimal(micros: int) -> None:
+    assert pricing.usd_text(micros) == str(pricing.micros_to_usd(micros))
+    assert pricing.usd_text(micros) == f"{pricing.micros_to_usd(micros):.6f}"
+
+
+@given(st.decimals(min_value=0, max_value=Decimal(10**12), places=12))
+def test_usd_to_micros_up_is_the_least_micros_at_or_above(usd: Decimal) -> None:
+    up = pricing.usd_to_micros_up(usd)
+    assert pricing.micros_to_usd(up) >= usd > pricing.micros_to_usd(up - 1)
