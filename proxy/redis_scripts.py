@@ -311,7 +311,7 @@ class Server:
     async def run(self, script: Script, packed: bytes) -> Any:
         """Send ``packed``, a call of ``script`` (``Script.packed``, ``Prepared.fill``)."""
         for attempt in range(2):
-            pipe = await self._pipe()
+            pipe = self._ready() or await self._pipe()
             try:
                 try:
                     return await pipe.call(packed)
@@ -332,6 +332,18 @@ class Server:
         pipes, self._pipes = self._pipes, []
         for pipe in pipes:
             pipe.close()
+
+    def _ready(self) -> _Pipe | None:
+        """``_pipe``'s choice when every connection is open (without a coroutine)."""
+        best: _Pipe | None = None
+        for pipe in self._pipes:
+            if pipe.broken:
+                return None
+            if pipe.gathering:
+                return pipe
+            if best is None or pipe.pending < best.pending:
+                best = pipe
+        return best
 
     async def _pipe(self) -> _Pipe:
         """The connection with the fewest calls waiting (opening them all if none is).
