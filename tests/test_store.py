@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
@@ -18,6 +19,8 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy import redis_store
+from proxy.budget import BudgetPlan
+from proxy.config import BudgetCap
 from proxy.counters import (
     DEFAULT_EXPIRY_MARGIN_S,
     SEEN_READ_MAX,
@@ -31,6 +34,7 @@ from proxy.counters import (
 )
 from proxy.errors import StoreUnavailable
 from proxy.history import DAYS_KEPT, HOURS_KEPT, Rejection, buckets
+from proxy.ledger import Ledger
 from proxy.memory_store import MemoryStore
 from proxy.redis_store import RedisStore
 from proxy.windows import Period, Window, period_of
@@ -1358,3 +1362,48 @@ async def test_the_store_backstop_lets_another_cancellation_through() -> None:
     with pytest.raises(asyncio.CancelledError):
         await inner
     assert inner.cancelled()
+
+
+@pytest.mark.parametrize("cut", ["before", "after"])
+async def test_a_settle_cut_around_its_script_is_counted_once(
+    redis_harness: Harness, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    """A request cancelled while its settle is under way: the ledger applies the settle
+    again in a task of its own. Whether the first call ran in Redis or not, the charge
+    counts once and the hold is gone."""
+    h = redis_harness
+    store = h.store
+    assert isinstance(store, RedisStore)
+    ledger = Ledger(store, fail_open=False)
+    counters = (tenant(1000, Window.HOURLY), agent(1000, window=Window.DAILY))
+    caps = tuple(BudgetCap(window=c.window, hard_limit_usd=Decimal("0.001")) for c in counters)
+    run = store._run
+    commits = 0
+
+    async def cut_around(script: Any, packed: bytes, slot_key: str) -> Any:
+        nonlocal commits
+        if script is store._commit:
+            commits += 1
+            if commits == 1:
+                task = asyncio.current_task()
+                assert task is not None
+                if cut == "after":
+                    await run(script, packed, slot_key)  # the script ran; its reply is lost
+                task.cancel()
+                await asyncio.sleep(0)
+        return await run(script, packed, slot_key)
+
+    monkeypatch.setattr(store, "_run", cut_around)
+
+    async def request() -> None:
+        plan = BudgetPlan(counters=counters, caps=caps, amounts=Amounts(300))
+        async with ledger.hold(plan, tz=UTC, hold_ttl_s=TTL) as hold:
+            await hold.commit(120)
+
+    task = asyncio.create_task(request())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await ledger.drain(timeout_s=5)
+    assert commits == 2
+    snapshot = await store.snapshot(counters, tz=UTC)
+    assert amounts(snapshot) == [(120, 0), (120, 0)]
