@@ -607,7 +607,9 @@ def test_warning_thresholds_in_micros_match_the_usd_rule(
     hard: Decimal, soft_share: Decimal
 ) -> None:
     soft = (hard * soft_share).quantize(Decimal("1E-6"), rounding=ROUND_FLOOR)
-    cap = BudgetCap(window="daily", hard_limit_usd=hard, soft_limit_usd=soft if soft > 0 else None)
+    cap = BudgetCap(
+        window=Window.DAILY, hard_limit_usd=hard, soft_limit_usd=soft if soft > 0 else None
+    )
     soft_from, warn_from = cap.warn_from_micros
     for limit, first in ((cap.soft_limit_usd, soft_from), (hard * Decimal("0.8"), warn_from)):
         if limit is None:
