@@ -23,7 +23,7 @@ dispatches an event only if it had a ``data`` line.
 from __future__ import annotations
 
 from contextlib import suppress
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Frame", "SSEDecoder", "ServerSentEvent"]
 
@@ -33,8 +33,7 @@ _SPACE = 0x20
 _COLON = 0x3A
 
 
-@dataclass(frozen=True, slots=True)
-class ServerSentEvent:
+class ServerSentEvent(NamedTuple):
     """One dispatched event, as an ``EventSource`` would deliver it.
 
     ``id`` is the last event ID in force (it carries over to later events until a new ``id``
@@ -47,8 +46,7 @@ class ServerSentEvent:
     retry: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """The exact bytes from the previous frame's end through the blank line that ends this one.
 
     ``event`` is ``None`` when the frame dispatches nothing: a comment-only keepalive, or any
