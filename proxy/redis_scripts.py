@@ -154,9 +154,10 @@ def _bulk(item: str) -> bytes:
 
 
 class _Pipe(asyncio.Protocol):
-    """One connection carrying many calls at once: the commands of the calls made in one
-    turn of the event loop go out in one write, and each reply goes to the oldest call
-    still waiting (Redis answers in order).
+    """One connection carrying many calls at once: a call on a connection with nothing in
+    flight is written at once; the calls made behind it in one turn of the event loop go
+    out together in one write; each reply goes to the oldest call still waiting (Redis
+    answers in order).
 
     It takes over the transport of a redis-py connection that has done the handshake
     (TLS, AUTH, SELECT, the Sentinel's primary). A caller that stops waiting (cancelled)
@@ -196,11 +197,16 @@ class _Pipe(asyncio.Protocol):
         if self.broken:
             raise RedisConnectionError("connection to the store closed")
         reply = self._loop.create_future()
+        idle = not self._waiting
         self._waiting.append(reply)
-        if not self._unsent:
-            self._loop.call_soon(self._write)
         self._unsent.append(packed)
         self._unsent_calls.append(reply)
+        if idle:
+            # Nothing in flight on this connection: no call to gather with, and a busy
+            # loop's next turn can be milliseconds away. Written now.
+            self._write()
+        elif len(self._unsent) == 1:
+            self._loop.call_soon(self._write)
         return await reply
 
     def _write(self) -> None:

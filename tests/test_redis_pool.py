@@ -265,3 +265,42 @@ async def test_a_server_that_lost_its_scripts_runs_a_prepared_call_in_full(
     finally:
         await admin.aclose()
     assert await server.run(ECHO, call.fill(["after the flush"])) == b"after the flush"
+
+
+class _Recorder:
+    """A transport that notes how many commands each write carries."""
+
+    def __init__(self, transport: Any, writes: list[int]) -> None:
+        self._transport, self._writes = transport, writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(data.count(b"EVALSHA"))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def test_a_call_on_an_idle_connection_is_written_at_once_the_next_ones_together(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Redis.from_url(redis_server.url, socket_timeout=1.0, **QUIET_CONNECT)
+    server = Server(client, connections=1)
+    try:
+        await server.warm()
+        await server.eval(ECHO, [], ["load"])  # the script is known from here on
+        writes: list[int] = []
+        (pipe,) = server._pipes
+        monkeypatch.setattr(pipe, "_transport", _Recorder(pipe._transport, writes))
+        first = asyncio.create_task(server.eval(ECHO, [], ["first"]))
+        await asyncio.sleep(0)
+        assert writes == [1]  # written in its own step, not on the loop's next turn
+        rest = [asyncio.create_task(server.eval(ECHO, [], [i])) for i in range(5)]
+        assert await asyncio.gather(first, *rest) == [
+            b"first",
+            *(str(i).encode() for i in range(5)),
+        ]
+        assert writes == [1, 5]  # made while one was in flight: gathered into one write
+    finally:
+        await server.drop()
+        await client.aclose()
