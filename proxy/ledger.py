@@ -306,19 +306,29 @@ class Ledger:
         """Apply a settle in the request's own task. If that task is cancelled meanwhile,
         the settle is applied again in a task of its own, which ``drain`` waits for: the
         store's scripts are idempotent by rid, so a settle that had landed changes nothing
-        the second time, and one that had not is not lost."""
+        the second time, and one that had not is not lost. A request already cut when it
+        settles (shutdown's deadline) settles in a task of its own from the start: the
+        store treats a call made by a cancelled task as cancelled."""
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            await asyncio.shield(self._in_own_task(pending))
+            return
         self._applying += 1
         try:
             await self.apply(pending)
         except asyncio.CancelledError:
-            task = asyncio.create_task(self.apply(pending))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self._in_own_task(pending)
             raise
         finally:
             self._applying -= 1
             if not self._applying and self._applied is not None:
                 self._applied.set()
+
+    def _in_own_task(self, pending: _Pending) -> asyncio.Task[None]:
+        task = asyncio.create_task(self.apply(pending))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
 
     async def apply(self, pending: _Pending) -> None:
         """Settle (or record, when admitted fail-open); queue it if the store is down."""
