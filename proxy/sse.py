@@ -122,6 +122,10 @@ class SSEDecoder:
         if not chunk:
             return []
         buf = self._buf
+        if not buf and not self._bom_pending and chunk[-2:] == b"\n\n" and b"\r" not in chunk:
+            frames = self._simple(chunk)
+            if frames is not None:
+                return frames
         data: bytes | bytearray
         if buf:
             buf += chunk
@@ -141,6 +145,27 @@ class SSEDecoder:
             del buf[:used]
         elif used < len(chunk):
             buf += memoryview(chunk)[used:]
+        return frames
+
+    def _simple(self, chunk: bytes) -> list[Frame] | None:
+        """The frames of ``chunk`` when it is whole frames of one line each, a ``data``
+        line or a comment, ended by LF (what LLM APIs send); None for anything else,
+        which the general parser reads. Both give the same frames."""
+        parts = chunk.split(b"\n\n")
+        parts.pop()  # what follows the last blank line: nothing
+        if chunk.count(b"\n") != 2 * len(parts):
+            return None  # a frame of several lines, or blank lines of their own
+        frames: list[Frame] = []
+        last_id = self._last_id
+        for part in parts:
+            if part[:5] == b"data:":
+                value = part[6:] if part[5:6] == b" " else part[5:]
+                event = ServerSentEvent("message", value.decode("utf-8", "replace"), last_id)
+                frames.append(Frame(part + b"\n\n", event))
+            elif part[:1] == b":":
+                frames.append(Frame(part + b"\n\n", None))
+            else:
+                return None  # another field, or an empty line
         return frames
 
     def flush(self) -> tuple[list[Frame], bytes]:

@@ -4,7 +4,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Sequence
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import pytest
 
@@ -435,3 +435,51 @@ def test_openai_stream_random_splits() -> None:
     for _ in range(500):
         cuts = rng.sample(range(1, len(stream)), rng.randint(1, 40))
         assert decode(split(stream, cuts)) == expected
+
+
+# --- chunks of whole frames (the one-line fast path) ---------------------------------------
+
+FRAMES = [
+    b'data: {"choices":[{"delta":{"content":"h\xc3\xa9"}}]}\n\n',
+    b"data: [DONE]\n\n",
+    b"data:\n\n",
+    b"data:x\n\n",
+    b"data: \xff\xe2\x82\n\n",
+    b": ping\n\n",
+    b":\n\n",
+    b"data: a\ndata: b\n\n",
+    b"event: delta\ndata: y\n\n",
+    b"id: 7\n\n",
+    b"id: 9\ndata: z\n\n",
+    b"retry: 5\ndata: r\n\n",
+    b"data\n\n",
+    b"\n",
+    b"data: cr\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_chunks_of_whole_frames_match_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    frames = [rng.choice(FRAMES) for _ in range(rng.randint(1, 25))]
+    stream = (BOM if rng.random() < 0.2 else b"") + b"".join(frames)
+    ends = list(accumulate(len(f) for f in frames))[:-1]
+    cuts = rng.sample(ends, rng.randint(0, len(ends)))
+    assert decode(split(stream, cuts)) == reference(stream)
+
+
+def test_chunks_of_one_line_frames_take_the_fast_path() -> None:
+    decoder = SSEDecoder()
+    decoder.feed(b": open\n\n")  # past the check for a leading BOM
+    chunk = b'data: {"a":1}\n\n: ping\n\ndata:x\n\n'
+    assert (
+        decoder._simple(chunk)
+        == decoder.feed(chunk)
+        == [
+            Frame(b'data: {"a":1}\n\n', msg('{"a":1}')),
+            Frame(b": ping\n\n", None),
+            Frame(b"data:x\n\n", msg("x")),
+        ]
+    )
+    for other in (b"data: a\ndata: b\n\n", b"event: e\ndata: y\n\n", b"\n\n\n\n", b"id: 1\n\n"):
+        assert decoder._simple(other) is None
