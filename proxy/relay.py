@@ -62,6 +62,7 @@ class StreamTap:
         self.events = 0
         self.finished = False  # the stream's own ending ([DONE], response.completed) seen
         self.service_tier: str | None = None
+        self._tier_seen: object = None  # the last raw service_tier value read
         self._tool_calls: Counter[str] = Counter()
         self._texts: list[str] = []
 
@@ -90,7 +91,11 @@ class StreamTap:
         text = stream_text(self.endpoint, parsed)
         if text:
             self._texts.append(text)
-        if "service_tier" in parsed:
+        if "service_tier" in parsed and (
+            self.endpoint is Endpoint.RESPONSES or parsed["service_tier"] != self._tier_seen
+        ):
+            # Chat chunks repeat it on every chunk: read again only when it changes.
+            self._tier_seen = parsed["service_tier"]
             self.service_tier = stream_service_tier(self.endpoint, parsed) or self.service_tier
         if "item" in parsed:
             tool = stream_tool_calls(self.endpoint, parsed)

@@ -353,6 +353,13 @@ def stream_text(endpoint: Endpoint, event: dict[str, Any]) -> str:
     choices = event.get("choices")
     if endpoint is Endpoint.EMBEDDINGS or not isinstance(choices, list):
         return ""
+    if endpoint is Endpoint.CHAT and len(choices) == 1 and isinstance(choices[0], dict):
+        # Most chunks: one choice whose delta has content (and perhaps its role) only.
+        delta = choices[0].get("delta")
+        if isinstance(delta, dict) and len(delta) <= 2:
+            content = delta.get("content")
+            if isinstance(content, str) and (len(delta) == 1 or "role" in delta):
+                return content
     parts: list[str] = []
     for choice in choices:
         if not isinstance(choice, dict):

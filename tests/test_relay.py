@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
 import pytest
 
 from proxy.app import new_event_loop
@@ -156,3 +157,38 @@ def test_a_write_that_fits_the_client_buffer_is_told_apart_on_either_loop(kind: 
     # A write that fits arms no timer; uvloop's transports are not asyncio's classes, so the
     # check must not depend on them.
     assert _fits_on(new_event_loop(kind)) == (True, False, False)
+
+
+def chunk(**fields: object) -> bytes:
+    return b"data: " + orjson.dumps({"object": "chat.completion.chunk", **fields}) + b"\n\n"
+
+
+def test_the_last_valid_service_tier_of_a_stream_is_billed() -> None:
+    delta = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3}}
+    chunks = [
+        chunk(service_tier="default", **delta),
+        chunk(service_tier="default", **delta),  # repeated: read once
+        chunk(service_tier="priority", **delta),
+        chunk(service_tier=7, **delta),  # not a tier: the last one stands
+        chunk(service_tier=7, **usage),
+    ]
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=False)
+    run(tap, chunks)
+    billed = tap.billed_usage()
+    assert billed is not None and billed.service_tier == "priority"
+    assert tap.text() == "xxxx"
+
+
+def test_a_delta_with_more_than_content_is_read_whole() -> None:
+    tap = StreamTap(Endpoint.CHAT, strip_usage_chunk=False)
+    run(
+        tap,
+        [
+            chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": "a"}}]),
+            chunk(choices=[{"index": 0, "delta": {"content": "b", "refusal": None}}]),
+            chunk(choices=[{"delta": {"content": "c", "reasoning_content": "r", "role": "x"}}]),
+            chunk(choices=[{"delta": {"content": "d"}}, {"delta": {"content": "e"}}]),
+        ],
+    )
+    assert tap.text() == "abcrde"
