@@ -56,7 +56,7 @@ from proxy.history import Rejection
 from proxy.journal import JournalEntry, journal_counter
 from proxy.ledger import Hold
 from proxy.logs import log_request
-from proxy.metrics import Outcome, RequestRecord
+from proxy.metrics import Metrics, Outcome, RequestRecord
 from proxy.price_files import SizeTier, price_at_prompt_size
 from proxy.pricing import ModelPrice, ToolPrice, hold_price
 from proxy.relay import StreamEnd, StreamTap, relay_stream
@@ -522,8 +522,14 @@ async def metered(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         rec.duration_s = time.perf_counter() - started
-        request.app[METRICS].observe(rec)
-        log_request(rec)
+        # Counted and logged once the response is on its way (the loop's next turn): the
+        # client does not wait for the access line.
+        asyncio.get_running_loop().call_soon(_account, request.app[METRICS], rec)
+
+
+def _account(metrics: Metrics, rec: RequestRecord) -> None:
+    metrics.observe(rec)
+    log_request(rec)
 
 
 async def _note_rejection(request: web.Request, rec: RequestRecord, exc: CapExceeded) -> None:
