@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,11 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_runner import GracefulExit
 
-__all__ = ["Limits", "raise_open_files_limit", "serve", "start"]
+__all__ = ["Limits", "raise_open_files_limit", "serve", "start", "tune_collector"]
+
+# The youngest generation's threshold: a request makes and drops a few hundred objects,
+# so at Python's default (700) the collector ran every other request or so.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +150,19 @@ async def start(
     return runner
 
 
+def tune_collector() -> None:
+    """Once the app is up: what start-up built (modules, settings, pools) is moved out of
+    the cyclic collector's sight (``gc.freeze``), and the youngest generation is collected
+    less often. Measured: about 5 % of a request's instructions went to the collector."""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
+
+
 async def _serve(app: web.Application, limits: Limits, host: str, port: int) -> None:
     runner = await start(app, limits=limits, host=host, port=port)
+    tune_collector()
     try:
         await asyncio.Event().wait()  # until SIGINT/SIGTERM end the loop
     finally:

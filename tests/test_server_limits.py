@@ -4,6 +4,7 @@ slow request heads, idle keep-alive connections, the open-files limit."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,7 +13,13 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import ConfigError, parse_settings
-from proxy.listener import Limits, raise_open_files_limit, start
+from proxy.listener import (
+    GC_YOUNG_THRESHOLD,
+    Limits,
+    raise_open_files_limit,
+    start,
+    tune_collector,
+)
 from tests.fake_upstream import FakeUpstream
 from tests.harness import settings_for
 from tests.redis_server import free_port
@@ -149,6 +156,17 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_collector_leaves_start_up_objects_alone_and_runs_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_collector()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 @pytest.mark.parametrize(
