@@ -239,6 +239,7 @@ async def _eviction_policy(store: RedisStore) -> str | None:
 async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[SETTINGS].journal
     if config is None:
+        app[JOURNAL] = None
         yield
         return
     journal = Journal(config.path, max_bytes=config.max_bytes)

@@ -496,14 +496,15 @@ async def metered(request: web.Request) -> web.StreamResponse:
     """``POST /v1/{chat/completions,completions,embeddings,responses}``, observed."""
     rec = RequestRecord(route=request.match_info["path"], outcome=Outcome.ALLOWED, status=200)
     started = time.perf_counter()
+    app = request.app  # a property chain in aiohttp: looked up once
     try:
-        resp = await _metered(request, rec)
+        resp = await _metered(request, app, rec)
     except ProxyError as exc:
         rec.status = exc.status
         rec.outcome = _outcome(exc)
         if isinstance(exc, CapExceeded):
             rec.rejected = exc.code
-            await _note_rejection(request, rec, exc)
+            await _note_rejection(app, rec, exc)
         raise
     except asyncio.CancelledError:
         # Cut at the shutdown deadline: a stream keeps the status it was sent with.
@@ -524,7 +525,7 @@ async def metered(request: web.Request) -> web.StreamResponse:
         rec.duration_s = time.perf_counter() - started
         # Counted and logged once the response is on its way (the loop's next turn): the
         # client does not wait for the access line.
-        asyncio.get_running_loop().call_soon(_account, request.app[METRICS], rec)
+        asyncio.get_running_loop().call_soon(_account, app[METRICS], rec)
 
 
 def _account(metrics: Metrics, rec: RequestRecord) -> None:
@@ -532,7 +533,7 @@ def _account(metrics: Metrics, rec: RequestRecord) -> None:
     log_request(rec)
 
 
-async def _note_rejection(request: web.Request, rec: RequestRecord, exc: CapExceeded) -> None:
+async def _note_rejection(app: web.Application, rec: RequestRecord, exc: CapExceeded) -> None:
     """Keep a refused request among its tenant's recent rejections (for the dashboard)."""
     if rec.tenant_id is None:
         return
@@ -543,7 +544,7 @@ async def _note_rejection(request: web.Request, rec: RequestRecord, exc: CapExce
         code=exc.code,
         windows=exc.windows,
     )
-    await request.app[LEDGER].note_rejection(rec.tenant_id, rejection)
+    await app[LEDGER].note_rejection(rec.tenant_id, rejection)
 
 
 def _outcome(exc: ProxyError) -> Outcome:
@@ -560,18 +561,21 @@ def _outcome(exc: ProxyError) -> Outcome:
     return Outcome.CLIENT_ERROR
 
 
-async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamResponse:
+async def _metered(
+    request: web.Request, app: web.Application, rec: RequestRecord
+) -> web.StreamResponse:
     endpoint = endpoint_for(request.match_info["path"])
     if endpoint is None:
         raise NotFound(f"Unknown request URL: {request.method} {request.path}")
-    rt: Runtime = request.app[RUNTIME].current
+    rt: Runtime = app[RUNTIME].current
     adm = await admit(request, endpoint, rt, rec)
     settings = rt.settings
     send_headers = _send_headers(request, rt, adm.identity, adm.route)
-    alerter = request.app[ALERTER]
-    metrics = request.app[METRICS]
+    alerter = app[ALERTER]
+    metrics = app[METRICS]
+    journal = app[JOURNAL]
     bill = Bill()
-    async with request.app[LEDGER].hold(
+    async with app[LEDGER].hold(
         adm.plan,
         tz=settings.tz,
         hold_ttl_s=settings.store.hold_lease_s,
@@ -585,7 +589,7 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
         if hold.states:
             metrics.hold_started()
         try:
-            out = await _forward(request, adm, hold, bill, rec, send_headers)
+            out = await _forward(request, app[UPSTREAM], adm, hold, bill, rec, send_headers)
         except UpstreamError as exc:
             if not exc.sent:
                 bill.ending = Ending.NOT_SENT
@@ -598,8 +602,8 @@ async def _metered(request: web.Request, rec: RequestRecord) -> web.StreamRespon
             charged = _due(adm, bill)
             await hold.commit(charged)
             _settled(rec, adm, charged.micros, bill)
-            if JOURNAL in request.app:
-                request.app[JOURNAL].append(_journal_entry(adm, hold, bill, charged.micros))
+            if journal is not None:
+                journal.append(_journal_entry(adm, hold, bill, charged.micros))
             if hold.states:
                 metrics.hold_ended()
             if cancelled is not None:
@@ -654,6 +658,7 @@ def _due(adm: Admission, bill: Bill) -> Amounts:
 
 async def _forward(
     request: web.Request,
+    client: upstream.UpstreamClient,
     adm: Admission,
     hold: Hold,
     bill: Bill,
@@ -662,7 +667,7 @@ async def _forward(
 ) -> web.StreamResponse:
     sent = time.perf_counter()
     async with await upstream.send(
-        request.app[UPSTREAM],
+        client,
         adm.route,
         adm.endpoint.value,
         method="POST",

@@ -99,4 +99,5 @@ LEDGER = web.AppKey("ledger", Ledger)
 METRICS = web.AppKey("metrics", Metrics)
 ALERTER = web.AppKey("alerter", Alerter)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
-JOURNAL = web.AppKey("journal", Journal)  # set only when a journal is configured
+# None when no journal is configured (set either way: a lookup of a missing key raises).
+JOURNAL: web.AppKey[Journal | None] = web.AppKey("journal")

@@ -19,7 +19,7 @@ from pytest_aiohttp import AiohttpServer
 
 from proxy.cli import main
 from proxy.config import Settings
-from proxy.journal import journal_files, read_entries
+from proxy.journal import Journal, journal_files, read_entries
 from proxy.redis_store import RedisStore
 from proxy.state import JOURNAL, METRICS
 from tests.conftest import MakeClient
@@ -45,6 +45,12 @@ async def receiver(aiohttp_server: AiohttpServer) -> AsyncIterator[Receiver]:
 
 def caps(upstream_url: str, store_url: str, **over: Any) -> Settings:
     return settings_for(upstream_url, store={"url": store_url, **over.pop("store", {})}, **over)
+
+
+def journal_of(client: TestClient[Any, Any]) -> Journal:
+    journal: Journal | None = client.app[JOURNAL]
+    assert journal is not None
+    return journal
 
 
 async def status(client: TestClient[Any, Any], key: str | None = None) -> int:
@@ -244,7 +250,7 @@ async def test_the_journal_restores_what_the_store_lost_once(
     for _ in range(3):
         assert await status(client) == 200
     assert await status(client, OTHER_KEY) == 200
-    assert await client.app[JOURNAL].flush()
+    assert await journal_of(client).flush()
     entries = list(read_entries(journal_files(journal)))
     assert len(entries) == 4
     assert {e.tenant for e in entries} == {"acme", "globex"}
@@ -264,7 +270,7 @@ async def test_the_journal_restores_what_the_store_lost_once(
     assert (await spent(store))[0] == 4 * REQUEST
     assert (await spent(store, "globex"))[0] == REQUEST
     # Entries already present (recorded under the current epoch) are not added again.
-    await client.app[JOURNAL].flush()
+    await journal_of(client).flush()
     assert await asyncio.to_thread(main, ["restore", "--config", str(path), str(journal)]) == 0
     assert (await spent(store))[0] == 4 * REQUEST
     await store.aclose()
@@ -317,7 +323,7 @@ async def test_the_journal_restores_model_cap_and_end_user_budgets_and_only_budg
     for _ in range(2):
         resp = await client.post(CHAT, json=chat(max_tokens=10, user="u1"), headers=auth())
         assert resp.status == 200
-    assert await client.app[JOURNAL].flush()
+    assert await journal_of(client).flush()
     entries = list(read_entries(journal_files(journal)))
     kinds = {
         (c[4] if len(c) == 5 else "agent" if c[0] else "tenant", c[1]) for c in entries[0].counters
