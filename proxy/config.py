@@ -277,7 +277,6 @@ class CostCapConfig(_Model):
     max_agents_per_tenant: int = Field(default=1000, ge=1, le=1_000_000)
     # Requests in flight at once per (tenant, agent); None: no limit.
     default_max_concurrent_requests: int | None = Field(default=None, ge=1, le=1_000_000)
-    _by_id: dict[str, AgentCostCap] = PrivateAttr(default_factory=dict)
 
     @field_validator("agents")
     @classmethod
@@ -292,11 +291,14 @@ class CostCapConfig(_Model):
         _refuse_duplicates((c.name for c in caps), what="name", where="model_caps", field="name")
         return caps
 
-    def model_post_init(self, context: Any, /) -> None:
-        self._by_id = {agent.agent_id: agent for agent in self.agents}
+    # A cached property, not a private attribute: those are read through pydantic's
+    # __getattr__, and these are read on every request.
+    @functools.cached_property
+    def agents_by_id(self) -> dict[str, AgentCostCap]:
+        return {agent.agent_id: agent for agent in self.agents}
 
     def rate_caps_for(self, agent_id: str) -> tuple[RateCap, ...]:
-        agent = self._by_id.get(agent_id)
+        agent = self.agents_by_id.get(agent_id)
         return agent.rate_caps if agent and agent.rate_caps else self.default_rate_caps
 
     def model_caps_for(self, model: str) -> tuple[ModelCap, ...]:
@@ -306,25 +308,25 @@ class CostCapConfig(_Model):
     @property
     def agent_ids(self) -> frozenset[str]:
         """The agents listed with their own caps."""
-        return frozenset(self._by_id)
+        return frozenset(self.agents_by_id)
 
     def budget_caps_for(self, agent_id: str) -> tuple[BudgetCap, ...]:
-        agent = self._by_id.get(agent_id)
+        agent = self.agents_by_id.get(agent_id)
         return agent.budget_caps if agent and agent.budget_caps else self.default_budget_caps
 
     def max_concurrent_for(self, agent_id: str) -> int | None:
-        agent = self._by_id.get(agent_id)
+        agent = self.agents_by_id.get(agent_id)
         if agent is not None and agent.max_concurrent_requests is not None:
             return agent.max_concurrent_requests
         return self.default_max_concurrent_requests
 
     def token_cap_for(self, agent_id: str) -> TokenCap | None:
-        agent = self._by_id.get(agent_id)
+        agent = self.agents_by_id.get(agent_id)
         return agent.token_cap if agent and agent.token_cap else self.default_token_cap
 
     def bound_keys_only(self, agent_id: str) -> bool:
         """Whether only keys bound to ``agent_id`` may act as it."""
-        agent = self._by_id.get(agent_id)
+        agent = self.agents_by_id.get(agent_id)
         return agent is not None and agent.bound_keys_only
 
 
@@ -637,10 +639,6 @@ class Settings(_Model):
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     journal: JournalConfig | None = None
-    _tenants: dict[str, TenantConfig] = PrivateAttr(default_factory=dict)
-    # What the request path derives from these settings, remembered while they are the
-    # settings in force (a reload makes new settings, so it never goes stale).
-    _derived: dict[tuple[Any, ...], Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("upstreams")
     @classmethod
@@ -689,13 +687,18 @@ class Settings(_Model):
                 )
         return caps
 
-    def model_post_init(self, context: Any, /) -> None:
-        self._tenants = {tenant.id: tenant for tenant in self.tenants}
+    # Cached properties, not private attributes: those are read through pydantic's
+    # __getattr__, and these are read on every request.
+    @functools.cached_property
+    def tenants_by_id(self) -> dict[str, TenantConfig]:
+        return {tenant.id: tenant for tenant in self.tenants}
 
-    @property
+    @functools.cached_property
     def derived(self) -> dict[tuple[Any, ...], Any]:
-        """A memo for values computed from these settings alone (bound its size)."""
-        return self._derived
+        """A memo for values computed from these settings alone (bound its size):
+        remembered while they are the settings in force (a reload makes new settings, so
+        it never goes stale)."""
+        return {}
 
     @property
     def tz(self) -> ZoneInfo:
@@ -710,18 +713,18 @@ class Settings(_Model):
         return None
 
     def tenant(self, tenant_id: str) -> TenantConfig | None:
-        return self._tenants.get(tenant_id)
+        return self.tenants_by_id.get(tenant_id)
 
     def tenant_budget_caps(self, tenant_id: str) -> tuple[BudgetCap, ...]:
         """A tenant's tenant-wide caps: its own, else ``cost_caps.default_tenant_budget_caps``
         (while cost caps are enabled)."""
-        tenant = self._tenants.get(tenant_id)
+        tenant = self.tenants_by_id.get(tenant_id)
         if tenant is not None and tenant.budget_caps:
             return tenant.budget_caps
         return self.cost_caps.default_tenant_budget_caps if self.cost_caps.enabled else ()
 
     def tenant_rate_caps(self, tenant_id: str) -> tuple[RateCap, ...]:
-        tenant = self._tenants.get(tenant_id)
+        tenant = self.tenants_by_id.get(tenant_id)
         return tenant.rate_caps if tenant is not None else ()
 
     def concurrency_limits(self, tenant_id: str, agent_id: str) -> tuple[int | None, int | None]:
@@ -729,7 +732,7 @@ class Settings(_Model):
         cost caps are enabled)."""
         if not self.cost_caps.enabled:
             return None, None
-        tenant = self._tenants.get(tenant_id)
+        tenant = self.tenants_by_id.get(tenant_id)
         return (
             tenant.max_concurrent_requests if tenant is not None else None,
             self.cost_caps.max_concurrent_for(agent_id),
