@@ -237,7 +237,7 @@ class Tokenizer:
     def _estimate(
         self, endpoint: Endpoint, body: Mapping[str, Any], *, bound: bool
     ) -> PromptEstimate:
-        if not isinstance(body, Mapping):
+        if not isinstance(body, (dict, Mapping)):
             return PromptEstimate(1)
         model = body.get("model")
         model = model if isinstance(model, str) else ""
@@ -250,7 +250,7 @@ class Tokenizer:
             total += REPLY_PRIMING + c.tools(body.get("tools"), ENCODINGS[name].func_init)
             total += c.tools(body.get("functions"), ENCODINGS[name].func_init)
             fmt = body.get("response_format")
-            total += c.json(fmt.get("json_schema")) if isinstance(fmt, Mapping) else 0
+            total += c.json(fmt.get("json_schema")) if isinstance(fmt, (dict, Mapping)) else 0
         elif endpoint == Endpoint.RESPONSES:
             total = REPLY_PRIMING + c.tools(body.get("tools"), ENCODINGS[name].func_init)
             if isinstance(body.get("instructions"), str):
@@ -279,7 +279,7 @@ class _Media:
 
     def image(self, kind: str, part: Mapping[str, Any]) -> int:
         ref = part.get("image_url")
-        if isinstance(ref, Mapping):  # chat: {"url": ..., "detail": ...}
+        if isinstance(ref, (dict, Mapping)):  # chat: {"url": ..., "detail": ...}
             url, detail = ref.get("url"), ref.get("detail")
         else:  # responses (or a bare chat URL): the URL, its detail beside it
             url, detail = ref, part.get("detail")
@@ -312,14 +312,14 @@ class _Counter:
         )
 
     def parts(self, content: object, media: _Media) -> int:
-        if isinstance(content, Mapping):  # a computer_call_output's screenshot
+        if isinstance(content, (dict, Mapping)):  # a computer_call_output's screenshot
             return self.part(content, media)
         if not isinstance(content, list | tuple):
             return self.text(content)
         return sum(self.part(part, media) for part in content)
 
     def part(self, part: object, media: _Media) -> int:
-        if not isinstance(part, Mapping):
+        if not isinstance(part, (dict, Mapping)):
             return self.text(part)
         kind = part.get("type")
         if kind in IMAGE_PARTS:
@@ -330,7 +330,7 @@ class _Counter:
         return self.text(part.get("text")) + self.text(part.get("refusal"))
 
     def message(self, msg: object, media: _Media, *, every_field: bool = False) -> int:
-        if not isinstance(msg, Mapping):
+        if not isinstance(msg, (dict, Mapping)):
             return PER_MESSAGE + self.text(msg)
         if msg.get("type") in UNSIZED_ITEMS:
             media.unsized.append(f"{msg['type']} item")
@@ -338,27 +338,27 @@ class _Counter:
         for key, value in msg.items():
             if key in ("content", "output", "summary"):
                 total += self.parts(value, media)
-            elif key == "audio" and isinstance(value, Mapping):  # an earlier audio reply
+            elif key == "audio" and isinstance(value, (dict, Mapping)):  # an earlier audio reply
                 media.unsized.append("assistant audio")
             elif key == "tool_calls":
                 total += sum(self.call(call) for call in _items(value))
-            elif key == "function_call" and isinstance(value, Mapping):
+            elif key == "function_call" and isinstance(value, (dict, Mapping)):
                 total += self.call(value)
             elif every_field or key in ("role", "name", "arguments", "input"):
                 total += self.text(value) + (PER_NAME if key == "name" and every_field else 0)
         return total
 
     def call(self, call: object) -> int:
-        fn = call.get("function", call) if isinstance(call, Mapping) else None
-        if not isinstance(fn, Mapping):
+        fn = call.get("function", call) if isinstance(call, (dict, Mapping)) else None
+        if not isinstance(fn, (dict, Mapping)):
             return PER_TOOL_CALL
         return PER_TOOL_CALL + self.text(fn.get("name")) + self.text(fn.get("arguments"))
 
     def tools(self, tools: object, func_init: int) -> int:
         total = 0
         for tool in _items(tools):
-            fn = tool.get("function", tool) if isinstance(tool, Mapping) else None
-            if isinstance(fn, Mapping) and fn.get("type", "function") == "function":
+            fn = tool.get("function", tool) if isinstance(tool, (dict, Mapping)) else None
+            if isinstance(fn, (dict, Mapping)) and fn.get("type", "function") == "function":
                 total += func_init + self.function(fn)
             else:
                 total += self.json(tool)
@@ -367,16 +367,16 @@ class _Counter:
     def function(self, fn: Mapping[str, Any]) -> int:
         total = self.text(f"{_str(fn.get('name'))}:{_str(fn.get('description'))}")
         params = fn.get("parameters")
-        if not isinstance(params, Mapping):
+        if not isinstance(params, (dict, Mapping)):
             return total + self.json(params)
         rest = {k: v for k, v in params.items() if k not in _PARAMS_KEYS}
         total += self.json(rest) if rest else 0
         props = params.get("properties")
-        if not isinstance(props, Mapping) or not props:
+        if not isinstance(props, (dict, Mapping)) or not props:
             return total + (self.json(props) if props else 0)
         total += 3
         for key, prop in props.items():
-            prop = prop if isinstance(prop, Mapping) else {"description": prop}
+            prop = prop if isinstance(prop, (dict, Mapping)) else {"description": prop}
             total += 3 + self.text(
                 f"{key}:{_str(prop.get('type'))}:{_str(prop.get('description'))}"
             )
@@ -445,7 +445,7 @@ def _dump(value: object) -> str:
         stack: list[object] = [value]
         while stack:
             item = stack.pop()
-            if isinstance(item, Mapping):
+            if isinstance(item, (dict, Mapping)):
                 words.extend(map(str, item))
                 stack.extend(item.values())
             elif isinstance(item, list | tuple):

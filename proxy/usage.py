@@ -122,7 +122,7 @@ def _count(value: object) -> int | None:
 
 def _detail(details: object, key: str, ceiling: int) -> int:
     """An optional sub-count: missing or invalid is 0, and never more than ``ceiling``."""
-    if not isinstance(details, Mapping):
+    if not isinstance(details, (dict, Mapping)):
         return 0
     count = _count(details.get(key))
     return 0 if count is None else min(count, ceiling)
@@ -159,7 +159,7 @@ def _tool_calls(output: object) -> tuple[tuple[str, int], ...]:
         return ()
     calls: Counter[str] = Counter()
     for item in output:
-        if isinstance(item, Mapping):
+        if isinstance(item, (dict, Mapping)):
             name = _tool_name(item.get("type"))
             if name is not None:
                 calls[name] += 1
@@ -172,7 +172,7 @@ def _tool_name(item_type: object) -> str | None:
 
 def _parse_usage(endpoint: Endpoint, usage: object, container: Mapping[str, Any]) -> Usage | None:
     """The usage object ``usage`` of a response (or chunk) ``container``."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, (dict, Mapping)):
         return None
     if endpoint is Endpoint.RESPONSES:
         shape = _RESPONSES_SHAPE
@@ -212,7 +212,7 @@ def extract_usage(endpoint: Endpoint, body: Mapping[str, Any]) -> Usage | None:
     above the prompt count is clamped to it. The body's ``service_tier`` and (responses)
     the hosted tool calls among its ``output`` items come with it.
     """
-    if not isinstance(body, Mapping):
+    if not isinstance(body, (dict, Mapping)):
         return None
     return _parse_usage(endpoint, body.get("usage"), body)
 
@@ -239,7 +239,7 @@ def _terminal_response(event: Mapping[str, Any]) -> Mapping[str, Any] | None:
     if not _event_type_in(event, _RESPONSE_TERMINAL_EVENTS):
         return None
     response = event.get("response")
-    return response if isinstance(response, Mapping) else None
+    return response if isinstance(response, (dict, Mapping)) else None
 
 
 def extract_stream_usage(endpoint: Endpoint, event: Mapping[str, Any]) -> Usage | None:
@@ -252,7 +252,7 @@ def extract_stream_usage(endpoint: Endpoint, event: Mapping[str, Any]) -> Usage 
     ``response.incomplete`` or ``response.failed`` event, with that response's
     ``service_tier`` and hosted tool calls.
     """
-    if not isinstance(event, Mapping):
+    if not isinstance(event, (dict, Mapping)):
         return None
     if endpoint is Endpoint.RESPONSES:
         response = _terminal_response(event)
@@ -271,11 +271,11 @@ def stream_service_tier(endpoint: Endpoint, event: Mapping[str, Any]) -> str | N
     caller keeps the last one seen). responses: the ``service_tier`` of the ``response``
     object an event carries (``response.created``, ``response.completed``, ...).
     """
-    if not isinstance(event, Mapping) or endpoint is Endpoint.EMBEDDINGS:
+    if not isinstance(event, (dict, Mapping)) or endpoint is Endpoint.EMBEDDINGS:
         return None
     if endpoint is Endpoint.RESPONSES:
         response = event.get("response")
-        if not isinstance(response, Mapping):
+        if not isinstance(response, (dict, Mapping)):
             return None
         return _service_tier(response.get("service_tier"))
     return _service_tier(event.get("service_tier"))
@@ -289,12 +289,12 @@ def stream_tool_calls(endpoint: Endpoint, event: Mapping[str, Any]) -> str | Non
     Counting these lets a stream that ends without ``response.completed`` still bill
     the calls it made (each item is done once; ``output_item.added`` is not counted).
     """
-    if endpoint is not Endpoint.RESPONSES or not isinstance(event, Mapping):
+    if endpoint is not Endpoint.RESPONSES or not isinstance(event, (dict, Mapping)):
         return None
     if event.get("type") != "response.output_item.done":
         return None
     item = event.get("item")
-    return _tool_name(item.get("type")) if isinstance(item, Mapping) else None
+    return _tool_name(item.get("type")) if isinstance(item, (dict, Mapping)) else None
 
 
 def is_usage_only_chunk(event: Mapping[str, Any]) -> bool:
@@ -303,7 +303,7 @@ def is_usage_only_chunk(event: Mapping[str, Any]) -> bool:
     That is the extra chunk ``stream_options.include_usage`` adds, which the proxy may
     strip when it set the option itself and the client did not ask for it.
     """
-    if not isinstance(event, Mapping) or not isinstance(event.get("usage"), Mapping):
+    if not isinstance(event, (dict, Mapping)) or not isinstance(event.get("usage"), Mapping):
         return False
     choices = event.get("choices")
     return choices is None or (isinstance(choices, list) and not choices)
@@ -376,7 +376,7 @@ def stream_text(endpoint: Endpoint, event: dict[str, Any]) -> str:
 
 def _int_param(body: Mapping[str, Any], param: str, minimum: int) -> int | None:
     """``body[param]`` as an int in ``[minimum, MAX_PARAM]``; ``None`` if absent or null."""
-    value = body.get(param) if isinstance(body, Mapping) else None
+    value = body.get(param) if isinstance(body, (dict, Mapping)) else None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -394,7 +394,7 @@ def _int_param(body: Mapping[str, Any], param: str, minimum: int) -> int | None:
 
 def _positive_param(body: Mapping[str, Any], param: str) -> int | None:
     """``body[param]`` as a positive int; ``None`` if absent or null."""
-    value = body.get(param) if isinstance(body, Mapping) else None
+    value = body.get(param) if isinstance(body, (dict, Mapping)) else None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_PARAM:
@@ -449,7 +449,7 @@ def inject_output_limit(endpoint: Endpoint, body: dict[str, Any], limit: int) ->
 
 def _prompt_count(body: Mapping[str, Any]) -> int:
     """How many prompts a completions request sends (each gets its own completions)."""
-    prompt = body.get("prompt") if isinstance(body, Mapping) else None
+    prompt = body.get("prompt") if isinstance(body, (dict, Mapping)) else None
     if prompt is None or isinstance(prompt, str):
         return 1  # absent: the API's default prompt, one
     if isinstance(prompt, list) and prompt:
@@ -494,14 +494,14 @@ def choice_count(endpoint: Endpoint, body: Mapping[str, Any]) -> int:
 
 def _tools(endpoint: Endpoint, body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The Responses request's tool objects (not objects are left to the upstream)."""
-    if endpoint is not Endpoint.RESPONSES or not isinstance(body, Mapping):
+    if endpoint is not Endpoint.RESPONSES or not isinstance(body, (dict, Mapping)):
         return []
     tools = body.get("tools")
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise InvalidParam("tools", "Invalid type for 'tools': expected an array.")
-    return [tool for tool in tools if isinstance(tool, Mapping)]
+    return [tool for tool in tools if isinstance(tool, (dict, Mapping))]
 
 
 def _hosted_tool(tool: Mapping[str, Any]) -> str | None:
@@ -522,7 +522,7 @@ def hosted_tools(endpoint: Endpoint, body: Mapping[str, Any]) -> tuple[str, ...]
     is set. Raises ``InvalidParam`` when ``tools`` is not an array.
     """
     if endpoint is Endpoint.CHAT:
-        options = body.get("web_search_options") if isinstance(body, Mapping) else None
+        options = body.get("web_search_options") if isinstance(body, (dict, Mapping)) else None
         return (_WEB_SEARCH,) if options is not None else ()
     names = (_hosted_tool(tool) for tool in _tools(endpoint, body))
     return tuple(dict.fromkeys(name for name in names if name is not None))
@@ -548,7 +548,7 @@ def container_memory(endpoint: Endpoint, body: Mapping[str, Any]) -> str | None:
         if tool.get("type") != "code_interpreter":
             continue
         container = tool.get("container")
-        if isinstance(container, Mapping):
+        if isinstance(container, (dict, Mapping)):
             memory = container.get("memory_limit")
             sizes.append(memory if isinstance(memory, str) and memory else "1g")
     return max(sizes, key=_memory_gb) if sizes else None
@@ -594,18 +594,18 @@ def unsized_state(endpoint: Endpoint, body: Mapping[str, Any]) -> tuple[str, ...
     ``id``), and ``item_reference`` for ``input`` items that point at stored items.
     Other endpoints carry no server-side state: ``()``.
     """
-    if endpoint is not Endpoint.RESPONSES or not isinstance(body, Mapping):
+    if endpoint is not Endpoint.RESPONSES or not isinstance(body, (dict, Mapping)):
         return ()
     fields: list[str] = []
     for field in ("previous_response_id", "conversation"):
         if body.get(field) is not None:
             fields.append(field)
     prompt = body.get("prompt")
-    if isinstance(prompt, Mapping) and prompt.get("id") is not None:
+    if isinstance(prompt, (dict, Mapping)) and prompt.get("id") is not None:
         fields.append("prompt")
     items = body.get("input")
     if isinstance(items, list) and any(
-        isinstance(item, Mapping) and item.get("type") == "item_reference" for item in items
+        isinstance(item, (dict, Mapping)) and item.get("type") == "item_reference" for item in items
     ):
         fields.append("item_reference")
     return tuple(fields)
@@ -614,6 +614,6 @@ def unsized_state(endpoint: Endpoint, body: Mapping[str, Any]) -> tuple[str, ...
 def is_background(endpoint: Endpoint, body: Mapping[str, Any]) -> bool:
     """Whether a Responses request asks to run in the background (``background`` set and
     not ``false``): its cost arrives after the request ends."""
-    if endpoint is not Endpoint.RESPONSES or not isinstance(body, Mapping):
+    if endpoint is not Endpoint.RESPONSES or not isinstance(body, (dict, Mapping)):
         return False
     return body.get("background") not in (None, False)
