@@ -19,14 +19,16 @@ called from the event loop thread; ``render`` may run on any thread.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy.config import DEFAULT_AGENT
 from proxy.endpoints import Endpoint
@@ -116,6 +118,45 @@ class _Tally(Collector):
         family = CounterMetricFamily(self.name, self._documentation, labels=self._labelnames)
         for key, value in self.values.copy().items():  # copy(): atomic, safe off-thread
             family.add_metric(key, value / self._scale if self._scale != 1 else value)
+        yield family
+
+
+class _Spread(Collector):
+    """A histogram family: per label-value tuple, a count per bucket and a sum, made
+    cumulative at scrape time. One call per observation, with no lock (it is fed from the
+    event loop thread only; a scrape copies before it reads).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._bounds = buckets
+        self._les: tuple[str, ...] = tuple(
+            floatToGoString(b)  # type: ignore[no-untyped-call]
+            for b in (*buckets, float("inf"))
+        )
+        # key -> [count per bucket ..., count above the last bound, sum]
+        self.values: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        row = self.values.get(key)
+        if row is None:
+            row = self.values[key] = [0] * (len(self._bounds) + 1) + [0.0]
+        row[bisect_left(self._bounds, value)] += 1  # the first bound >= value ("le")
+        row[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self._documentation, labels=self._labelnames)
+        for key, row in self.values.copy().items():
+            counts, total = row[:-1], row[-1]
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(list(key), buckets, total)
         yield family
 
 
@@ -223,27 +264,26 @@ class Metrics:
         ):
             self.registry.register(tally)
 
-        self._upstream = Histogram(
+        self._upstream = _Spread(
             "capproxy_upstream_latency_seconds",
             "Time waiting on the upstream (to the first byte for streams), by route.",
             ("route",),
-            buckets=UPSTREAM_BUCKETS,
-            registry=self.registry,
+            UPSTREAM_BUCKETS,
         )
-        self._overhead = Histogram(
+        self._overhead = _Spread(
             "capproxy_proxy_overhead_seconds",
             "Time the proxy adds on top of the upstream, by route.",
             ("route",),
-            buckets=OVERHEAD_BUCKETS,
-            registry=self.registry,
+            OVERHEAD_BUCKETS,
         )
-        self._upstream_by_route: dict[str, Histogram] = {}
-        self._overhead_by_route: dict[str, Histogram] = {}
-        self._held = Gauge(
+        self.registry.register(self._upstream)
+        self.registry.register(self._overhead)
+        self.held = 0  # reservations held now (read at scrape time)
+        Gauge(
             "capproxy_reservations_held",
             "Budget reservations currently held by requests in this process.",
             registry=self.registry,
-        )
+        ).set_function(lambda: float(self.held))
         self._pending = Gauge(
             "capproxy_deferred_settles",
             "Settles waiting for the store to come back (this process).",
@@ -268,16 +308,10 @@ class Metrics:
 
         upstream_s = rec.upstream_s
         if upstream_s is not None:
-            child = self._upstream_by_route.get(route)
-            if child is None:
-                child = self._upstream_by_route[route] = self._upstream.labels(route)
-            child.observe(upstream_s)
+            self._upstream.observe((route,), upstream_s)
             until = rec.first_byte_s if rec.streamed else rec.duration_s
             if until is not None:
-                child = self._overhead_by_route.get(route)
-                if child is None:
-                    child = self._overhead_by_route[route] = self._overhead.labels(route)
-                child.observe(max(0.0, until - upstream_s))
+                self._overhead.observe((route,), max(0.0, until - upstream_s))
 
         cost = rec.cost_micros
         prompt = rec.prompt_tokens
@@ -308,10 +342,10 @@ class Metrics:
     # -- process state ----------------------------------------------------------------------
 
     def hold_started(self) -> None:
-        self._held.inc()
+        self.held += 1
 
     def hold_ended(self) -> None:
-        self._held.dec()
+        self.held -= 1
 
     def unpriced_model(self, model: str) -> None:
         """A request for a model with no price: operators see what to add."""
