@@ -144,7 +144,9 @@ class Prepared:
             raise ValueError(f"{len(chunks) - 1} open items, {len(values)} values")
         parts = [chunks[0]]
         for value, chunk in zip(values, chunks[1:], strict=True):
-            parts += (_bulk(str(value)), chunk)
+            # _bulk, inline: a call fills up to a dozen items, on every request.
+            data = b"%d" % value if type(value) is int else str(value).encode()
+            parts += (b"$%d\r\n%s\r\n" % (len(data), data), chunk)
         return b"".join(parts)
 
 
