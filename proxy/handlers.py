@@ -747,6 +747,7 @@ async def _stream(
                 drain=drain,
                 client_gone=client_gone,
                 transport=request.transport,
+                writer=request.writer,
             )
     except (ConnectionError, RuntimeError):
         end = StreamEnd.CLIENT_GONE

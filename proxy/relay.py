@@ -10,9 +10,12 @@
 Frames are written as soon as they are complete, byte for byte; the only frame ever
 held back is the usage-only chat chunk that the proxy itself asked for (when the client
 did not), so the client's stream is what it would have been without the proxy.
-``StreamResponse.write`` waits for the client to drain, and the next upstream read waits
-for that, so a slow client slows the upstream read instead of filling memory; a client
-that reads nothing for ``write_timeout_s`` is treated as gone. When the client is gone and
+A write that takes the client's socket buffer past its high-water mark waits for it to
+drain, and the next upstream read waits for that, so a slow client slows the upstream read
+instead of filling memory; a client that reads nothing for ``write_timeout_s`` is treated
+as gone. Once the response's head is out, the chunks of a chunked response are framed here
+and handed to the transport directly (a write per event through aiohttp's writer costs
+two coroutines and its bookkeeping). When the client is gone and
 ``drain`` is set, the upstream is read to its end (through the tap, nothing written) so
 that its usage still arrives; the upstream's own timeout bounds that.
 """
@@ -23,8 +26,10 @@ import asyncio
 import dataclasses
 from collections import Counter
 from enum import StrEnum
+from typing import cast
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy.endpoints import Endpoint
 from proxy.sse import Frame, SSEDecoder
@@ -172,11 +177,13 @@ async def relay_stream(
     drain: bool,
     client_gone: bool = False,
     transport: asyncio.BaseTransport | None = None,
+    writer: AbstractStreamWriter | None = None,
     max_event_bytes: int = MAX_EVENT_BYTES,
 ) -> StreamEnd:
     """Copy the upstream's SSE body to the prepared client response, through ``tap``
     (``client_gone``: the client left before the response could start; only drain)."""
     decoder = SSEDecoder()
+    sink = _Sink(client, write_timeout_s, transport, writer)
     gone = client_gone
     try:
         while chunk := await upstream.read_any():
@@ -185,7 +192,7 @@ async def relay_stream(
                 out = tap.select(frames)
                 if out and not gone:
                     data = out[0] if len(out) == 1 else b"".join(out)
-                    gone = not await _write(client, data, write_timeout_s, transport)
+                    gone = not await sink.write(data)
                     if gone and not drain:
                         return StreamEnd.CLIENT_GONE
             if decoder.buffered > max_event_bytes:
@@ -197,5 +204,69 @@ async def relay_stream(
     if leftover:
         out.append(leftover)  # an unterminated last event: pass on what arrived
     if out and not gone:
-        gone = not await _write(client, b"".join(out), write_timeout_s, transport)
+        gone = not await sink.write(b"".join(out))
     return StreamEnd.CLIENT_GONE if gone else StreamEnd.COMPLETE
+
+
+class _Sink:
+    """Writes relayed bytes to the prepared client response.
+
+    The first write goes through aiohttp (it sends the head, if still held). After it, if
+    the response is chunked and not compressed, each write is framed as a chunk here and
+    handed to the transport at once; one that leaves the transport's buffer past its
+    high-water mark (the protocol is then paused) waits for it to drain, for at most
+    ``timeout_s``. aiohttp's ``write_eof`` ends the chunked body as usual."""
+
+    __slots__ = ("_client", "_direct", "_high", "_timeout_s", "_transport", "_writer")
+
+    def __init__(
+        self,
+        client: web.StreamResponse,
+        timeout_s: float,
+        transport: asyncio.BaseTransport | None,
+        writer: AbstractStreamWriter | None,
+    ) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self._transport = transport
+        self._writer = writer
+        self._direct: asyncio.WriteTransport | None = None
+        self._high = 0
+
+    async def write(self, data: bytes) -> bool:
+        """Send ``data``; False when the client is gone or read nothing for the timeout."""
+        transport = self._direct
+        if transport is None:
+            if not await _write(self._client, data, self._timeout_s, self._transport):
+                return False
+            self._go_direct()
+            return True
+        if transport.is_closing():
+            return False
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if transport.get_write_buffer_size() <= self._high:
+            return True
+        assert self._writer is not None  # set whenever _direct is
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._writer.drain()
+        except (ConnectionError, RuntimeError, TimeoutError):
+            return False
+        return not transport.is_closing()
+
+    def _go_direct(self) -> None:
+        """Write directly from now on, if this response and transport allow it."""
+        client, transport = self._client, self._transport
+        if (
+            self._writer is None
+            or transport is None
+            or client.compression
+            or client.headers.get("Transfer-Encoding") != "chunked"
+            # Duck-typed: uvloop's transports are not asyncio's classes.
+            or not hasattr(transport, "get_write_buffer_limits")
+            or not hasattr(transport, "get_write_buffer_size")
+        ):
+            return
+        direct = cast(asyncio.WriteTransport, transport)
+        self._high = direct.get_write_buffer_limits()[1]
+        self._direct = direct

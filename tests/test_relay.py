@@ -1,4 +1,5 @@
-"""The stream tap, without a server: which frames go on, what usage and text it saw."""
+"""The stream tap, without a server: which frames go on, what usage and text it saw; and
+the sink that writes the relayed bytes to a real client."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.app import new_event_loop
 from proxy.endpoints import Endpoint
-from proxy.relay import StreamTap, _fits
+from proxy.relay import StreamTap, _fits, _Sink
 from proxy.sse import SSEDecoder
 from proxy.usage import Usage
 
@@ -192,3 +196,74 @@ def test_a_delta_with_more_than_content_is_read_whole() -> None:
         ],
     )
     assert tap.text() == "abcrde"
+
+
+PIECES = [b"data: one\n\n", b"data: " + b"x" * 70_000 + b"\n\n", b"", b"data: [DONE]\n\n"]
+
+
+async def _sink_server(compress: bool = False) -> tuple[TestServer, list[bool]]:
+    """A server whose response is written through a ``_Sink``; the list gets, after each
+    write, whether the sink writes directly."""
+    direct: list[bool] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse()
+        if compress:
+            out.enable_compression()
+        await out.prepare(request)
+        sink = _Sink(out, 5.0, request.transport, request.writer)
+        for piece in PIECES:
+            if piece:
+                assert await sink.write(piece)
+            direct.append(sink._direct is not None)
+        return out
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    server = TestServer(app)
+    await server.start_server()
+    return server, direct
+
+
+async def test_a_chunked_response_is_written_directly_after_its_first_write() -> None:
+    server, direct = await _sink_server()
+    try:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await reader.read()
+        writer.close()
+    finally:
+        await server.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert direct == [True, True, True, True]
+    # Exactly the pieces, each its own chunk, and the body's end.
+    expected = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in PIECES if p) + b"0\r\n\r\n"
+    assert body == expected
+
+
+async def test_an_http_1_0_response_is_written_by_aiohttp() -> None:
+    # No chunked encoding in HTTP/1.0: the body ends with the connection.
+    server, direct = await _sink_server()
+    try:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+    finally:
+        await server.close()
+    assert b"chunked" not in head
+    assert direct == [False, False, False, False]
+    assert body == b"".join(PIECES)
+
+
+async def test_a_compressed_response_is_written_by_aiohttp() -> None:
+    server, direct = await _sink_server(compress=True)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(server.make_url("/")) as resp:
+            assert resp.headers["Content-Encoding"] in ("gzip", "deflate")
+            body = await resp.read()
+    finally:
+        await server.close()
+    assert direct == [False, False, False, False]
+    assert body == b"".join(PIECES)
