@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import zlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Self, cast
+from typing import Any, Self, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -90,10 +90,11 @@ class Response:
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
 
-    async def read_any(self) -> bytes:
+    def read_any(self) -> Coroutine[Any, Any, bytes]:
         """The body's bytes that have arrived (waits for some); ``b""`` at its end.
-        Raises ``ResponseBroken``, ``ConnectionError`` or ``TimeoutError``."""
-        return await self._conn.read_any()
+        Raises ``ResponseBroken``, ``ConnectionError`` or ``TimeoutError``. (The
+        connection's own coroutine: no frame of its own per read.)"""
+        return self._conn.read_any()
 
     def release(self) -> None:
         """Done with the response: its connection is kept for the next request when the
@@ -301,7 +302,12 @@ class _Connection(asyncio.Protocol):
                 raise self._error
             if self._done:
                 return b""
-            await self._wait()
+            # _wait, inline: once per event of a stream.
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     def _inflated(self) -> bytes:
         """What the decompressor gives for the compressed bytes received so far (at most
