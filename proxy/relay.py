@@ -192,7 +192,10 @@ async def relay_stream(
                 out = tap.select(frames)
                 if out and not gone:
                     data = out[0] if len(out) == 1 else b"".join(out)
-                    gone = not await sink.write(data)
+                    sent = sink.send(data)
+                    if sent is None:
+                        sent = await sink.write(data)
+                    gone = not sent
                     if gone and not drain:
                         return StreamEnd.CLIENT_GONE
             if decoder.buffered > max_event_bytes:
@@ -204,7 +207,9 @@ async def relay_stream(
     if leftover:
         out.append(leftover)  # an unterminated last event: pass on what arrived
     if out and not gone:
-        gone = not await sink.write(b"".join(out))
+        data = b"".join(out)
+        sent = sink.send(data)
+        gone = not (await sink.write(data) if sent is None else sent)
     return StreamEnd.CLIENT_GONE if gone else StreamEnd.COMPLETE
 
 
@@ -213,9 +218,10 @@ class _Sink:
 
     The first write goes through aiohttp (it sends the head, if still held). After it, if
     the response is chunked and not compressed, each write is framed as a chunk here and
-    handed to the transport at once; one that leaves the transport's buffer past its
-    high-water mark (the protocol is then paused) waits for it to drain, for at most
-    ``timeout_s``. aiohttp's ``write_eof`` ends the chunked body as usual."""
+    handed to the transport at once (``send``, no coroutine), unless the transport's
+    buffer is past its high-water mark: then ``write`` waits for it to drain (the protocol
+    is paused), for at most ``timeout_s``, first. aiohttp's ``write_eof`` ends the chunked
+    body as usual."""
 
     __slots__ = ("_client", "_direct", "_high", "_timeout_s", "_transport", "_writer")
 
@@ -233,18 +239,25 @@ class _Sink:
         self._direct: asyncio.WriteTransport | None = None
         self._high = 0
 
+    def send(self, data: bytes) -> bool | None:
+        """Send ``data`` now if it goes directly and the client's buffer has room: True
+        when sent, False when the client is gone; None: await ``write(data)``."""
+        transport = self._direct
+        if transport is None or transport.get_write_buffer_size() > self._high:
+            return None
+        if transport.is_closing():
+            return False
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        return True
+
     async def write(self, data: bytes) -> bool:
-        """Send ``data``; False when the client is gone or read nothing for the timeout."""
+        """Send ``data``, waiting for the client's buffer to drain first if it must; False
+        when the client is gone or read nothing for the timeout."""
         transport = self._direct
         if transport is None:
             if not await _write(self._client, data, self._timeout_s, self._transport):
                 return False
             self._go_direct()
-            return True
-        if transport.is_closing():
-            return False
-        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-        if transport.get_write_buffer_size() <= self._high:
             return True
         assert self._writer is not None  # set whenever _direct is
         try:
@@ -252,7 +265,10 @@ class _Sink:
                 await self._writer.drain()
         except (ConnectionError, RuntimeError, TimeoutError):
             return False
-        return not transport.is_closing()
+        if transport.is_closing():
+            return False
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        return True
 
     def _go_direct(self) -> None:
         """Write directly from now on, if this response and transport allow it."""

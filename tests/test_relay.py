@@ -214,7 +214,9 @@ async def _sink_server(compress: bool = False) -> tuple[TestServer, list[bool]]:
         sink = _Sink(out, 5.0, request.transport, request.writer)
         for piece in PIECES:
             if piece:
-                assert await sink.write(piece)
+                sent = sink.send(piece)
+                assert sent is not False
+                assert sent or await sink.write(piece)
             direct.append(sink._direct is not None)
         return out
 
