@@ -81,9 +81,10 @@ class StreamTap:
 
     def _observe(self, frame: Frame) -> bool:
         event = frame.event
-        if event is None:
-            return True
-        data = event.data
+        return True if event is None else self.observe(event.data)
+
+    def observe(self, data: str) -> bool:
+        """Read one event's data; whether the frame that carried it goes on."""
         if data == "[DONE]":
             self.finished = True
             return True
@@ -187,17 +188,20 @@ async def relay_stream(
     gone = client_gone
     try:
         while chunk := await upstream.read_any():
-            frames = decoder.feed(chunk)
-            if frames:
-                out = tap.select(frames)
-                if out and not gone:
-                    data = out[0] if len(out) == 1 else b"".join(out)
-                    sent = sink.send(data)
-                    if sent is None:
-                        sent = await sink.write(data)
-                    gone = not sent
-                    if gone and not drain:
-                        return StreamEnd.CLIENT_GONE
+            lone = decoder.lone_data(chunk)
+            if lone is not None:  # one event, the chunk its frame: no frame objects
+                out = [chunk] if tap.observe(lone) else []
+            else:
+                frames = decoder.feed(chunk)
+                out = tap.select(frames) if frames else []
+            if out and not gone:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                sent = sink.send(data)
+                if sent is None:
+                    sent = await sink.write(data)
+                gone = not sent
+                if gone and not drain:
+                    return StreamEnd.CLIENT_GONE
             if decoder.buffered > max_event_bytes:
                 return StreamEnd.EVENT_TOO_LARGE
     except (ResponseBroken, OSError, TimeoutError):

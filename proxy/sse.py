@@ -147,6 +147,22 @@ class SSEDecoder:
             buf += memoryview(chunk)[used:]
         return frames
 
+    def lone_data(self, chunk: bytes) -> str | None:
+        """The data of ``chunk`` when it is one whole frame of a single ``data: `` line and
+        nothing is held from before (what LLM APIs send, one event a chunk): ``feed``
+        would return that one frame, a message event with this data, and hold nothing.
+        None for anything else, which is to be fed. Nothing is consumed either way."""
+        if (
+            chunk[:6] != b"data: "
+            or chunk[-2:] != b"\n\n"
+            or chunk.count(b"\n") != 2
+            or b"\r" in chunk
+            or self._buf
+            or self._bom_pending
+        ):
+            return None
+        return chunk[6:-2].decode("utf-8", "replace")
+
     def _simple(self, chunk: bytes) -> list[Frame] | None:
         """The frames of ``chunk`` when it is whole frames of one line each, a ``data``
         line or a comment, ended by LF (what LLM APIs send); None for anything else,

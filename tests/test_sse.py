@@ -483,3 +483,48 @@ def test_chunks_of_one_line_frames_take_the_fast_path() -> None:
     )
     for other in (b"data: a\ndata: b\n\n", b"event: e\ndata: y\n\n", b"\n\n\n\n", b"id: 1\n\n"):
         assert decoder._simple(other) is None
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_lone_data_chunk_is_the_one_frame_feed_would_give(seed: int) -> None:
+    rng = random.Random(seed)
+    frames = [rng.choice(FRAMES) for _ in range(rng.randint(1, 25))]
+    stream = (BOM if rng.random() < 0.2 else b"") + b"".join(frames)
+    ends = list(accumulate(len(f) for f in frames))[:-1]
+    cuts = rng.sample(ends, rng.randint(0, len(ends)))
+    cuts += rng.sample(range(1, len(stream)), rng.randint(0, 3))  # and some mid-frame
+    decoder = SSEDecoder()
+    lone_seen = 0
+    for chunk in split(stream, sorted(set(cuts))):
+        lone = decoder.lone_data(chunk)
+        fed = decoder.feed(chunk)
+        if lone is not None:
+            lone_seen += 1
+            assert len(fed) == 1
+            assert fed[0].raw == chunk
+            assert fed[0].event is not None
+            assert (fed[0].event.event, fed[0].event.data) == ("message", lone)
+            assert decoder.buffered == 0
+    assert lone_seen <= len(frames)
+
+
+def test_only_a_whole_one_line_data_frame_is_lone() -> None:
+    decoder = SSEDecoder()
+    first = b'data: {"a":1}\n\n'
+    assert decoder.lone_data(first) is None  # the stream's start: a BOM is still possible
+    decoder.feed(first)
+    assert decoder.lone_data(b'data: {"a":"\xc3\xa9"}\n\n') == '{"a":"\xe9"}'
+    assert decoder.lone_data(b"data: [DONE]\n\n") == "[DONE]"
+    for other in (
+        b"data: a\ndata: b\n\n",
+        b"event: e\ndata: y\n\n",
+        b"id: 1\ndata: y\n\n",
+        b"data: cr\r\n\r\n",
+        b"data:x\n\n",  # no space: read by feed
+        b": ping\n\n",
+        b"data: a\n\ndata: b\n\n",
+        b"data: partial",
+    ):
+        assert decoder.lone_data(other) is None, other
+    decoder.feed(b"data: par")  # a frame in progress: nothing is lone until it ends
+    assert decoder.lone_data(b"data: x\n\n") is None
