@@ -26,8 +26,7 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -125,6 +124,30 @@ RejectHook = Callable[[BudgetPlan, tuple[CounterState, ...]], None]
 Recount = Callable[[ReserveResult], Awaitable[BudgetPlan | None]]
 
 
+class _Holding:
+    """``async with ledger.hold(...) as hold``: a class, not a generator-based context
+    manager (that costs four calls and a generator on every request)."""
+
+    __slots__ = ("_args", "_hold", "_ledger")
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        args: tuple[BudgetPlan, ZoneInfo, float, bool, RejectHook | None, Recount | None],
+    ) -> None:
+        self._ledger = ledger
+        self._args = args
+        self._hold: Hold | None = None
+
+    async def __aenter__(self) -> Hold:
+        self._hold = await self._ledger._take(*self._args)
+        return self._hold
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._hold is not None:
+            await self._ledger._end(self._hold)
+
+
 class Ledger:
     """Wraps a ``Store`` with holds, the fail-open policy and the retry queue."""
 
@@ -159,8 +182,7 @@ class Ledger:
         """Holds whose lease is being renewed now (one per request in flight)."""
         return len(self._renewing)
 
-    @asynccontextmanager
-    async def hold(
+    def hold(
         self,
         plan: BudgetPlan,
         *,
@@ -169,7 +191,7 @@ class Ledger:
         enforce: bool = True,
         on_reject: RejectHook | None = None,
         smaller: Recount | None = None,
-    ) -> AsyncIterator[Hold]:
+    ) -> _Holding:
         """Reserve ``plan`` (429 ``CapExceeded`` / 503 ``StoreUnavailable``), yield the hold.
 
         ``hold_ttl_s`` is the hold's lease, renewed every third of it while the block
@@ -182,6 +204,18 @@ class Ledger:
         a cap refuses them, it is given the refusal and returns the plan to ask for once
         more (its amounts no larger), or None to keep the refusal.
         """
+        return _Holding(self, (plan, tz, hold_ttl_s, enforce, on_reject, smaller))
+
+    async def _take(
+        self,
+        plan: BudgetPlan,
+        tz: ZoneInfo,
+        hold_ttl_s: float,
+        enforce: bool,
+        on_reject: RejectHook | None,
+        smaller: Recount | None,
+    ) -> Hold:
+        """Entering a hold's block: reserve (see ``hold``)."""
         rid = os.urandom(16).hex()
         states: tuple[CounterState, ...] = ()
         now = 0.0
@@ -244,17 +278,18 @@ class Ledger:
         if states:
             self._renewing.add(hold.rid)
             self._schedule_renewal(hold)
+        return hold
+
+    async def _end(self, hold: Hold) -> None:
+        """Leaving a hold's block: release it unless committed, stop renewing its lease."""
         try:
-            yield hold
+            if not hold.settled:
+                await hold.commit(0)
         finally:
-            try:
-                if not hold.settled:
-                    await hold.commit(0)
-            finally:
-                self._stop_renewing(hold)
-                renewal = hold._renewal
-                if renewal is not None and not renewal.done():
-                    await asyncio.wait([renewal])
+            self._stop_renewing(hold)
+            renewal = hold._renewal
+            if renewal is not None and not renewal.done():
+                await asyncio.wait([renewal])
 
     def _schedule_renewal(self, hold: Hold) -> None:
         interval = hold._hold_ttl_s / RENEWALS_PER_LEASE
