@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -99,6 +99,28 @@ class Counter:
     unit: Unit = Unit.USD
     model_cap: str | None = None
     user_id: str | None = None
+    # Worked out once: counters are dict keys on every request, and the generated hash
+    # would hash seven fields (two of them enums, hashed in Python) each time.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.tenant_id, self.agent_id, self.window, self.limit, self.unit)
+        object.__setattr__(self, "_hash", hash((*fields, self.model_cap, self.user_id)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Counter], tuple[object, ...]]:
+        # Rebuilt through __init__: a string's hash differs between processes.
+        return Counter, (
+            self.tenant_id,
+            self.agent_id,
+            self.window,
+            self.limit,
+            self.unit,
+            self.model_cap,
+            self.user_id,
+        )
 
     @property
     def scope(self) -> tuple[str, str]:
