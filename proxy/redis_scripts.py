@@ -144,9 +144,9 @@ class Prepared:
             raise ValueError(f"{len(chunks) - 1} open items, {len(values)} values")
         parts = [chunks[0]]
         for value, chunk in zip(values, chunks[1:], strict=True):
-            # _bulk, inline: a call fills up to a dozen items, on every request.
+            # _bulk, inline and with the chunk that follows: up to a dozen items a call.
             data = b"%d" % value if type(value) is int else str(value).encode()
-            parts += (b"$%d\r\n%s\r\n" % (len(data), data), chunk)
+            parts.append(b"$%d\r\n%s\r\n%s" % (len(data), data, chunk))
         return b"".join(parts)
 
 
