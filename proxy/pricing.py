@@ -372,6 +372,22 @@ def _exact(value: Decimal) -> Decimal:
     return value
 
 
+# Prices as exact integer ratios (numerator, denominator), by value: token costs are summed
+# in integers. Prices come from the caps file and price files: bounded, but cleared past this.
+_RATIOS: dict[Decimal, tuple[int, int]] = {}
+MAX_REMEMBERED_RATIOS = 4096
+
+
+def _ratio(value: Decimal) -> tuple[int, int]:
+    found = _RATIOS.get(_exact(value))
+    if found is None:
+        found = value.as_integer_ratio()
+        if len(_RATIOS) >= MAX_REMEMBERED_RATIOS:
+            _RATIOS.clear()
+        _RATIOS[value] = found
+    return found
+
+
 def _ceil(total: Decimal) -> int:
     return int(total.to_integral_value(rounding=ROUND_CEILING))
 
@@ -522,16 +538,16 @@ def cost_micros(usage: Usage, price: ModelPrice) -> int:
         reasoning_tokens=usage.reasoning_tokens,
     )
     cached = min(usage.cached_tokens, usage.prompt_tokens)
-    input_price = _exact(price.input_per_mtok)
-    cached_price = (
-        input_price if price.cached_input_per_mtok is None else _exact(price.cached_input_per_mtok)
+    a, b = _ratio(price.input_per_mtok)
+    c, d = (a, b) if price.cached_input_per_mtok is None else _ratio(price.cached_input_per_mtok)
+    e, f = _ratio(price.output_per_mtok)
+    # USD per 1M tokens is micro-USD per token: the sum over one denominator, rounded up.
+    total = (
+        (usage.prompt_tokens - cached) * a * d * f
+        + cached * c * b * f
+        + billed_output_tokens(usage) * e * b * d
     )
-    mul, add = _EXACT.multiply, _EXACT.add
-    total = add(
-        add(mul(usage.prompt_tokens - cached, input_price), mul(cached, cached_price)),
-        mul(billed_output_tokens(usage), _exact(price.output_per_mtok)),
-    )
-    return _ceil(total)
+    return -(-total // (b * d * f))
 
 
 def estimate_micros(prompt_tokens: int, output_tokens: int, price: ModelPrice) -> int:
@@ -542,11 +558,9 @@ def estimate_micros(prompt_tokens: int, output_tokens: int, price: ModelPrice) -
     output price. Pass ``hold_price(...)`` as ``price`` so the hold covers the tier.
     """
     _check_tokens(prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-    total = _EXACT.add(
-        _EXACT.multiply(prompt_tokens, _exact(price.input_per_mtok)),
-        _EXACT.multiply(output_tokens, _exact(price.output_per_mtok)),
-    )
-    return _ceil(total)
+    a, b = _ratio(price.input_per_mtok)
+    c, d = _ratio(price.output_per_mtok)
+    return -(-(prompt_tokens * a * d + output_tokens * c * b) // (b * d))
 
 
 # --- hosted tools -------------------------------------------------------------------

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import doctest
 import random
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal, localcontext
 
 import pytest
 from hypothesis import given
@@ -13,6 +13,7 @@ from proxy import pricing
 from proxy.pricing import (
     BUILTIN_PRICES,
     BUILTIN_TOOL_PRICES,
+    MAX_PER_MTOK,
     ModelPrice,
     PriceTable,
     TierPrice,
@@ -899,3 +900,45 @@ def test_usd_text_is_the_exact_decimal(micros: int) -> None:
 def test_usd_to_micros_up_is_the_least_micros_at_or_above(usd: Decimal) -> None:
     up = pricing.usd_to_micros_up(usd)
     assert pricing.micros_to_usd(up) >= usd > pricing.micros_to_usd(up - 1)
+
+
+_PRICES = st.decimals(min_value=0, max_value=MAX_PER_MTOK, places=6, allow_nan=False)
+_TOKENS = st.integers(min_value=0, max_value=2**53)
+
+
+def _decimal_ceil(total: Decimal) -> int:
+    return int(total.to_integral_value(rounding=ROUND_CEILING))
+
+
+@given(_PRICES, _PRICES, st.one_of(st.none(), _PRICES), _TOKENS, _TOKENS, _TOKENS, _TOKENS)
+def test_token_costs_in_integers_are_the_exact_decimal_sums_rounded_up(
+    input_: Decimal,
+    output: Decimal,
+    cached_price: Decimal | None,
+    prompt: int,
+    cached: int,
+    completion: int,
+    reasoning: int,
+) -> None:
+    price = ModelPrice(
+        input_per_mtok=input_, output_per_mtok=output, cached_input_per_mtok=cached_price
+    )
+    with localcontext() as ctx:
+        ctx.prec = 200
+        assert estimate_micros(prompt, completion, price) == _decimal_ceil(
+            prompt * input_ + completion * output
+        )
+        usage = Usage(
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            completion_tokens=completion,
+            reasoning_tokens=reasoning,
+        )
+        hit = min(cached, prompt)
+        billed = completion + reasoning if reasoning > completion else completion
+        expected = (
+            (prompt - hit) * input_
+            + hit * (input_ if cached_price is None else cached_price)
+            + billed * output
+        )
+        assert cost_micros(usage, price) == _decimal_ceil(expected)
