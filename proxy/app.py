@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -71,34 +72,56 @@ def error_response(error: ProxyError) -> web.Response:
     return web.json_response(error.body(), status=error.status, headers=error.headers)
 
 
-@web.middleware
-async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Track each request's task, so that shutdown can wait for it and then cut it, and
-    render every error as an OpenAI error body: nothing else ever reaches a client."""
-    task = asyncio.current_task()
-    inflight = request.app[LIFECYCLE].inflight
-    if task is not None:
-        inflight.add(task)
-    try:
-        return await handler(request)
-    except ProxyError as exc:
-        return error_response(exc)
-    except web.HTTPNotFound:
-        return error_response(NotFound(f"Unknown request URL: {request.method} {request.path}"))
-    except web.HTTPMethodNotAllowed:
-        return error_response(
-            MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}")
-        )
-    except web.HTTPException:
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(InternalError("The proxy failed to handle the request."))
-    finally:
+def guarded(handler: Handler) -> Handler:
+    """``handler`` with its request's task tracked, so that shutdown can wait for it and
+    then cut it, and every error rendered as an OpenAI error body: nothing else ever
+    reaches a client. Each route's handler is wrapped, rather than the app given a
+    middleware: with none, aiohttp calls a route's handler directly, not through a chain."""
+
+    @functools.wraps(handler)
+    async def guard(request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        inflight = request.app[LIFECYCLE].inflight
         if task is not None:
-            inflight.discard(task)
+            inflight.add(task)
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return error_response(exc)
+        except web.HTTPNotFound:
+            return error_response(NotFound(_unknown_url(request)))
+        except web.HTTPException:
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return error_response(InternalError("The proxy failed to handle the request."))
+        finally:
+            if task is not None:
+                inflight.discard(task)
+
+    return guard
+
+
+def _unknown_url(request: web.Request) -> str:
+    return f"Unknown request URL: {request.method} {request.path}"
+
+
+async def unrouted(request: web.Request) -> web.StreamResponse:
+    """Any method on any path no other route takes (the last route): 405 with the methods
+    a route has for this path, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        match, methods = await resource.resolve(request)
+        if match is None:  # (the one resource that matches: this catch-all)
+            allowed |= methods
+    if allowed:
+        raise MethodNotAllowed(
+            f"Method {request.method} is not allowed for {request.path}",
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+    raise NotFound(_unknown_url(request))
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -293,7 +316,7 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_app(
     settings: Settings, *, store: Store | None = None, config_path: Path | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[request_middleware], client_max_size=2**40)
+    app = web.Application(client_max_size=2**40)
     app[SETTINGS] = settings
     if config_path is not None:
         app[CONFIG_PATH] = config_path
@@ -317,14 +340,24 @@ def create_app(
         ]
     )
     app.on_shutdown.append(_on_shutdown)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
-    spend.add_routes(app)
-    dashboard.add_routes(app)
-    app.router.add_get("/v1/models", handlers.models)
     metered = "|".join(re.escape(e.value) for e in Endpoint)
-    app.router.add_post(f"/v1/{{path:(?:{metered})}}", handlers.metered)
+    routes = [
+        web.get("/healthz", handlers.healthz),
+        web.get("/readyz", handlers.readyz),
+        web.get("/metrics", handlers.metrics),
+        *spend.routes(),
+        *dashboard.routes(),
+        web.get("/v1/models", handlers.models),
+        web.post(f"/v1/{{path:(?:{metered})}}", handlers.metered),
+    ]
+    for route in routes:
+        handler = route.handler
+        if isinstance(handler, type):  # a class-based view: none here
+            raise TypeError(f"route {route.path}: a view class cannot be guarded")
+        app.router.add_routes(
+            [web.RouteDef(route.method, route.path, guarded(handler), route.kwargs)]
+        )
+    app.router.add_route("*", "/{tail:.*}", guarded(unrouted))  # last: every other path
     return app
 
 

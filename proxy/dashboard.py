@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.errors import NotFound
 
-__all__ = ["CSP", "add_routes"]
+__all__ = ["CSP", "routes"]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -52,8 +52,8 @@ def load_assets() -> dict[str, Asset]:
     return {name: Asset((folder / name).read_bytes(), kind) for name, kind in FILES.items()}
 
 
-def add_routes(app: web.Application) -> None:
-    """Register ``/dashboard`` and its files on ``app``."""
+def routes() -> list[web.RouteDef]:
+    """``/dashboard`` and its files."""
     assets = load_assets()
 
     def serve(name: str) -> web.Response:
@@ -77,6 +77,8 @@ def add_routes(app: web.Application) -> None:
     async def slash(request: web.Request) -> web.StreamResponse:
         raise web.HTTPPermanentRedirect("../dashboard")  # relative: works under a prefix
 
-    app.router.add_get("/dashboard", page)
-    app.router.add_get("/dashboard/", slash)
-    app.router.add_get("/dashboard/{name}", asset)
+    return [
+        web.get("/dashboard", page),
+        web.get("/dashboard/", slash),
+        web.get("/dashboard/{name}", asset),
+    ]

@@ -451,15 +451,17 @@ async def openapi(request: web.Request) -> web.StreamResponse:
     return web.json_response(OPENAPI)
 
 
-def add_routes(app: web.Application) -> None:
-    """Register the spend API routes on ``app``."""
-    app.router.add_get(f"{PREFIX}/costs/current", costs_current)
-    app.router.add_get(f"{PREFIX}/caps", caps)
-    app.router.add_get(f"{PREFIX}/tenants", tenants)
-    app.router.add_get(f"{PREFIX}/costs/history", costs_history)
-    app.router.add_get(f"{PREFIX}/rejections", rejections)
-    app.router.add_get(f"{PREFIX}/scopes", scopes)
-    app.router.add_get(f"{PREFIX}/openapi.json", openapi)
+def routes() -> list[web.RouteDef]:
+    """The spend API's routes."""
+    return [
+        web.get(f"{PREFIX}/costs/current", costs_current),
+        web.get(f"{PREFIX}/caps", caps),
+        web.get(f"{PREFIX}/tenants", tenants),
+        web.get(f"{PREFIX}/costs/history", costs_history),
+        web.get(f"{PREFIX}/rejections", rejections),
+        web.get(f"{PREFIX}/scopes", scopes),
+        web.get(f"{PREFIX}/openapi.json", openapi),
+    ]
 
 
 # --- OpenAPI 3.1 -------------------------------------------------------------------------

@@ -662,8 +662,29 @@ async def test_bad_input_gets_its_status_and_code(
     error = (await resp.json())["error"]
     assert error["code"] == code
     assert set(error) == {"message", "type", "code", "param"}
+    if status == 405:
+        assert resp.headers["Allow"] == "POST"
     assert upstream.count == 0
     assert await spent(redis_store, "acme", "_default") == NOTHING
+
+
+async def test_every_route_and_unknown_path_answers_in_openai_errors_not_aiohttps(
+    upstream: FakeUpstream, make_client: MakeClient
+) -> None:
+    client = await make_client(settings_for(upstream.url))
+    for method, path, status, code in (
+        ("DELETE", "/healthz", 405, "method_not_allowed"),
+        ("POST", "/api/v1/caps", 405, "method_not_allowed"),
+        ("PUT", "/nowhere", 404, "unknown_url"),
+        ("GET", "/dashboard/no-such-file.js", 404, "unknown_url"),
+    ):
+        resp = await client.request(method, path)
+        assert resp.status == status, (method, path)
+        assert resp.content_type == "application/json"
+        assert (await resp.json())["error"]["code"] == code
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.head("/healthz")).status == 200
+    assert (await client.get("/dashboard/", allow_redirects=False)).status == 308
 
 
 @pytest.mark.parametrize(
