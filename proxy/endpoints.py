@@ -19,9 +19,9 @@ class Endpoint(StrEnum):
         return self is not Endpoint.EMBEDDINGS
 
 
+_BY_PATH = {endpoint.value: endpoint for endpoint in Endpoint}
+
+
 def endpoint_for(path: str) -> Endpoint | None:
     """Map a path below ``/v1/`` (``"chat/completions"``) to its endpoint, if metered."""
-    try:
-        return Endpoint(path)
-    except ValueError:
-        return None
+    return _BY_PATH.get(path)  # a dict, not Endpoint(path): that runs enum's Python code
