@@ -97,6 +97,8 @@ def _empty_to_none(value: object) -> object:
 
 # No real model name comes near this; longer ones are refused before any lookup.
 MAX_MODEL_CHARS = 256
+# Models whose upstream is remembered per settings (past this many, the memo starts over).
+MAX_REMEMBERED_ROUTES = 4096
 
 _WindowedT = TypeVar("_WindowedT", "BudgetCap", "RateCap")
 
@@ -707,10 +709,26 @@ class Settings(_Model):
 
     def upstream_for(self, model: str) -> UpstreamConfig | None:
         """The first upstream with a glob matching ``model`` (case-sensitive)."""
-        for upstream in self.upstreams:
-            if any(fnmatchcase(model, glob) for glob in upstream.models):
-                return upstream
-        return None
+        routes = self.upstream_routes
+        known = routes.get(model)
+        # Checked against the upstreams it was found in: a copy of these settings with
+        # other upstreams (model_copy) shares this memo.
+        if known is not None and known[0] is self.upstreams:
+            return known[1]
+        found = next(
+            (u for u in self.upstreams if any(fnmatchcase(model, g) for g in u.models)), None
+        )
+        if len(routes) >= MAX_REMEMBERED_ROUTES:  # model names come from clients
+            routes.clear()
+        routes[model] = (self.upstreams, found)
+        return found
+
+    @functools.cached_property
+    def upstream_routes(
+        self,
+    ) -> dict[str, tuple[tuple[UpstreamConfig, ...], UpstreamConfig | None]]:
+        """``upstream_for``'s answers, remembered by model name (globs are matched in Python)."""
+        return {}
 
     def tenant(self, tenant_id: str) -> TenantConfig | None:
         return self.tenants_by_id.get(tenant_id)

@@ -160,6 +160,11 @@ def test_upstream_for_first_matching_glob_wins() -> None:
     ]
     only_local = parse("upstreams: [{name: local, base_url: 'http://h', models: ['llama-*']}]")
     assert only_local.upstream_for("LLAMA-3") is None  # case-sensitive
+    # Answers are remembered, and a copy with other upstreams does not reuse them.
+    assert settings.upstream_for("llama-3") is settings.upstreams[0]
+    other = settings.model_copy(update={"upstreams": settings.upstreams[1:]})
+    assert other.upstream_for("llama-3") is settings.upstreams[1]
+    assert settings.upstream_for("llama-3") is settings.upstreams[0]
 
 
 def test_tenant_lookup_and_key_digests() -> None:
