@@ -198,20 +198,21 @@ def _points(flat: Sequence[Any], since: int) -> tuple[tuple[int, int], ...]:
     return buckets_since(((int(f), int(v)) for f, v in pairs), since)
 
 
-def _honour_cancel() -> None:
+def _honour_cancel(task: asyncio.Task[Any] | None) -> None:
     """Re-raise a cancellation that the client library turned into an error or swallowed
     (it can, when a cancel lands while it closes a connection): a cancelled caller must
     stop, not carry on as if the store had merely failed."""
-    task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
 
-async def _within(seconds: float, call: Callable[[], Awaitable[T]]) -> T:
-    """``await call()``, cut off after ``seconds`` with ``TimeoutError``: what
-    ``asyncio.timeout`` does, with one timer handle and no context manager (the store's
-    two calls a request pay for it)."""
-    task = asyncio.current_task()
+async def _within(
+    seconds: float, call: Callable[[], Awaitable[T]], task: asyncio.Task[Any] | None = None
+) -> T:
+    """``await call()`` in ``task`` (the current one), cut off after ``seconds`` with
+    ``TimeoutError``: what ``asyncio.timeout`` does, with one timer handle and no context
+    manager (the store's two calls a request pay for it)."""
+    task = task or asyncio.current_task()
     if task is None:
         raise RuntimeError("_within runs in a task")
     cancelling = task.cancelling()
@@ -1099,21 +1100,22 @@ class RedisStore:
             raise StoreUnavailable("budget store clock keeps moving across a period") from skew
 
     async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        task = asyncio.current_task()
         try:
             # Each round trip is bounded by timeout_s from when its command is
             # written (script calls: redis_scripts.Server; others: socket timeouts);
             # this backstop for the whole operation must not trip on the proxy's own
             # queueing or a busy event loop.
-            result = await _within(self._timeout_s * GUARD_BACKSTOP, call)
+            result = await _within(self._timeout_s * GUARD_BACKSTOP, call, task)
         except (RedisError, OSError) as exc:  # OSError includes TimeoutError
-            _honour_cancel()
+            _honour_cancel(task)
             self._went_down(exc)
             raise StoreUnavailable() from exc
         except Exception as exc:  # a fault of the client library: the store did not answer
-            _honour_cancel()
+            _honour_cancel(task)
             self._went_down(exc)
             raise StoreUnavailable() from exc
-        _honour_cancel()
+        _honour_cancel(task)
         if self._down_since is not None:
             now = time.monotonic()
             # Back once calls succeed for a while with none failing (a shard failing over
