@@ -82,7 +82,7 @@ from proxy.windows import period_of
 
 log = logging.getLogger("capproxy")
 
-# Bodies above this size are parsed and tokenized in a worker thread, below the loop.
+# Prompts of bodies above this size are sized in a worker thread, below the loop.
 OFFLOAD_BYTES = 64 * 1024
 WORKER_NICE = 10
 # The output limit injected (and held) when neither the request, a cap nor the price
@@ -135,6 +135,11 @@ def encode_json(body: dict[str, Any]) -> bytes:
 
 
 async def _offload(raw: bytes, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, in a worker thread if ``raw`` is large: for work that lets go of the
+    interpreter lock (tiktoken's encoder) or is Python code the loop can interleave with.
+    JSON is parsed and written on the loop at any size: orjson holds the lock for the
+    whole call, so a worker would stop the loop just as long, and longer when the OS
+    deschedules the lower-priority worker while it holds the lock."""
     if len(raw) <= OFFLOAD_BYTES:
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(None, _below_the_loop, fn, *args)
@@ -202,7 +207,7 @@ async def admit(
     identity = rt.auth.authenticate(request.headers)
     rec.tenant_id, rec.agent_id = identity.tenant_id, identity.agent_id
     raw = await read_body(request, settings.server.max_body_bytes)
-    body: dict[str, Any] = await _offload(raw, parse_json, raw)
+    body = parse_json(raw)  # on the loop: see _offload
 
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -289,7 +294,7 @@ async def admit(
         strip_usage_chunk = _ask_for_usage(body)
     # The upstream gets the body the proxy judged, never the client's bytes: a parser
     # that reads duplicate keys differently (first wins) must not see another request.
-    raw = await _offload(raw, encode_json, body)
+    raw = encode_json(body)
     basis = HoldBasis(
         price=price,
         size_tiers=size_tiers,
@@ -427,7 +432,7 @@ async def count_exactly(adm: Admission) -> None:
     if adm.prompt_exact:
         return
     rt = adm.runtime
-    body = await _offload(adm.raw, parse_json, adm.raw)
+    body = parse_json(adm.raw)
     estimate: PromptEstimate = await _offload(
         adm.raw, rt.tokenizer.estimate_prompt, adm.endpoint, body
     )
@@ -685,7 +690,7 @@ async def _forward(
         if adm.stream and content_type.startswith("text/event-stream"):
             return await _stream(request, adm, hold, resp, bill, rec)
         data = await upstream.read_body(resp, adm.route, limit=limit)
-        bill.usage = await _offload(data, _usage_of, adm.endpoint, data)
+        bill.usage = _usage_of(adm.endpoint, data)  # on the loop: see _offload
         bill.ending = Ending.ANSWERED
         cancelled = await _count_for_charge(adm, bill)
         if cancelled is not None:
