@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import resource
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -15,10 +16,11 @@ from proxy.app import create_app
 from proxy.config import ConfigError, parse_settings
 from proxy.listener import (
     GC_YOUNG_THRESHOLD,
+    SWITCH_INTERVAL_S,
     Limits,
     raise_open_files_limit,
     start,
-    tune_collector,
+    tune_interpreter,
 )
 from tests.fake_upstream import FakeUpstream
 from tests.harness import settings_for
@@ -158,15 +160,17 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_the_collector_leaves_start_up_objects_alone_and_runs_less_often() -> None:
-    before = gc.get_threshold()
+def test_the_interpreter_is_tuned_for_serving() -> None:
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
-        tune_collector()
+        tune_interpreter()
         assert gc.get_freeze_count() > 0
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+        sys.setswitchinterval(interval)
 
 
 @pytest.mark.parametrize(
