@@ -364,7 +364,7 @@ def _holds_end_in(state: CounterState, now: float) -> int:
     return max(1, math.ceil(state.holds_end - now))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BudgetStatus:
     """What the budget headers report: the window with the least room, and warnings."""
 
@@ -449,7 +449,7 @@ def _warning(cap: BudgetCap, spent_micros: int) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenDecision:
     """The output limit the request runs with, and whether the proxy had to set it."""
 

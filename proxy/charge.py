@@ -60,7 +60,7 @@ class Bill:
     due: tuple[Ending, Usage | None, int | None, Amounts] | None = None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True)
 class Tariff:
     """How a request is priced: its model's price (standard tier; the response's tier is
     applied to usage), the price it was held at, and the hosted tools it enabled."""

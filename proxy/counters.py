@@ -160,7 +160,7 @@ def as_amounts(amount: Amounts | int) -> Amounts:
     return amount if isinstance(amount, Amounts) else Amounts(amount)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CounterState:
     """A counter in one period: ``held`` counts in-flight reservations.
 
@@ -201,7 +201,7 @@ class Limits:
 NO_LIMITS = Limits()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveResult:
     """The decision of ``reserve``.
 

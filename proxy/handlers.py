@@ -159,7 +159,7 @@ def _below_the_loop(fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True)
 class HoldBasis:
     """What a request's hold is worked out from besides its prompt's tokens (kept so a
     hold taken on the prompt's bound can be worked out again on its exact count)."""

@@ -55,7 +55,7 @@ class LedgerStats:
     leases_lapsed: int = 0  # holds found gone while their request ran (charged at expiry)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Pending:
     rid: str
     states: tuple[CounterState, ...]  # reserved periods; empty when admitted fail-open

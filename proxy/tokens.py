@@ -162,7 +162,7 @@ def load_encoding(name: str) -> tiktoken.Encoding:
         return _loaded[name]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PromptEstimate:
     """A prompt's estimated tokens, and the kinds of input in it the estimate could not size
     (counted as 0): short reasons such as ``"input_file part"``, each listed once, in order."""

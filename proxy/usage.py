@@ -81,7 +81,7 @@ _OUTPUT_LIMIT_FIELDS: Mapping[Endpoint, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """Tokens one call used, as billed, with the tier it was served at and the hosted tool
     calls it reported.
