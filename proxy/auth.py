@@ -29,7 +29,7 @@ _KEY = re.compile(r"[\x21-\x7e]{1,4096}")
 _DEFAULT_HASH_KEY = b"capproxy-passthrough-tenant-v1"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Identity:
     """An authenticated caller."""
 

@@ -70,7 +70,7 @@ DAY_S = 86_400  # agents are counted per UTC day
 MAX_REMEMBERED_PLANS = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BudgetPlan:
     """The counters a request must fit into, with the cap behind each, and its hold: one
     amount per unit (micro-USD, tokens, and the request itself)."""
